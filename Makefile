@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# TORCH_SPEC defaults to the CPU wheel; GPU users: make install TORCH_SPEC="torch>=2.4"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m specdiff_train.demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --timeout=600
+
+benchmark: install
+	$(PY) scripts/benchmark.py
+
+clean:
+	rm -rf $(VENV) lightning_logs .pytest_cache
