@@ -72,7 +72,7 @@ def uniform(seeds, counters, stream: int, shape=(), *, dtype=torch.float64) -> t
     hi = _bits(seeds, counters, stream, numel, 0) >> 5  # 27 bits
     lo = _bits(seeds, counters, stream, numel, 1) >> 6  # 26 bits
     u = (hi.double() * 67108864.0 + lo.double() + 0.5) / 9007199254740992.0
-    return u.reshape(-1, *shape).to(dtype)
+    return u.reshape(len(hi), *shape).to(dtype)
 
 
 def gaussian(seeds, counters, stream: int, shape, *, dtype=torch.float32) -> torch.Tensor:
@@ -84,7 +84,7 @@ def gaussian(seeds, counters, stream: int, shape, *, dtype=torch.float32) -> tor
     radius = torch.sqrt(-2.0 * torch.log(u[:, 0]))
     angle = 2.0 * math.pi * u[:, 1]
     z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel]
-    return z.reshape(-1, *shape).to(dtype)
+    return z.reshape(len(z), *shape).to(dtype)
 
 
 def as_seed_tensor(seeds, device=None) -> torch.Tensor:
