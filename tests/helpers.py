@@ -1,0 +1,97 @@
+"""Shared test helpers: small stand-in nets and data, running `train.py` in a subprocess, reading
+checkpoints."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyDenoiser(torch.nn.Module):
+    """A small MLP denoiser for 2-D data, with the nets' contract (sample_shape, feature_dim,
+    return_features); its constructor arguments are attributes, so its config is recoverable."""
+
+    def __init__(self, dim: int = 2, hidden: int = 32, num_train_steps: int = 1000):
+        super().__init__()
+        self.dim, self.hidden, self.num_train_steps = dim, hidden, num_train_steps
+        self.sample_shape = (dim,)
+        self.feature_dim = hidden
+        self.body = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(),
+                                        torch.nn.Linear(hidden, hidden), torch.nn.SiLU())
+        self.head = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x, t, return_features=False):
+        h = self.body(torch.cat([x, (t.float() / self.num_train_steps)[:, None].to(x.dtype)], dim=1))
+        out = self.head(h)
+        return (out, h) if return_features else out
+
+
+class OpaqueDenoiser(TinyDenoiser):
+    """Same net, but its width is not stored under the constructor argument's name."""
+
+    def __init__(self, width: int = 32):
+        super().__init__(hidden=width)
+
+
+class NaNDenoiser(TinyDenoiser):
+    """Returns NaN from the start: training must stop with a clear message."""
+
+    def forward(self, x, t, return_features=False):
+        return super().forward(x, t) * float("nan")
+
+
+class TinyDataModule(LightningDataModule):
+    """Two Gaussian blobs in 2-D, with the data modules' contract (`sample_shape`, `reference_samples`)."""
+
+    def __init__(self, num_samples: int = 256, batch_size: int = 64, seed: int = 0):
+        super().__init__()
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.sample_shape = (2,)
+
+    def reference_samples(self, n: int, seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        centres = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])[torch.randint(0, 2, (n,), generator=gen)]
+        return centres + 0.1 * torch.randn(n, 2, generator=gen)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.reference_samples(self.num_samples, self.seed)),
+                          batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.reference_samples(self.batch_size, self.seed + 1)),
+                          batch_size=self.batch_size)
+
+    test_dataloader = val_dataloader
+
+
+def offline_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_train(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python train.py *args` from the repository root, offline; fails with its output on error."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=offline_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def load_ckpt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_one(root: Path, pattern: str) -> Path:
+    found = sorted(Path(root).rglob(pattern))
+    assert found, f"no {pattern} under {root}: {sorted(p.relative_to(root) for p in Path(root).rglob('*'))}"
+    return found[-1]
