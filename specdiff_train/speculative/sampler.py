@@ -62,8 +62,8 @@ class _CountingTarget:
 def _check_arguments(schedule, plan, drafter, verifier, window, correction):
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter: expected a specdiff_train.speculative.Drafter, got {type(drafter).__name__}")
-    if verifier not in VERIFIER_NAMES:
-        raise ValueError(f"verifier: expected one of {VERIFIER_NAMES}, got {verifier!r}")
+    if not callable(verifier) and verifier not in VERIFIER_NAMES:
+        raise ValueError(f"verifier: expected one of {VERIFIER_NAMES} or a verify function, got {verifier!r}")
     if correction not in CORRECTIONS:
         raise ValueError(f"correction: expected one of {CORRECTIONS}, got {correction!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -120,7 +120,8 @@ def speculative_sample(
         num_steps: sampling steps (respaced), as for `ancestral_sample`.
         seeds: one int per sample; a sample depends only on its seed.
         drafter: a `Drafter` (e.g. `FreeDrafter()`, `FrozenTargetDrafter(freeze="eps")`).
-        verifier: "block" (block verification, weighted residual) or "tokenwise".
+        verifier: "block" (block verification, weighted residual) or "tokenwise"; or a function
+            with the signature of `verify.verify_block` (for research on verification rules).
         window: drafted steps per round (>= 1); shrinks at the end of the chain.
         correction: token-wise only: "reflection" (maximal coupling) or "residual" (fresh draw
             from (P - Q)_+).
@@ -140,7 +141,12 @@ def speculative_sample(
     shape = tuple(int(s) for s in shape)
     num_seeds, N, S, dim = len(seeds_t), plan.num_steps, plan.num_stochastic_steps, math.prod(shape)
     capacity = min(batch_size or num_seeds, num_seeds)
-    verify = verify_block if verifier == "block" else partial(verify_tokenwise, correction=correction)
+    if callable(verifier):
+        verify, verifier_name = verifier, getattr(verifier, "__name__", "custom")
+    elif verifier == "block":
+        verify, verifier_name = verify_block, "block"
+    else:
+        verify, verifier_name = partial(verify_tokenwise, correction=correction), f"tokenwise-{correction}"
 
     target = _CountingTarget(model, plan, capacity, device)
     drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype))
@@ -169,7 +175,7 @@ def speculative_sample(
         drafter.join(slot_idx)
 
     admit(torch.arange(capacity, device=device))
-    bar = tqdm(total=num_seeds * N, disable=not progress, desc=f"speculative {verifier}", unit="step")
+    bar = tqdm(total=num_seeds * N, disable=not progress, desc=f"speculative {verifier_name}", unit="step")
     start = time.perf_counter()
     while True:
         live = (owner >= 0).nonzero().squeeze(1)
@@ -276,7 +282,7 @@ def speculative_sample(
     stats = dict(
         num_samples=num_seeds,
         num_steps=N,
-        verifier=verifier if verifier == "block" else f"tokenwise-{correction}",
+        verifier=verifier_name,
         window=window,
         drafter=drafter.describe(),
         target_calls_per_sample=calls_per_sample.double().mean().item(),
