@@ -1,0 +1,135 @@
+"""Benchmark speculative sampling against ancestral sampling on trained targets.
+
+For each target and num_steps, runs ancestral sampling and every drafter x verifier x window on
+the same seeds and prints a markdown table: sequential target calls per sample, speedup over
+ancestral (= num_steps / calls), acceptance, mean accepted drafts per round, and wall-clock
+relative to ancestral at batch 1 and at a large batch, measured in the same run.
+
+    python scripts/benchmark.py                                  # toy2d and digits, 100 and 1000 steps
+    python scripts/benchmark.py --targets toy2d --num-steps 100 --windows 3 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specdiff_train.models import load_target  # noqa: E402
+from specdiff_train.sampling import ancestral_sample  # noqa: E402
+from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample  # noqa: E402
+
+TRAINING_FREE = {
+    "frozen-eps": lambda: FrozenTargetDrafter(freeze="eps"),
+    "frozen-x0": lambda: FrozenTargetDrafter(freeze="x0"),
+    "frozen-increment": lambda: FrozenTargetDrafter(freeze="increment"),
+    "free-eps": lambda: FreeDrafter(freeze="eps"),
+    "free-x0": lambda: FreeDrafter(freeze="x0"),
+    "free-increment": lambda: FreeDrafter(freeze="increment"),
+}
+VERIFIERS = {"block": dict(verifier="block"), "tokenwise": dict(verifier="tokenwise")}
+
+
+def learned_drafters(target_dir: Path) -> dict:
+    """Learned drafters whose checkpoints sit beside the target (draftnet.ckpt, medusa.ckpt)."""
+    found = {}
+    try:
+        from specdiff_train.speculative import learned
+    except ImportError:
+        return found
+    for name, cls_name in (("draftnet", "DraftNetworkDrafter"), ("medusa", "MedusaDrafter")):
+        path = target_dir / f"{name}.ckpt"
+        cls = getattr(learned, cls_name, None)
+        if path.exists() and cls is not None:
+            found[name] = lambda cls=cls, path=path: cls(str(path))
+    return found
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run_target(name: str, args) -> list[dict]:
+    target_dir = ROOT / "checkpoints" / name
+    target = load_target(target_dir / "target.ckpt")
+    shape, schedule = tuple(target.sample_shape), target.schedule
+    drafters = {k: TRAINING_FREE[k] for k in args.drafters}
+    drafters.update(learned_drafters(target_dir))
+    rows = []
+    for num_steps in args.num_steps:
+        seeds = list(range(args.batch))
+        single = list(range(10_000, 10_000 + args.single))
+        sample = lambda s, **kw: ancestral_sample(target, schedule, shape, num_steps=num_steps, seeds=s, **kw)
+        _, base_batch = timed(lambda: sample(seeds))
+        base_single = sum(timed(lambda s=s: sample([s]))[1] for s in single)
+        rows.append(dict(target=name, num_steps=num_steps, method="ancestral", calls=float(num_steps), speedup=1.0,
+                         acceptance=float("nan"), accepted_per_round=float("nan"), wall_b1=1.0, wall_batch=1.0))
+        print(f"[{name} N={num_steps}] ancestral: batch-{args.batch} {base_batch:.2f}s, "
+              f"batch-1 x{args.single} {base_single:.2f}s", flush=True)
+        for drafter_name, make in drafters.items():
+            for verifier_name, verifier in VERIFIERS.items():
+                for window in args.windows:
+                    spec = lambda s, **kw: speculative_sample(
+                        target, schedule, shape, num_steps=num_steps, seeds=s, drafter=make(), window=window,
+                        **verifier, **kw)
+                    result, batch_time = timed(lambda: spec(seeds))
+                    single_time = sum(timed(lambda s=s: spec([s]))[1] for s in single)
+                    stats = result.stats
+                    row = dict(
+                        target=name, num_steps=num_steps, method=f"{drafter_name}/{verifier_name}/w{window}",
+                        calls=stats["target_calls_per_sample"], speedup=stats["speedup"],
+                        acceptance=stats["acceptance_rate"], accepted_per_round=stats["mean_accepted_per_round"],
+                        wall_b1=single_time / base_single, wall_batch=batch_time / base_batch,
+                    )
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = ("| target | steps | method | target calls/sample | speedup | acceptance | accepted/round "
+          "| wall-clock b=1 (x ancestral) | wall-clock b={batch} (x ancestral) |")
+
+
+def format_row(r: dict) -> str:
+    return (f"| {r['target']} | {r['num_steps']} | {r['method']} | {r['calls']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['acceptance']:.3f} | {r['accepted_per_round']:.2f} | {r['wall_b1']:.2f} | {r['wall_batch']:.2f} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=["toy2d", "digits"])
+    parser.add_argument("--num-steps", nargs="+", type=int, default=[100, 1000])
+    parser.add_argument("--drafters", nargs="+", default=["frozen-eps", "free-eps"], choices=sorted(TRAINING_FREE))
+    parser.add_argument("--windows", nargs="+", type=int, default=[1, 3, 8])
+    parser.add_argument("--batch", type=int, default=256, help="large batch for throughput and the statistics")
+    parser.add_argument("--single", type=int, default=3, help="seeds run one by one for batch-1 latency")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    rows = []
+    for name in args.targets:
+        rows += run_target(name, args)
+    print()
+    print(f"device: {torch.device('cpu')} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(HEADER.format(batch=args.batch))
+    print("|" + "---|" * 9)
+    for row in rows:
+        print(format_row(row))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
