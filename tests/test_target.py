@@ -2,6 +2,7 @@
 validation and checkpoints, load_target / slim checkpoints and their errors, the NaN guard, plots."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -225,3 +226,14 @@ def test_plots(tmp_path):
     plotting.plot_samples(torch.rand(4, 3, 8, 8), tmp_path / "rgb.png")
     with pytest.raises(ValueError, match=r"no picture for samples of shape \(4, 5\)"):
         plotting.plot_samples(torch.rand(4, 5))
+
+
+def test_deepcopy_shares_the_optimizer_factory():
+    """EMAWeightAveraging deep-copies the module: the CLI's optimizer factory (which references the
+    CLI and its trainer) must be shared, not copied (copying it fails under DDP)."""
+    factory = functools.partial(torch.optim.AdamW, lr=1e-3)
+    model = TargetDiffusion(TinyDenoiser(hidden=8), optimizer=factory)
+    clone = copy.deepcopy(model)
+    assert clone.optimizer is factory and clone.net is not model.net
+    for a, b in zip(clone.parameters(), model.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()

@@ -7,6 +7,7 @@ and checkpoints keep both (`state_dict` = EMA, `current_model_state` = raw).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -150,6 +151,17 @@ class TargetDiffusion(LightningModule):
                 f"{type(net).__name__} expects {tuple(net_shape)}; set the net's size/channels to match the data"
             )
         return shape
+
+    def __deepcopy__(self, memo: dict) -> "TargetDiffusion":
+        # EMAWeightAveraging deep-copies the module. The optimizer / scheduler factories are stateless
+        # and, when built by the CLI, hold jsonargparse's instantiator, hence the CLI and its trainer
+        # (thread locks under DDP): share them instead of copying them.
+        for factory in (self.optimizer, self.lr_scheduler):
+            memo[id(factory)] = factory
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # __getstate__ drops the trainer
+        return clone
 
     # --- the denoiser contract ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
