@@ -237,3 +237,16 @@ def test_deepcopy_shares_the_optimizer_factory():
     assert clone.optimizer is factory and clone.net is not model.net
     for a, b in zip(clone.parameters(), model.parameters()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_built_inside_another_modules_cli_instantiation():
+    """A module built while the CLI instantiates another one (a drafter loading its target) must not
+    take that module's config as its hyperparameters."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    foreign = {"_class_path": "helpers.TinyDataModule", "num_samples": 3,
+               "net": {"class_path": "helpers.OpaqueDenoiser", "init_args": {"width": 4}}}
+    with _given_hyperparameters_context(hparams=foreign, instantiator="lightning.pytorch.cli.instantiate_module"):
+        model = TargetDiffusion(TinyDenoiser(hidden=8), val_num_steps=7)
+    assert "num_samples" not in model.hparams and model.hparams["val_num_steps"] == 7
+    assert model.hparams["net"]["class_path"] == "helpers.TinyDenoiser"

@@ -8,6 +8,7 @@ and checkpoints keep both (`state_dict` = EMA, `current_model_state` = raw).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +29,7 @@ from .checkpoints import (
     config_mismatch,
     module_config,
     plain,
+    resolve_class,
     state_dict_mismatch,
 )
 
@@ -45,6 +47,32 @@ def loss_weights(schedule: DDPMSchedule, t: torch.Tensor, weighting: str) -> tor
     clipped = snr.clamp(max=MIN_SNR_GAMMA)
     weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[schedule.prediction]
     return weight.float()
+
+
+try:  # private to Lightning: without it, configs are recovered from the objects instead
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover
+    _given_hyperparameters = None
+
+
+def _cli_config(cls: type) -> dict | None:
+    """The config LightningCLI is instantiating `cls` from, or None (built from Python, or nested in
+    the construction of another CLI-built module, e.g. a drafter loading its target)."""
+    given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
+    if isinstance(given, Mapping) and resolve_class(str(given.get("_class_path", ""))) is cls:
+        return dict(given)
+    return None
+
+
+@contextmanager
+def _foreign_cli_config_hidden(hide: bool):
+    """Keep `save_hyperparameters` from taking the CLI config of another module being built."""
+    token = _given_hyperparameters.set(None) if hide and _given_hyperparameters is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _given_hyperparameters.reset(token)
 
 
 class TargetDiffusion(LightningModule):
@@ -105,14 +133,21 @@ class TargetDiffusion(LightningModule):
         # Under the CLI, Lightning hands `save_hyperparameters` the parsed config (plain data, with the
         # net's class_path/init_args); from Python it collects the init arguments. Objects are then
         # replaced by their configs, so checkpoints load with `weights_only=True` and rebuild alone.
-        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler"])
+        cli_config = _cli_config(type(self))
+        with _foreign_cli_config_hidden(cli_config is None):
+            self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler"])
+
+        def given(key: str) -> dict | None:
+            value = (cli_config or {}).get(key)
+            return plain(value) if isinstance(value, Mapping) and "class_path" in value else None
+
         record: dict[str, Any] = {
             "_class_path": class_path(self),
             "_instantiator": INSTANTIATOR,
-            "net": net_record or self._given_config("net") or module_config(self.net),
+            "net": net_record or given("net") or module_config(self.net),
             "schedule": {"class_path": class_path(self.schedule), "init_args": self.schedule.config()},
-            "optimizer": self._given_config("optimizer") or callable_config(self.optimizer),
-            "lr_scheduler": self._given_config("lr_scheduler") or callable_config(self.lr_scheduler),
+            "optimizer": given("optimizer") or callable_config(self.optimizer),
+            "lr_scheduler": given("lr_scheduler") or callable_config(self.lr_scheduler),
             "sample_shape": list(self.sample_shape) if self.sample_shape is not None else None,
         }
         if record["net"] is None:
@@ -126,17 +161,6 @@ class TargetDiffusion(LightningModule):
         if record["optimizer"] is None:
             record.pop("optimizer")
         self.save_hyperparameters(record)
-
-    @staticmethod
-    def _given_config(key: str) -> dict | None:
-        """The config of `key` when the CLI instantiated this module (Lightning's given hyperparameters)."""
-        try:  # private to Lightning: if it moves, fall back to recovering the configs from the objects
-            from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-        except ImportError:
-            return None
-        given = _given_hyperparameters.get() or {}
-        value = given.get(key)
-        return plain(value) if isinstance(value, Mapping) and "class_path" in value else None
 
     @staticmethod
     def _check_sample_shape(sample_shape, net) -> tuple[int, ...] | None:
