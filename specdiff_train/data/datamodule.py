@@ -1,0 +1,160 @@
+"""The LightningDataModule behind every config: toy 2-D data, bundled digits, or any image dataset."""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from .digits import digits_dataset
+from .images import check_column, load_image_dataset, to_tensor_images
+from .toy2d import TOY2D, toy2d_dataset
+
+BUILTIN = ("toy2d", "digits")
+
+
+class _Rows(Dataset):
+    """Rows of a tensor, or of a `datasets.Dataset` converted one image at a time."""
+
+    def __init__(self, source, indices: torch.Tensor, convert=None):
+        self.source, self.indices, self.convert = source, indices, convert
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        row = self.source[int(self.indices[i])]
+        return self.convert(row) if self.convert else row
+
+
+class DiffusionDataModule(LightningDataModule):
+    """Training data for diffusion models; batches are float32 tensors (B, *sample_shape).
+
+    Args:
+        dataset: "toy2d", "digits" (scikit-learn's bundled 8x8 digits), "imagefolder" (data_dir),
+            "parquet" (data_files), "disk" (a `save_to_disk` folder in data_dir), or a hub name
+            such as "mnist" or "uoft-cs/cifar10".
+        name: the toy distribution for toy2d ("8gaussians", "moons", "checkerboard", "swissroll"),
+            else the hub dataset's config name.
+        num_samples: points generated for toy2d.
+        data_dir: folder for imagefolder / disk datasets.
+        data_files: file(s) for parquet datasets.
+        split: split to load from hub and local datasets.
+        image_column: column holding the images.
+        image_size: images are resized to image_size x image_size (required for non-builtin datasets).
+        channels: 1 (grayscale) or 3 (RGB) (required for non-builtin datasets).
+        val_fraction: share of the data held out for validation (deterministic in `seed`).
+        batch_size: per-process batch size.
+        num_workers: DataLoader workers.
+        seed: seed of the toy data and of the train/val split.
+        cache_dir: where bundled datasets are cached (digits -> cache_dir/digits).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "toy2d",
+        name: str | None = None,
+        num_samples: int = 50000,
+        data_dir: str | None = None,
+        data_files: str | list[str] | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        image_size: int | None = None,
+        channels: int | None = None,
+        val_fraction: float = 0.05,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str = "data",
+    ):
+        super().__init__()
+        if dataset == "toy2d":
+            name = name or "8gaussians"
+            if name not in TOY2D:
+                raise ValueError(f"data.name: unknown toy distribution {name!r}; choose one of {list(TOY2D)}")
+            sample_shape = (2,)
+        elif dataset == "digits":
+            if image_size not in (None, 8) or channels not in (None, 1):
+                raise ValueError("data.image_size / data.channels: the digits are 8x8 grayscale; leave them unset")
+            sample_shape = (1, 8, 8)
+        else:
+            if image_size is None or channels is None:
+                raise ValueError(
+                    f"data.image_size and data.channels: required for dataset={dataset!r} "
+                    "(e.g. image_size: 28, channels: 1 for MNIST; 32 and 3 for CIFAR-10)"
+                )
+            if channels not in (1, 3):
+                raise ValueError(f"data.channels: expected 1 (grayscale) or 3 (RGB), got {channels}")
+            sample_shape = (channels, image_size, image_size)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction: expected a value in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: expected >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.dataset, self.name = dataset, name
+        self.num_samples, self.data_dir, self.data_files, self.split = num_samples, data_dir, data_files, split
+        self.image_column, self.image_size, self.channels = image_column, image_size, channels
+        self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
+        self.seed, self.cache_dir = seed, cache_dir
+        self._sample_shape = sample_shape
+        self._source = None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self._sample_shape
+
+    def prepare_data(self) -> None:
+        if self.dataset == "digits":
+            digits_dataset(self.cache_dir)  # builds the cache once, on one process
+
+    def _load(self):
+        """(source, convert): a tensor of all rows, or a Dataset with a per-row converter."""
+        if self.dataset == "toy2d":
+            data = toy2d_dataset(self.name, self.num_samples, self.seed).with_format("torch")[:]["x"]
+            return data.float(), None
+        if self.dataset == "digits":
+            images = digits_dataset(self.cache_dir).with_format("torch")[:]["image"].float()
+            return (images / 127.5 - 1.0).unsqueeze(1), None
+        data = load_image_dataset(self.dataset, self.name, self.split, self.data_dir, self.data_files)
+        check_column(data, self.image_column)
+        column, size, channels = self.image_column, self.image_size, self.channels
+        return data, lambda row: to_tensor_images([row[column]], size, channels)[0]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._source is not None:
+            return
+        self._source, self._convert = self._load()
+        n = len(self._source)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        num_val = int(round(self.val_fraction * n))
+        self._val_idx, self._train_idx = order[:num_val], order[num_val:]
+        if len(self._train_idx) == 0:
+            raise ValueError(f"data: no training rows left (dataset has {n} rows, val_fraction={self.val_fraction})")
+
+    def _loader(self, indices: torch.Tensor, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            _Rows(self._source, indices, self._convert),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(indices) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._train_idx, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._val_idx if len(self._val_idx) else self._train_idx[: self.batch_size], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def reference_samples(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n data points (from the validation split, or the training split if it is too small)."""
+        self.setup()
+        pool = self._val_idx if len(self._val_idx) >= n else self._train_idx
+        if len(pool) < n:
+            raise ValueError(f"reference_samples: asked for {n} points, the dataset has only {len(pool)}")
+        pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
+        rows = _Rows(self._source, pick, self._convert)
+        return torch.stack([rows[i] for i in range(n)]).float()

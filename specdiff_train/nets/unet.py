@@ -1,0 +1,146 @@
+"""A DDPM U-Net for images, with einops for the reshapes."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+from .embedding import TimestepEmbedding
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2, self.conv2 = group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over pixels."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"UNet: num_heads={num_heads} must divide the channel count {channels}")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n c) h w -> three b n (h w) c", three=3, n=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(out, "b n (h w) c -> b (n c) h w", h=height, w=width))
+
+
+class UNet(nn.Module):
+    """DDPM U-Net: ResBlocks with the timestep embedding, self-attention at chosen levels,
+    skip connections, zero-initialised output convolution.
+
+    Args:
+        in_channels: image channels.
+        image_size: height = width of the images; must be divisible by 2**(len(channel_mults) - 1).
+        base_channels: channels at the first level (also the feature size exposed to drafter heads).
+        channel_mults: channel multiplier per resolution level.
+        num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+        attention_levels: indices of the levels with self-attention (the middle always has it).
+        num_heads: attention heads.
+        dropout: dropout inside ResBlocks.
+        time_embed_dim: sinusoidal feature size (default: base_channels).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        base_channels: int = 64,
+        channel_mults: tuple[int, ...] = (1, 2),
+        num_res_blocks: int = 2,
+        attention_levels: tuple[int, ...] = (1,),
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        time_embed_dim: int | None = None,
+    ):
+        super().__init__()
+        channel_mults, attention_levels = tuple(channel_mults), tuple(attention_levels)
+        factor = 2 ** (len(channel_mults) - 1)
+        if image_size % factor:
+            raise ValueError(
+                f"UNet: image_size={image_size} is not divisible by 2**(len(channel_mults)-1) = {factor} "
+                f"(channel_mults={list(channel_mults)}); use fewer levels in channel_mults or resize the images "
+                f"(data.image_size) to a multiple of {factor}"
+            )
+        if any(not 0 <= level < len(channel_mults) for level in attention_levels):
+            raise ValueError(f"UNet: attention_levels {list(attention_levels)} must index channel_mults {list(channel_mults)}")
+        self.sample_shape = (in_channels, image_size, image_size)
+        self.feature_dim = base_channels
+        self.time_embed = TimestepEmbedding(time_embed_dim or base_channels)
+        emb_dim = self.time_embed.out_dim
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, ch = [base_channels], base_channels
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, base_channels * mult, emb_dim, dropout)]
+                ch = base_channels * mult
+                if level in attention_levels:
+                    layers.append(Attention(ch, num_heads))
+                self.down.append(nn.ModuleList(layers))
+                skips.append(ch)
+            if level < len(channel_mults) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), Attention(ch, num_heads),
+                                  ResBlock(ch, ch, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), base_channels * mult, emb_dim, dropout)]
+                ch = base_channels * mult
+                if level in attention_levels:
+                    layers.append(Attention(ch, num_heads))
+                if level > 0 and i == num_res_blocks:
+                    layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    layers.append(nn.Conv2d(ch, ch, 3, padding=1))
+                self.up.append(nn.ModuleList(layers))
+        self.out_norm = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @staticmethod
+    def _apply(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            h = layer(h, emb) if isinstance(layer, (ResBlock, Attention)) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
+        emb = self.time_embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for layers in self.down:
+            h = self._apply(layers, h, emb)
+            skips.append(h)
+        h = self._apply(self.mid, h, emb)
+        for layers in self.up:
+            h = self._apply(layers, torch.cat([h, skips.pop()], dim=1), emb)
+        features = h
+        out = self.conv_out(F.silu(self.out_norm(features)))
+        return (out, features) if return_features else out
