@@ -31,3 +31,8 @@ def test_unet_refuses_an_image_size_it_cannot_halve():
 def test_digits_unet_is_about_a_million_parameters():
     net = UNet(base_channels=32)
     assert 0.8e6 < sum(p.numel() for p in net.parameters()) < 1.3e6
+
+
+def test_unet_moves_between_devices_and_dtypes():
+    net = UNet(base_channels=16, num_res_blocks=1).to(torch.float64)  # nn.Module._apply must not be shadowed
+    assert next(net.parameters()).dtype == torch.float64

@@ -40,7 +40,7 @@ class MLPDenoiser(nn.Module):
         self.sample_shape = (dim,)
         self.feature_dim = hidden
         self.num_train_steps = num_train_steps
-        self.time_embed = TimestepEmbedding(time_embed_dim)
+        self.time_embed = TimestepEmbedding(time_embed_dim, hidden=time_embed_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, self.time_embed.out_dim) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)

@@ -126,7 +126,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     @staticmethod
-    def _apply(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for layer in layers:
             h = layer(h, emb) if isinstance(layer, (ResBlock, Attention)) else layer(h)
         return h
@@ -136,11 +136,11 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:
-            h = self._apply(layers, h, emb)
+            h = self._run(layers, h, emb)
             skips.append(h)
-        h = self._apply(self.mid, h, emb)
+        h = self._run(self.mid, h, emb)
         for layers in self.up:
-            h = self._apply(layers, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb)
         features = h
         out = self.conv_out(F.silu(self.out_norm(features)))
         return (out, features) if return_features else out
