@@ -71,7 +71,7 @@ def _log_residual_tail(t: torch.Tensor, log_w: torch.Tensor, delta: torch.Tensor
 
 
 def residual_projection(
-    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, iterations: int = 100
+    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, iterations: int = 200
 ) -> torch.Tensor:
     """Inverse-CDF draw of the residual's coordinate t along e (density [w phi(t-delta) - phi(t)]_+ / I).
 
@@ -88,10 +88,13 @@ def residual_projection(
             break
         width = torch.where(too_low, 2 * width, width)
     hi = lo + width
-    for _ in range(iterations):
+    for i in range(iterations):
         mid = (lo + hi) / 2
         above = _log_residual_tail(mid, log_w, delta) > target
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        # stop once every bracket is at float64 resolution (checked every 8 steps: one sync)
+        if i % 8 == 7 and bool(((hi - lo) <= 4e-16 * (1 + lo.abs())).all()):
+            break
     return (lo + hi) / 2
 
 

@@ -195,7 +195,10 @@ def speculative_sample(
         states = torch.zeros(C, L + 1, *shape, device=device, dtype=dtype)
         states[:, 0] = x
         draft_means = torch.zeros(C, L, *shape, device=device, dtype=dtype)
-        noise = torch.zeros(C, L, *shape, device=device, dtype=dtype)
+        positions = torch.arange(1, L + 1, device=device)
+        noise = gaussian(  # all the round's draft noise in one call: counter = round << 16 | position
+            chain_seeds.repeat_interleave(L), (counters[:, None] + positions).reshape(-1), Stream.DRAFT, shape
+        ).to(device=device, dtype=dtype).reshape(C, L, *shape)
         for i in range(1, L + 1):
             act = (lengths >= i).nonzero().squeeze(1)
             k = n[act] + i - 1
@@ -205,11 +208,9 @@ def speculative_sample(
                     f"drafter {drafter.describe()} proposed means of shape {tuple(mean_q.shape)} for states of "
                     f"shape {(len(act),) + shape}; a drafter must propose one mean per state, shaped like the state"
                 )
-            z = gaussian(chain_seeds[act], counters[act] + i, Stream.DRAFT, shape).to(device=device, dtype=dtype)
             s = plan.std_at(k).to(device=device, dtype=dtype).reshape(-1, *([1] * len(shape)))
-            states[act, i] = mean_q.to(dtype) + s * z
+            states[act, i] = mean_q.to(dtype) + s * noise[act, i - 1]
             draft_means[act, i - 1] = mean_q.to(dtype)
-            noise[act, i - 1] = z
             totals["draft_calls"] += 1
             totals["draft_rows"] += len(act)
 

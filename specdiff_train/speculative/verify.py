@@ -82,7 +82,10 @@ def verify_tokenwise(
     if correction == "reflection":
         fixed = reflect(_take(noise, row), _take(d, row), mu_p, s)
     elif correction == "residual":
-        fixed = sample_residual(mu_p, mu_q, s, xi, residual_u)
+        fixed = mu_p.clone()
+        needs = (tau < lengths).nonzero().squeeze(1)
+        if len(needs):
+            fixed[needs] = sample_residual(mu_p[needs], mu_q[needs], s[needs], xi[needs], residual_u[needs]).to(fixed.dtype)
     else:
         raise ValueError(f"correction: expected 'reflection' or 'residual', got {correction!r}")
     return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
@@ -145,15 +148,15 @@ def verify_block(
     tau = torch.where(passes, index, torch.zeros_like(index)).amax(dim=1) if L > 0 else lengths * 0
 
     row = tau.clamp(max=max(L - 1, 0))
-    if L > 0:
-        fixed = correction(
-            _take(target_means, row), _take(draft_means, row), _take(stds, row), _take(log_w, tau), xi, residual_u,
-            _take(noise, row),
-        )
-    else:
-        fixed = target_means[:, 0]
+    fixed = target_means[:, 0].clone()  # placeholder where no correction is needed
+    needs = (tau < lengths).nonzero().squeeze(1)  # partial acceptance: draw from the residual
+    if len(needs):
+        r = row[needs]
+        fixed[needs] = correction(
+            target_means[needs, r], draft_means[needs, r], stds[needs, r], log_w[needs, tau[needs]], xi[needs],
+            residual_u[needs], noise[needs, r],
+        ).to(fixed.dtype)
     return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
-
 
 
 VERIFIERS = {
