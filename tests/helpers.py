@@ -73,6 +73,9 @@ class TinyDataModule(LightningDataModule):
 
 def offline_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    # One intra-op thread: on a small shared CI machine, several OpenMP threads per process thrash
+    # (50x slower steps seen on 2 busy cores). A caller's setting wins.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 

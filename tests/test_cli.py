@@ -1,0 +1,92 @@
+"""`train.py` end to end in subprocesses: a smoke `fit` per local-data config, resume from
+last.ckpt (step, optimizer and EMA state intact), `validate` on a checkpoint, a refused config
+change on resume, and (slow) a 2-process CPU DDP fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from helpers import ROOT, find_one, load_ckpt, run_train
+
+LOCAL_DATASETS = {"toy2d", "digits"}  # hub configs cannot download here: test_configs instantiates them
+TARGETS = sorted((ROOT / "configs" / "target").glob("*.yaml"))
+LOCAL = [p for p in TARGETS if yaml.safe_load(p.read_text())["data"]["init_args"]["dataset"] in LOCAL_DATASETS]
+TOY = ROOT / "configs" / "target" / "toy2d.yaml"
+
+
+def tiny(root, steps: int, *extra: str) -> list[str]:
+    """Overrides that make any target config run in seconds, with one validation (and plot) at `steps`."""
+    return [f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--model.init_args.val_num_samples=8", "--model.init_args.val_num_steps=4",
+            f"--data.init_args.cache_dir={root}/data", *extra]
+
+
+def small_toy(root, steps: int, *extra: str) -> list[str]:
+    return ["--config", str(TOY), *tiny(root, steps, "--data.init_args.num_samples=2048",
+                                        "--data.init_args.batch_size=64", *extra)]
+
+
+def test_local_configs_exist():
+    assert {p.stem for p in LOCAL} >= {"toy2d", "digits"}
+
+
+@pytest.mark.parametrize("config", LOCAL, ids=lambda p: p.stem)
+def test_fit_smoke(config, tmp_path):
+    run_train("fit", "--config", config, *tiny(tmp_path, 3))
+    last = find_one(tmp_path, "last.ckpt")
+    assert load_ckpt(last)["global_step"] == 3
+    assert find_one(tmp_path, "samples/epoch=*-step=000003.png").stat().st_size > 0
+    saved = yaml.safe_load(find_one(tmp_path, "config.yaml").read_text())  # the run's record
+    assert saved["model"]["class_path"].endswith("TargetDiffusion") and saved["trainer"]["max_steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("first")
+    run_train("fit", *small_toy(root, 4))
+    return find_one(root, "last.ckpt")
+
+
+def _adam_steps(ckpt) -> set[int]:
+    return {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+
+
+def test_resume_continues_step_optimizer_and_ema(first_run, tmp_path):
+    first = load_ckpt(first_run)
+    assert first["global_step"] == 4 and _adam_steps(first) == {4}
+    assert int(first["averaging_state"]["n_averaged"]) == 4
+    run_train("fit", *small_toy(tmp_path, 7), f"--ckpt_path={first_run}")
+    resumed = load_ckpt(find_one(tmp_path, "last.ckpt"))
+    assert resumed["global_step"] == 7
+    assert _adam_steps(resumed) == {7}  # Adam moments continued, not restarted (would be 3)
+    assert int(resumed["averaging_state"]["n_averaged"]) == 7  # the EMA continued, not re-initialised
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 7
+    ema, raw = resumed["state_dict"], resumed["current_model_state"]
+    assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert any(not torch.equal(ema[k], first["state_dict"][k]) for k in ema)
+
+
+def test_validate_a_checkpoint(first_run, tmp_path):
+    out = run_train("validate", "--config", TOY, *tiny(tmp_path, 1), f"--ckpt_path={first_run}")
+    assert "val/loss" in out.stdout
+    assert find_one(tmp_path, "samples/epoch=*-step=000004.png")  # named after the checkpoint's step
+
+
+def test_resume_refuses_another_network(first_run, tmp_path):
+    hidden = yaml.safe_load(TOY.read_text())["model"]["init_args"]["net"]["init_args"]["hidden"]
+    out = run_train("fit", *small_toy(tmp_path, 6), f"--ckpt_path={first_run}",
+                    f"--model.init_args.net.init_args.hidden={2 * hidden}", check=False)
+    assert out.returncode != 0
+    assert (f"holds a different model than the config: model.init_args.net.init_args.hidden: {hidden} in the "
+            f"checkpoint, {2 * hidden} here") in out.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    run_train("fit", "--config", ROOT / "configs" / "trainer" / "ddp_cpu.yaml", *small_toy(tmp_path, 4), timeout=600)
+    last = load_ckpt(find_one(tmp_path, "last.ckpt"))
+    assert last["global_step"] == 4
+    assert int(last["averaging_state"]["n_averaged"]) == 4
+    assert len(list(tmp_path.rglob("samples/*.png"))) == 1  # rank 0 only
