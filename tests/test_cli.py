@@ -1,6 +1,6 @@
 """`train.py` end to end in subprocesses: a smoke `fit` per local-data config, resume from
-last.ckpt (step, optimizer and EMA state intact), `validate` on a checkpoint, a refused config
-change on resume, and (slow) a 2-process CPU DDP fit."""
+last.ckpt (step, optimizer and EMA state intact), `validate` and `test` on a checkpoint, a refused
+config change on resume, and (slow) a 2-process CPU DDP fit."""
 from __future__ import annotations
 
 import pytest
@@ -68,10 +68,12 @@ def test_resume_continues_step_optimizer_and_ema(first_run, tmp_path):
     assert any(not torch.equal(ema[k], first["state_dict"][k]) for k in ema)
 
 
-def test_validate_a_checkpoint(first_run, tmp_path):
-    out = run_train("validate", "--config", TOY, *tiny(tmp_path, 1), f"--ckpt_path={first_run}")
+def test_validate_and_test_a_checkpoint(first_run, tmp_path):
+    out = run_train("validate", "--config", TOY, *tiny(tmp_path / "validate", 1), f"--ckpt_path={first_run}")
     assert "val/loss" in out.stdout
     assert find_one(tmp_path, "samples/epoch=*-step=000004.png")  # named after the checkpoint's step
+    out = run_train("test", "--config", TOY, *tiny(tmp_path / "test", 1), f"--ckpt_path={first_run}")
+    assert "test/loss" in out.stdout
 
 
 def test_resume_refuses_another_network(first_run, tmp_path):
