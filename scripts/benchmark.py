@@ -24,16 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from specdiff_train.models import load_target  # noqa: E402
 from specdiff_train.sampling import ancestral_sample  # noqa: E402
-from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample  # noqa: E402
+from specdiff_train.speculative import speculative_sample  # noqa: E402
+from specdiff_train.speculative.drafters import training_free_drafters  # noqa: E402
 
-TRAINING_FREE = {
-    "frozen-eps": lambda: FrozenTargetDrafter(freeze="eps"),
-    "frozen-x0": lambda: FrozenTargetDrafter(freeze="x0"),
-    "frozen-increment": lambda: FrozenTargetDrafter(freeze="increment"),
-    "free-eps": lambda: FreeDrafter(freeze="eps"),
-    "free-x0": lambda: FreeDrafter(freeze="x0"),
-    "free-increment": lambda: FreeDrafter(freeze="increment"),
-}
+TRAINING_FREE = training_free_drafters()
 VERIFIERS = {"block": dict(verifier="block"), "tokenwise": dict(verifier="tokenwise")}
 
 

@@ -12,6 +12,7 @@ import torch
 
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample
+from specdiff_train.speculative.drafters import training_free_drafters
 from specdiff_train.speculative.verify import reflection_instead_of_residual, verify_block, verify_tokenwise
 from specdiff_train.speculative.coupling import sample_residual
 from specdiff_train.testing import GaussianDataDenoiser, closed_form_marginal, marginal_test
@@ -35,15 +36,7 @@ class BiasedDrafter(FrozenTargetDrafter):
         return mean
 
 
-DRAFTERS = {
-    "frozen-eps": lambda: FrozenTargetDrafter(freeze="eps"),
-    "frozen-x0": lambda: FrozenTargetDrafter(freeze="x0"),
-    "frozen-increment": lambda: FrozenTargetDrafter(freeze="increment"),
-    "free-eps": lambda: FreeDrafter(freeze="eps"),
-    "free-x0": lambda: FreeDrafter(freeze="x0"),
-    "free-increment": lambda: FreeDrafter(freeze="increment"),
-    "biased": BiasedDrafter,
-}
+DRAFTERS = training_free_drafters() | {"biased": BiasedDrafter}
 
 
 @pytest.fixture(scope="module")

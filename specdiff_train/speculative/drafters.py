@@ -11,6 +11,7 @@ by the verifier. A better drafter only makes rounds longer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -185,3 +186,9 @@ class FreeDrafter(FrozenOutputDrafter):
                 verification.states[idx, t_rows],
                 verification.steps[idx] + t_rows,
             )
+
+
+def training_free_drafters() -> dict[str, Callable[[], Drafter]]:
+    """Short names ("free-eps", "frozen-x0", ...) -> factories of the training-free drafters."""
+    kinds = (("frozen", FrozenTargetDrafter), ("free", FreeDrafter))
+    return {f"{name}-{freeze}": partial(cls, freeze=freeze) for name, cls in kinds for freeze in FREEZE_CHOICES}
