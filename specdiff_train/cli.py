@@ -1,4 +1,4 @@
-"""The command line: `python train.py {fit,validate,test} --config configs/...`.
+"""The command line: `python train.py {fit,validate,test,evaluate} --config configs/...`.
 
 A `LightningCLI` in subclass mode: the model and the data module are any LightningModule /
 LightningDataModule named by `class_path` in the YAML, and the saved `config.yaml` of a run is
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from .evaluation.command import SpecDiffTrainer
 
 
 class SpecDiffCLI(LightningCLI):
@@ -28,7 +29,7 @@ class SpecDiffCLI(LightningCLI):
         """
         parent = LightningCLI.subcommands()
         commands = {name: parent[name] for name in ("fit", "validate", "test")}
-        # Project verbs go here.
+        commands["evaluate"] = {"model", "datamodule"}  # SpecDiffTrainer.evaluate
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -100,7 +101,7 @@ def main(args: ArgsType = None, *, run: bool = True) -> SpecDiffCLI:
     return SpecDiffCLI(
         model_class=None,
         datamodule_class=None,
-        trainer_class=Trainer,
+        trainer_class=SpecDiffTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},

@@ -49,10 +49,26 @@ def check_trainer_preset(path: Path) -> None:
     assert cli.config.trainer.accelerator == (preset["accelerator"] if not overrides else "cpu")
 
 
+def check_eval(path: Path) -> None:
+    """An evaluate config parses together with the target config of the same name, and its
+    methods resolve (drafter names, verifiers, windows)."""
+    from helpers import run_train
+    from specdiff_train.evaluation.command import resolve_drafters
+    from specdiff_train.evaluation.compare import method_grid
+
+    options = yaml.safe_load(path.read_text())
+    methods = method_grid(resolve_drafters(options["drafters"]), options["verifiers"], options["windows"])
+    assert methods
+    target = CONFIGS / "target" / path.name
+    proc = run_train("evaluate", "--config", target, "--config", path, "--print_config")
+    assert yaml.safe_load(proc.stdout)["num_steps"] == options["num_steps"]
+
+
 # folder under configs/ -> how to check one of its files
 CHECKS: dict[str, Callable[[Path], None]] = {
     "target": check_target,
     "trainer": check_trainer_preset,
+    "eval": check_eval,
 }
 
 

@@ -1,0 +1,114 @@
+"""`python train.py evaluate`: speculative inference against ancestral sampling, as a report."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..speculative import Drafter
+from ..speculative.drafters import training_free_drafters
+from .compare import Quality, compare_methods, method_grid
+from .reporting import markdown_table, write_report
+
+DIGITS_FEATURES = Path(__file__).resolve().parents[2] / "checkpoints" / "digits_features.pt"
+
+
+def resolve_drafters(drafters: list) -> dict:
+    """Drafter factories by label: short names of the training-free drafters, or Drafter objects
+    (from `class_path` in YAML; `bind` resets their state at each run)."""
+    known = training_free_drafters()
+    out = {}
+    for item in drafters:
+        if isinstance(item, Drafter):
+            out[item.describe()] = lambda item=item: item
+        elif item in known:
+            out[item] = known[item]
+        else:
+            raise ValueError(
+                f"drafters: unknown drafter {item!r}; use one of {sorted(known)} or a Drafter given by class_path"
+            )
+    return out
+
+
+def _progress_enabled() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI") and not os.environ.get("TQDM_DISABLE")
+
+
+class SpecDiffTrainer(Trainer):
+    """Lightning's Trainer plus the `evaluate` verb."""
+
+    def evaluate(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        drafters: list[str | Drafter] | None = None,
+        verifiers: list[str] | None = None,
+        windows: list[int] | None = None,
+        num_steps: list[int] | None = None,
+        num_samples: int = 1000,
+        batch_size: int | None = 256,
+        seed: int = 0,
+        out_dir: str | None = None,
+        alpha: float = 0.01,
+        num_permutations: int = 200,
+        feature_net: str | None = None,
+    ) -> dict:
+        """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling.
+
+        Writes report.json, report.md and PNG plots to `out_dir` and prints the table.
+
+        Args:
+            model: the target (from the config; its weights come from `ckpt_path`).
+            datamodule: the data, for quality against reference samples (optional).
+            ckpt_path: target checkpoint to evaluate (EMA weights are used).
+            drafters: training-free drafter names (free-eps, free-x0, free-increment, frozen-eps,
+                frozen-x0, frozen-increment) or drafters by class_path (default: free-x0, free-eps, frozen-eps).
+            verifiers: "block", "tokenwise" (reflection) and/or "tokenwise-residual" (default: block, tokenwise).
+            windows: drafted steps per round (default: 3, 8).
+            num_steps: sampling steps to evaluate at (default: 100).
+            num_samples: samples per method (seeds seed .. seed + num_samples - 1, shared by all methods).
+            batch_size: chains sampled together.
+            seed: first seed.
+            out_dir: where the report goes (default: <trainer.default_root_dir>/evaluate).
+            alpha: exactness check level: a method whose speculative-vs-ancestral p-value falls below it is flagged.
+            num_permutations: permutations of the two-sample tests.
+            feature_net: feature network for image metrics (default: the shipped digits network for 8x8 images).
+        """
+        from ..models import load_target
+
+        if self.world_size > 1:
+            raise NotImplementedError(
+                "evaluate runs in one process for now; drop --trainer.devices / --trainer.strategy "
+                "(samples depend only on their seeds, so a single process gives the same report)"
+            )
+        if ckpt_path is not None:
+            model = load_target(ckpt_path)
+        model = model.eval()
+        shape = tuple(model.sample_shape)
+        methods = method_grid(resolve_drafters(drafters or ["free-x0", "free-eps", "frozen-eps"]),
+                              verifiers or ["block", "tokenwise"], windows or [3, 8])
+        reference, extractor = None, None
+        if datamodule is not None and hasattr(datamodule, "reference_samples"):
+            reference = datamodule.reference_samples(num_samples, seed=seed)
+        if len(shape) == 3:
+            path = feature_net or (str(DIGITS_FEATURES) if shape == (1, 8, 8) and DIGITS_FEATURES.exists() else None)
+            if path:
+                from .features import load_feature_extractor
+
+                extractor = load_feature_extractor(path)
+        report = compare_methods(
+            model, model.schedule, shape, methods, num_steps=num_steps or [100], seeds=range(seed, seed + num_samples),
+            batch_size=batch_size, quality=Quality(reference, extractor, num_permutations, seed), alpha=alpha,
+            progress=_progress_enabled(), log=rank_zero_info,
+        )
+        report["config"]["ckpt_path"] = ckpt_path
+        out = Path(out_dir or Path(self.default_root_dir) / "evaluate")
+        paths = write_report(report, out)
+        table = markdown_table(report)
+        print(table)
+        print(f"\nreport: {paths['markdown']} (numbers in {paths['json'].name}, plots beside them)")
+        return report

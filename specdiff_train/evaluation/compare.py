@@ -1,0 +1,172 @@
+"""Speculative methods against ancestral sampling on the same seeds: costs, quality, exactness.
+
+Pure PyTorch (no Lightning): the evaluate command, the demo and the benchmark-like reports call
+`compare_methods`; the result is a plain dict ready for JSON (see `reporting.py`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..sampling import ancestral_sample
+from ..speculative import Drafter, speculative_sample
+from ..speculative.sampler import CORRECTIONS, VERIFIER_NAMES
+from .metrics import two_sample_report
+
+NUM_TIME_BUCKETS = 10
+
+
+@dataclass
+class Method:
+    """One speculative configuration: a drafter (made fresh per run) x verifier x window."""
+
+    drafter: Callable[[], Drafter]
+    verifier: str | Callable = "block"  # or a verify function (see speculative.verify)
+    window: int = 8
+    correction: str = "reflection"
+    label: str = ""
+
+    def __post_init__(self):
+        if not callable(self.verifier) and self.verifier not in VERIFIER_NAMES:
+            raise ValueError(f"method {self.label or '?'}: verifier must be one of {VERIFIER_NAMES}, got {self.verifier!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"method {self.label or '?'}: correction must be one of {CORRECTIONS}, got {self.correction!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"method {self.label or '?'}: window must be an int >= 1, got {self.window!r}")
+
+    @property
+    def name(self) -> str:
+        if callable(self.verifier):
+            verifier = getattr(self.verifier, "__name__", "custom")
+        else:
+            verifier = self.verifier if self.verifier == "block" else f"tokenwise-{self.correction}"
+        return f"{self.label}/{verifier}/w{self.window}"
+
+
+def method_grid(drafters: dict[str, Callable[[], Drafter]], verifiers: Sequence[str], windows: Sequence[int]) -> list[Method]:
+    """The cross product drafter x verifier x window ("tokenwise-residual" selects that correction)."""
+    methods = []
+    for label, make in drafters.items():
+        for verifier in verifiers:
+            base, _, correction = verifier.partition("-")
+            for window in windows:
+                methods.append(Method(make, base, int(window), correction or "reflection", label))
+    return methods
+
+
+def time_buckets(drafted: Sequence[int], accepted: Sequence[int], num_steps: int, buckets: int = NUM_TIME_BUCKETS):
+    """Acceptance per diffusion-time bucket: bucket b covers t/T in [b/B, (b+1)/B); step k of an
+    N-step sampler sits at t/T = 1 - (k + 0.5) / N. None where nothing was drafted."""
+    drafted_b, accepted_b = [0] * buckets, [0] * buckets
+    for k in range(num_steps):
+        b = min(int((1 - (k + 0.5) / num_steps) * buckets), buckets - 1)
+        drafted_b[b] += drafted[k]
+        accepted_b[b] += accepted[k]
+    return [a / d if d else None for a, d in zip(accepted_b, drafted_b)]
+
+
+@dataclass
+class Quality:
+    """How samples are compared: low-dimensional data directly, images in a feature space."""
+
+    reference: torch.Tensor | None = None  # data samples
+    feature_extractor: torch.nn.Module | None = None  # images: FID/KID and tests in its space
+    num_permutations: int = 200
+    seed: int = 0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 2 or self.feature_extractor is None:
+            return x.reshape(len(x), -1)
+        from .features import extract_features
+
+        return extract_features(x, self.feature_extractor)
+
+    def against(self, samples_feats: torch.Tensor, other_feats: torch.Tensor, images: torch.Tensor | None = None,
+                other_images: torch.Tensor | None = None) -> dict:
+        report = two_sample_report(samples_feats, other_feats, num_permutations=self.num_permutations, seed=self.seed)
+        keep = ("energy_distance", "energy_p_value", "mmd", "mmd_p_value", "max_abs_mean_diff", "max_abs_std_diff")
+        out = {k: report[k] for k in keep}
+        if images is not None and self.feature_extractor is not None and images.dim() == 4:
+            from .features import fid_kid
+
+            out.update({k: v for k, v in fid_kid(samples_feats, other_feats, None, 50, self.seed).items()
+                        if k in ("fid", "kid_mean", "kid_std")})
+        return out
+
+
+def compare_methods(
+    model,
+    schedule,
+    shape: Sequence[int],
+    methods: Sequence[Method],
+    *,
+    num_steps: Sequence[int],
+    seeds: Sequence[int],
+    batch_size: int | None = None,
+    quality: Quality | None = None,
+    alpha: float = 0.01,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run ancestral sampling and every method on the same seeds, for each num_steps.
+
+    Returns a dict: `config`, and `results`, a list with one entry per (num_steps, method) holding
+    the costs (sequential target calls per sample, speedup, acceptance overall and per diffusion-time
+    bucket, mean accepted per round, target rows, draft calls, wall-clock and its ratio to
+    ancestral), the quality against the data, and the exactness check against the ancestral samples
+    (permutation p-values; `exact_ok` is False when a p-value falls below `alpha`). Samples are kept
+    under the private key `_samples` for plots.
+    """
+    seeds = list(seeds)
+    quality = quality or Quality()
+    if len(seeds) < 2:
+        raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
+    shape = tuple(shape)
+    results = []
+    reference_feats = quality.features(quality.reference) if quality.reference is not None else None
+    for steps in num_steps:
+        start = time.perf_counter()
+        base = ancestral_sample(model, schedule, shape, num_steps=steps, seeds=seeds, batch_size=batch_size,
+                                progress=progress)
+        base_time = time.perf_counter() - start
+        base_feats = quality.features(base)
+        entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
+                     wall_clock_s=base_time, wall_clock_ratio=1.0, _samples=base)
+        if reference_feats is not None:
+            entry["vs_data"] = quality.against(base_feats, reference_feats, base, quality.reference)
+        results.append(entry)
+        if log:
+            log(f"ancestral, {steps} steps: {base_time:.2f}s")
+        for method in methods:
+            out = speculative_sample(model, schedule, shape, num_steps=steps, seeds=seeds, drafter=method.drafter(),
+                                     verifier=method.verifier, window=method.window, correction=method.correction,
+                                     batch_size=batch_size, progress=progress)
+            stats = out.stats
+            feats = quality.features(out.samples)
+            exactness = quality.against(feats, base_feats, out.samples, base)
+            entry = dict(
+                method=method.name, num_steps=steps, drafter=stats["drafter"], verifier=stats["verifier"],
+                window=method.window,
+                **{k: stats[k] for k in ("target_calls_per_sample", "speedup", "acceptance_rate",
+                                         "mean_accepted_per_round", "mean_steps_per_round", "rounds",
+                                         "target_rows", "draft_calls", "draft_rows", "wall_clock_s")},
+                wall_clock_ratio=stats["wall_clock_s"] / base_time,
+                acceptance_by_time=time_buckets(stats["drafted_per_step"], stats["accepted_per_step"], steps),
+                vs_ancestral=exactness,
+                exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
+                _samples=out.samples,
+            )
+            if reference_feats is not None:
+                entry["vs_data"] = quality.against(feats, reference_feats, out.samples, quality.reference)
+            results.append(entry)
+            if log:
+                log(f"{method.name}, {steps} steps: {stats['target_calls_per_sample']:.1f} calls/sample, "
+                    f"{stats['wall_clock_s']:.2f}s")
+    config = dict(num_steps=list(num_steps), num_samples=len(seeds), first_seed=seeds[0], batch_size=batch_size,
+                  alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
+                  schedule=schedule.config(), num_permutations=quality.num_permutations)
+    return dict(config=config, results=results)

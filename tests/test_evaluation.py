@@ -1,0 +1,79 @@
+"""The evaluate command, its report, and the exactness check that must flag a biased sampler."""
+import json
+
+import pytest
+import torch
+
+from helpers import ROOT, run_train
+from specdiff_train.diffusion import DDPMSchedule
+from specdiff_train.evaluation.command import resolve_drafters
+from specdiff_train.evaluation.compare import Method, Quality, compare_methods, method_grid, time_buckets
+from specdiff_train.speculative import FreeDrafter
+from specdiff_train.speculative.verify import verify_tokenwise
+from specdiff_train.testing import GaussianDataDenoiser
+
+
+def test_evaluate_command_writes_the_report(tmp_path):
+    out = tmp_path / "report"
+    proc = run_train(
+        "evaluate", "--config", "configs/target/toy2d.yaml", "--config", "configs/eval/toy2d.yaml",
+        "--ckpt_path", ROOT / "checkpoints" / "toy2d" / "target.ckpt", "--trainer.logger", "false",
+        "--drafters", "[free-x0]", "--verifiers", "[block, tokenwise]", "--windows", "[4]", "--num_steps", "[50]",
+        "--num_samples", "300", "--num_permutations", "50", "--out_dir", out,
+    )
+    assert "| 50 | free-x0/block/w4 |" in proc.stdout  # the table is printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["num_samples"] == 300 and report["config"]["num_steps"] == [50]
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"ancestral", "free-x0/block/w4", "free-x0/tokenwise-reflection/w4"}
+    block = rows["free-x0/block/w4"]
+    for key in ("target_calls_per_sample", "speedup", "acceptance_rate", "mean_accepted_per_round", "target_rows",
+                "draft_calls", "wall_clock_ratio", "acceptance_by_time", "vs_ancestral", "vs_data", "exact_ok"):
+        assert key in block, key
+    assert block["target_calls_per_sample"] < 50 and block["exact_ok"]
+    assert len(block["acceptance_by_time"]) == 10
+    assert "energy_distance" in rows["ancestral"]["vs_data"]
+    for name in ("report.md", "acceptance.png", "samples_ancestral.png", "samples_best.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def _chain():
+    schedule = DDPMSchedule(1000)
+    return schedule, GaussianDataDenoiser(schedule, torch.tensor([1.5, -1.0]), 0.05)
+
+
+def never_rejects(noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi, residual_u):
+    """A deliberately biased sampler: every draft is accepted, whatever the target says."""
+    return verify_tokenwise(noise, states, draft_means, target_means, stds, lengths, has_next,
+                            torch.zeros_like(accept_u), xi, residual_u)
+
+
+def test_exactness_check_flags_a_biased_sampler_and_passes_an_exact_one():
+    schedule, model = _chain()
+    methods = [Method(FreeDrafter, "block", 8, label="free-eps"),
+               Method(FreeDrafter, never_rejects, 8, label="free-eps")]
+    report = compare_methods(model, schedule, (2,), methods, num_steps=[20], seeds=range(2000),
+                             quality=Quality(num_permutations=200), alpha=0.01)
+    exact, biased = report["results"][1], report["results"][2]
+    assert biased["method"] == "free-eps/never_rejects/w8"
+    assert exact["exact_ok"] and exact["vs_ancestral"]["energy_p_value"] > 0.01
+    assert not biased["exact_ok"] and biased["vs_ancestral"]["energy_p_value"] < 0.01
+
+
+def test_method_and_drafter_errors_name_the_field():
+    with pytest.raises(ValueError, match="drafters: unknown drafter 'fast'"):
+        resolve_drafters(["fast"])
+    with pytest.raises(ValueError, match="verifier"):
+        method_grid(resolve_drafters(["free-eps"]), ["greedy"], [3])
+    with pytest.raises(ValueError, match="window"):
+        method_grid(resolve_drafters(["free-eps"]), ["block"], [0])
+    schedule, model = _chain()
+    with pytest.raises(ValueError, match="num_samples"):
+        compare_methods(model, schedule, (2,), [], num_steps=[10], seeds=[0])
+
+
+def test_acceptance_by_diffusion_time_buckets():
+    # 10 steps, one per bucket, from t/T ~ 1 (first step) down to ~0 (last)
+    buckets = time_buckets([2] * 10, [2, 1, 0, 0, 0, 0, 0, 0, 0, 0], 10)
+    assert buckets[-1] == 1.0 and buckets[-2] == 0.5 and buckets[0] == 0.0
+    assert time_buckets([0] * 4, [0] * 4, 4, buckets=2) == [None, None]
