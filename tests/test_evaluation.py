@@ -77,3 +77,25 @@ def test_acceptance_by_diffusion_time_buckets():
     buckets = time_buckets([2] * 10, [2, 1, 0, 0, 0, 0, 0, 0, 0, 0], 10)
     assert buckets[-1] == 1.0 and buckets[-2] == 0.5 and buckets[0] == 0.0
     assert time_buckets([0] * 4, [0] * 4, 4, buckets=2) == [None, None]
+
+
+def test_callback_in_a_tiny_fit_logs_and_writes_reports(tmp_path):
+    run_train(
+        "fit", "--config", "configs/target/toy2d.yaml", "--trainer.default_root_dir", tmp_path,
+        "--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1",
+        "--model.init_args.val_num_samples", "16", "--data.init_args.num_samples", "2000",
+        "--trainer.callbacks+", "specdiff_train.evaluation.SpeculativeEvaluation",
+        "--trainer.callbacks.init_args.num_samples", "64", "--trainer.callbacks.init_args.num_steps", "[20]",
+        "--trainer.callbacks.init_args.every_n_epochs", "1", "--trainer.callbacks.init_args.num_permutations", "20",
+    )
+    reports = sorted(tmp_path.rglob("speculative/*/report.json"))
+    tags = {p.parent.name for p in reports}
+    assert "final" in tags and "epoch=001" in tags, tags
+    final = json.loads(next(p for p in reports if p.parent.name == "final").read_text())
+    assert {r["method"] for r in final["results"]} == {"ancestral", "free-x0/block/w8", "free-eps/block/w8"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "spec/free-x0/block/w8/20steps/target_calls_per_sample" in events.Tags()["scalars"]

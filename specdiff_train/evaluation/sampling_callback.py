@@ -1,0 +1,116 @@
+"""A callback that measures speculative sampling against ancestral sampling during `fit`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
+
+from .command import resolve_drafters
+from .compare import Quality, compare_methods, method_grid
+from .reporting import write_report
+
+
+def ema_model(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    """The EMA copy kept by Lightning's weight-averaging callback, else the module itself.
+    Reading the copy needs no weight swap, so this works whatever the order of the callbacks."""
+    for callback in trainer.callbacks:
+        averaged = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+        if averaged is not None:
+            return averaged.module
+    return pl_module
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """Logger-ready numbers: spec/<method>/<num_steps>/<metric>."""
+    metrics = {}
+    for r in report["results"]:
+        if r["method"] == "ancestral":
+            continue
+        prefix = f"spec/{r['method']}/{r['num_steps']}steps"
+        for key in ("target_calls_per_sample", "speedup", "acceptance_rate", "mean_accepted_per_round",
+                    "wall_clock_ratio"):
+            metrics[f"{prefix}/{key}"] = float(r[key])
+        metrics[f"{prefix}/exactness_p"] = float(min(r["vs_ancestral"]["energy_p_value"], r["vs_ancestral"]["mmd_p_value"]))
+        for b, value in enumerate(r["acceptance_by_time"]):
+            if value is not None:
+                metrics[f"{prefix}/acceptance_t{b / len(r['acceptance_by_time']):.1f}"] = float(value)
+        for key, value in r.get("vs_data", {}).items():
+            if key in ("energy_distance", "fid", "kid_mean"):
+                metrics[f"{prefix}/data_{key}"] = float(value)
+    return metrics
+
+
+class SpeculativeEvaluation(Callback):
+    """Every `every_n_epochs` epochs and at the end of `fit`, sample a fixed list of seeds with
+    ancestral sampling and each speculative method (EMA weights when EMA is on), log the costs,
+    acceptance (overall and per diffusion-time bucket), exactness p-values and quality to the
+    logger, and write the report and plots under `<log_dir>/speculative/`.
+
+    Samples depend only on their seeds, so rank 0 computes alone; no collective is involved.
+
+    Args:
+        drafters: training-free drafter names or Drafter objects (default: free-x0, free-eps).
+        verifiers: "block", "tokenwise", "tokenwise-residual" (default: block).
+        windows: drafted steps per round (default: 8).
+        num_steps: sampling steps (default: 50).
+        num_samples: seeds 0..num_samples-1 (fixed across epochs, so numbers are comparable).
+        batch_size: chains sampled together (default: all).
+        every_n_epochs: evaluation period in epochs (0: only at the end of fit).
+        num_permutations: permutations of the exactness test.
+    """
+
+    def __init__(
+        self,
+        drafters: list | None = None,
+        verifiers: list[str] | None = None,
+        windows: list[int] | None = None,
+        num_steps: list[int] | None = None,
+        num_samples: int = 256,
+        batch_size: int | None = None,
+        every_n_epochs: int = 1,
+        num_permutations: int = 100,
+    ):
+        if num_samples < 2:
+            raise ValueError(f"SpeculativeEvaluation.num_samples: the two-sample tests need >= 2, got {num_samples}")
+        if every_n_epochs < 0:
+            raise ValueError(f"SpeculativeEvaluation.every_n_epochs: expected >= 0, got {every_n_epochs}")
+        self.methods = method_grid(resolve_drafters(drafters or ["free-x0", "free-eps"]), verifiers or ["block"],
+                                   windows or [8])
+        self.num_steps = num_steps or [50]
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.every_n_epochs, self.num_permutations = every_n_epochs, num_permutations
+        self.last_report: dict | None = None
+
+    def _evaluate(self, trainer: Trainer, model: LightningModule, tag: str) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        reference = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "reference_samples"):
+            reference = datamodule.reference_samples(self.num_samples)
+        was_training = model.training
+        model.eval()
+        try:
+            report = compare_methods(model, model.schedule, tuple(model.sample_shape), self.methods,
+                                     num_steps=self.num_steps, seeds=range(self.num_samples),
+                                     batch_size=self.batch_size, quality=Quality(reference, None, self.num_permutations))
+        finally:
+            model.train(was_training)
+        self.last_report = report
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(flat_metrics(report), step=trainer.global_step)
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        write_report(report, root / "speculative" / tag)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            with torch.no_grad():
+                self._evaluate(trainer, ema_model(trainer, pl_module), f"epoch={epoch:03d}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After fit, Lightning's EMA callback has copied the averaged weights into the module.
+        with torch.no_grad():
+            self._evaluate(trainer, pl_module, "final")
