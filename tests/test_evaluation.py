@@ -99,3 +99,20 @@ def test_callback_in_a_tiny_fit_logs_and_writes_reports(tmp_path):
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert "spec/free-x0/block/w8/20steps/target_calls_per_sample" in events.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_samples_and_report(tmp_path):
+    common = ["evaluate", "--config", "configs/target/toy2d.yaml", "--ckpt_path",
+              ROOT / "checkpoints" / "toy2d" / "target.ckpt", "--trainer.logger", "false", "--drafters", "[free-x0]",
+              "--verifiers", "[block]", "--windows", "[4]", "--num_steps", "[30]", "--num_samples", "201",
+              "--num_permutations", "50", "--save_samples", "true", "--trainer.accelerator", "cpu"]
+    run_train(*common, "--out_dir", tmp_path / "one")
+    run_train(*common, "--out_dir", tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    one, two = (torch.load(tmp_path / d / "samples.pt") for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert r2["config"]["world_size"] == 2
+    for a, b in zip(r1["results"], r2["results"]):
+        for key in ("target_calls_per_sample", "acceptance_rate", "mean_accepted_per_round", "vs_ancestral", "vs_data"):
+            assert a.get(key) == pytest.approx(b.get(key)), key

@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -56,6 +57,7 @@ class SpecDiffTrainer(Trainer):
         alpha: float = 0.01,
         num_permutations: int = 200,
         feature_net: str | None = None,
+        save_samples: bool = False,
     ) -> dict:
         """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling.
 
@@ -77,17 +79,32 @@ class SpecDiffTrainer(Trainer):
             alpha: exactness check level: a method whose speculative-vs-ancestral p-value falls below it is flagged.
             num_permutations: permutations of the two-sample tests.
             feature_net: feature network for image metrics (default: the shipped digits network for 8x8 images).
+            save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
+
+        With `--trainer.devices N --trainer.strategy ddp`, the seeds are split across the N processes
+        and gathered; the report equals the single-process one.
         """
+        options = dict(
+            ckpt_path=ckpt_path, drafters=drafters, verifiers=verifiers, windows=windows, num_steps=num_steps,
+            num_samples=num_samples, batch_size=batch_size, seed=seed, out_dir=out_dir, alpha=alpha,
+            num_permutations=num_permutations, feature_net=feature_net, save_samples=save_samples,
+        )
+        if self.strategy.launcher is not None:  # DDP: start the other ranks as fit does
+            return self.strategy.launcher.launch(self._evaluate, model, datamodule, trainer=self, **options)
+        return self._evaluate(model, datamodule, **options)
+
+    def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
+                  batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples) -> dict:
         from ..models import load_target
 
         if self.world_size > 1:
-            raise NotImplementedError(
-                "evaluate runs in one process for now; drop --trainer.devices / --trainer.strategy "
-                "(samples depend only on their seeds, so a single process gives the same report)"
-            )
+            self.strategy.setup_environment()  # the process group; each rank then samples its seeds
+        if datamodule is not None and hasattr(datamodule, "prepare_data") and self.is_global_zero:
+            datamodule.prepare_data()  # dataset caches are written once
+        self.strategy.barrier()
         if ckpt_path is not None:
             model = load_target(ckpt_path)
-        model = model.eval()
+        model = model.to(self.strategy.root_device).eval()
         shape = tuple(model.sample_shape)
         methods = method_grid(resolve_drafters(drafters or ["free-x0", "free-eps", "frozen-eps"]),
                               verifiers or ["block", "tokenwise"], windows or [3, 8])
@@ -106,9 +123,13 @@ class SpecDiffTrainer(Trainer):
             progress=_progress_enabled(), log=rank_zero_info,
         )
         report["config"]["ckpt_path"] = ckpt_path
-        out = Path(out_dir or Path(self.default_root_dir) / "evaluate")
-        paths = write_report(report, out)
-        table = markdown_table(report)
-        print(table)
-        print(f"\nreport: {paths['markdown']} (numbers in {paths['json'].name}, plots beside them)")
+        if self.is_global_zero:
+            out = Path(out_dir or Path(self.default_root_dir) / "evaluate")
+            paths = write_report(report, out)
+            if save_samples:
+                torch.save({f"{r['method']}@{r['num_steps']}": r["_samples"].cpu() for r in report["results"]},
+                           out / "samples.pt")
+            print(markdown_table(report))
+            print(f"\nreport: {paths['markdown']} (numbers in {paths['json'].name}, plots beside them)")
+        self.strategy.barrier()
         return report

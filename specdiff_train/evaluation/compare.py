@@ -20,6 +20,55 @@ from .metrics import two_sample_report
 NUM_TIME_BUCKETS = 10
 
 
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def sharded(run: Callable, seeds: list[int]):
+    """Run `run(seed_shard) -> (samples, stats)` on this rank's seeds (seeds[rank::world]) and gather
+    every rank's part (all_gather_object: every rank calls it). Returns the samples in seed order and
+    the list of (num_samples, stats) parts. A sample depends only on its seed, so the result equals
+    the single-process one."""
+    rank, world = _world()
+    samples, stats = run(seeds[rank::world])
+    if world == 1:
+        return samples, [(len(samples), stats)]
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, (samples.cpu(), stats))
+    full = torch.empty(len(seeds), *samples.shape[1:], dtype=samples.dtype)
+    for r, (part, _) in enumerate(parts):
+        full[r::world] = part
+    return full.to(samples.device), [(len(part), st) for part, st in parts]
+
+
+def merge_stats(parts: list[tuple[int, dict]]) -> dict:
+    """Combine the speculative stats of several ranks: per-sample means weighted by sample counts,
+    totals summed, acceptance recomputed from the summed counts, wall-clock the slowest rank's."""
+    if len(parts) == 1:
+        return parts[0][1]
+    n = sum(count for count, _ in parts)
+    first = parts[0][1]
+    drafted = [sum(col) for col in zip(*(st["drafted_per_step"] for _, st in parts))]
+    accepted = [sum(col) for col in zip(*(st["accepted_per_step"] for _, st in parts))]
+    chain_rounds = sum(count * st["rounds_per_sample"] for count, st in parts)
+    calls = sum(count * st["target_calls_per_sample"] for count, st in parts) / n
+    merged = dict(first)
+    merged.update(
+        num_samples=n, target_calls_per_sample=calls, speedup=first["num_steps"] / calls,
+        rounds=max(st["rounds"] for _, st in parts), target_batches=max(st["target_batches"] for _, st in parts),
+        rounds_per_sample=chain_rounds / n, wall_clock_s=max(st["wall_clock_s"] for _, st in parts),
+        drafted_per_step=drafted, accepted_per_step=accepted, drafted_steps=sum(drafted),
+        acceptance_rate=sum(accepted) / sum(drafted) if sum(drafted) else float("nan"),
+        mean_accepted_per_round=sum(accepted) / chain_rounds,
+        mean_steps_per_round=first["num_steps"] * n / chain_rounds,
+        **{k: sum(st[k] for _, st in parts) for k in ("target_rows", "draft_rows")},
+        draft_calls=max(st["draft_calls"] for _, st in parts),
+    )
+    return merged
+
+
 @dataclass
 class Method:
     """One speculative configuration: a drafter (made fresh per run) x verifier x window."""
@@ -114,6 +163,9 @@ def compare_methods(
 ) -> dict:
     """Run ancestral sampling and every method on the same seeds, for each num_steps.
 
+    Under torch.distributed (e.g. Lightning DDP), each rank samples seeds[rank::world] and the parts
+    are gathered on every rank, so every rank returns the same full report.
+
     Returns a dict: `config`, and `results`, a list with one entry per (num_steps, method) holding
     the costs (sequential target calls per sample, speedup, acceptance overall and per diffusion-time
     bucket, mean accepted per round, target rows, draft calls, wall-clock and its ratio to
@@ -129,10 +181,14 @@ def compare_methods(
     results = []
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
     for steps in num_steps:
-        start = time.perf_counter()
-        base = ancestral_sample(model, schedule, shape, num_steps=steps, seeds=seeds, batch_size=batch_size,
-                                progress=progress)
-        base_time = time.perf_counter() - start
+        def run_ancestral(shard):
+            start = time.perf_counter()
+            out = ancestral_sample(model, schedule, shape, num_steps=steps, seeds=shard, batch_size=batch_size,
+                                   progress=progress)
+            return out, dict(wall_clock_s=time.perf_counter() - start)
+
+        base, parts = sharded(run_ancestral, seeds)
+        base_time = max(st["wall_clock_s"] for _, st in parts)
         base_feats = quality.features(base)
         entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
                      wall_clock_s=base_time, wall_clock_ratio=1.0, _samples=base)
@@ -142,12 +198,16 @@ def compare_methods(
         if log:
             log(f"ancestral, {steps} steps: {base_time:.2f}s")
         for method in methods:
-            out = speculative_sample(model, schedule, shape, num_steps=steps, seeds=seeds, drafter=method.drafter(),
-                                     verifier=method.verifier, window=method.window, correction=method.correction,
-                                     batch_size=batch_size, progress=progress)
-            stats = out.stats
-            feats = quality.features(out.samples)
-            exactness = quality.against(feats, base_feats, out.samples, base)
+            def run_method(shard, method=method):
+                out = speculative_sample(model, schedule, shape, num_steps=steps, seeds=shard,
+                                         drafter=method.drafter(), verifier=method.verifier, window=method.window,
+                                         correction=method.correction, batch_size=batch_size, progress=progress)
+                return out.samples, out.stats
+
+            samples, parts = sharded(run_method, seeds)
+            stats = merge_stats(parts)
+            feats = quality.features(samples)
+            exactness = quality.against(feats, base_feats, samples, base)
             entry = dict(
                 method=method.name, num_steps=steps, drafter=stats["drafter"], verifier=stats["verifier"],
                 window=method.window,
@@ -158,15 +218,15 @@ def compare_methods(
                 acceptance_by_time=time_buckets(stats["drafted_per_step"], stats["accepted_per_step"], steps),
                 vs_ancestral=exactness,
                 exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
-                _samples=out.samples,
+                _samples=samples,
             )
             if reference_feats is not None:
-                entry["vs_data"] = quality.against(feats, reference_feats, out.samples, quality.reference)
+                entry["vs_data"] = quality.against(feats, reference_feats, samples, quality.reference)
             results.append(entry)
             if log:
                 log(f"{method.name}, {steps} steps: {stats['target_calls_per_sample']:.1f} calls/sample, "
                     f"{stats['wall_clock_s']:.2f}s")
-    config = dict(num_steps=list(num_steps), num_samples=len(seeds), first_seed=seeds[0], batch_size=batch_size,
+    config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0], batch_size=batch_size,
                   alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
                   schedule=schedule.config(), num_permutations=quality.num_permutations)
     return dict(config=config, results=results)
