@@ -64,11 +64,23 @@ def check_eval(path: Path) -> None:
     assert yaml.safe_load(proc.stdout)["num_steps"] == options["num_steps"]
 
 
+def check_drafter(path: Path) -> None:
+    """A drafter config builds its training module around the (shipped) frozen target."""
+    cli = instantiate("--config", path)
+    model, data = cli.model, cli.datamodule
+    assert tuple(model.sample_shape) == tuple(data.sample_shape)
+    assert not any(p.requires_grad for p in model.target.parameters())
+    assert all(id(p) not in {id(q) for q in model.target.parameters()} for p in model.parameters())
+    x = torch.zeros(2, *model.sample_shape)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
 # folder under configs/ -> how to check one of its files
 CHECKS: dict[str, Callable[[Path], None]] = {
     "target": check_target,
     "trainer": check_trainer_preset,
     "eval": check_eval,
+    "drafter": check_drafter,
 }
 
 

@@ -1,5 +1,6 @@
-"""LightningModules: the target diffusion model (and, later, drafters), and checkpoint loading."""
+"""LightningModules: the target diffusion model, draft-network distillation, and checkpoint loading."""
 from .checkpoints import export_slim_checkpoint, load_target
+from .drafter import DraftDistillation, load_draft_network
 from .target import TargetDiffusion
 
-__all__ = ["TargetDiffusion", "load_target", "export_slim_checkpoint"]
+__all__ = ["DraftDistillation", "TargetDiffusion", "export_slim_checkpoint", "load_draft_network", "load_target"]

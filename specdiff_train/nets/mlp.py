@@ -37,6 +37,8 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"MLPDenoiser: dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
+        # constructor arguments kept as attributes: checkpoints rebuild the net from them
+        self.dim, self.hidden, self.depth, self.time_embed_dim = dim, hidden, depth, time_embed_dim
         self.sample_shape = (dim,)
         self.feature_dim = hidden
         self.num_train_steps = num_train_steps

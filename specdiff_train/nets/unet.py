@@ -88,6 +88,10 @@ class UNet(nn.Module):
             )
         if any(not 0 <= level < len(channel_mults) for level in attention_levels):
             raise ValueError(f"UNet: attention_levels {list(attention_levels)} must index channel_mults {list(channel_mults)}")
+        # constructor arguments kept as attributes: checkpoints rebuild the net from them
+        self.in_channels, self.image_size, self.base_channels = in_channels, image_size, base_channels
+        self.channel_mults, self.num_res_blocks, self.attention_levels = channel_mults, num_res_blocks, attention_levels
+        self.num_heads, self.dropout, self.time_embed_dim = num_heads, dropout, time_embed_dim
         self.sample_shape = (in_channels, image_size, image_size)
         self.feature_dim = base_channels
         self.time_embed = TimestepEmbedding(time_embed_dim or base_channels)
