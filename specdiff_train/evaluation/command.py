@@ -23,6 +23,12 @@ def resolve_drafters(drafters: list) -> dict:
     known = training_free_drafters()
     out = {}
     for item in drafters:
+        if isinstance(item, dict) and "class_path" in item:  # a config read from YAML by hand
+            from jsonargparse import ArgumentParser
+
+            parser = ArgumentParser(exit_on_error=False)
+            parser.add_argument("--drafter", type=Drafter)
+            item = parser.instantiate_classes(parser.parse_object({"drafter": item})).drafter
         if isinstance(item, Drafter):
             out[item.describe()] = lambda item=item: item
         elif item in known:
