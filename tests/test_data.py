@@ -1,10 +1,13 @@
+import pickle
+
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from PIL import Image
 
-from specdiff_train.data import TOY2D, DiffusionDataModule, digits_dataset, make_toy2d
+from specdiff_train.data import TOY2D, DiffusionDataModule, digits_dataset, make_toy2d, toy2d_dataset
+from specdiff_train.nets.classifier import digits_images
 
 
 @pytest.mark.parametrize("name", TOY2D)
@@ -18,12 +21,30 @@ def test_toy2d_is_deterministic_and_unit_scale(name):
 def test_unknown_toy_name_lists_the_choices():
     with pytest.raises(ValueError, match="data.name.*8gaussians"):
         DiffusionDataModule(dataset="toy2d", name="spiral")
+    with pytest.raises(ValueError, match="unknown toy distribution 'spiral'.*swissroll"):
+        make_toy2d("spiral", 10)
+    assert toy2d_dataset("moons", 10).column_names == ["x"]
 
 
 def test_digits_are_cached_and_reloaded(tmp_path):
     first = digits_dataset(tmp_path)
     assert len(first) == 1797 and (tmp_path / "digits" / "dataset_info.json").exists()
-    assert digits_dataset(tmp_path)["label"][:20] == first["label"][:20]
+    again = digits_dataset(tmp_path)
+    assert again.cache_files and again.cache_files[0]["filename"].startswith(str(tmp_path / "digits"))
+    assert again["label"][:20] == first["label"][:20] and np.array(again["image"]).max() == 16
+
+
+def test_a_digits_cache_in_an_older_format_is_rebuilt(tmp_path):
+    Dataset.from_dict({"image": [[[255] * 8] * 8], "label": [0]}).save_to_disk(str(tmp_path / "digits"))
+    assert len(digits_dataset(tmp_path)) == 1797 and len(digits_dataset(tmp_path)) == 1797
+
+
+def test_digits_batches_are_the_pixel_values_rescaled_exactly(tmp_path):
+    dm = DiffusionDataModule(dataset="digits", val_fraction=0.0, batch_size=1797, cache_dir=str(tmp_path))
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    expected = digits_images()[0]  # 0..16 -> x / 8 - 1, what the feature network was trained on
+    assert sorted(map(tuple, batch.flatten(1).tolist())) == sorted(map(tuple, expected.flatten(1).tolist()))
 
 
 @pytest.mark.parametrize("kwargs,shape", [(dict(dataset="toy2d"), (2,)), (dict(dataset="digits"), (1, 8, 8))])
@@ -37,6 +58,24 @@ def test_datamodule_batches(tmp_path, kwargs, shape):
     if len(shape) == 3:
         assert batch.min() >= -1 and batch.max() <= 1
     assert dm.reference_samples(16).shape == (16, *shape)
+    pickle.dumps(dm.train_dataloader().dataset)  # DataLoader workers need to pickle it
+
+
+def test_split_is_deterministic_in_the_seed_and_val_is_not_shuffled():
+    def split(seed):
+        dm = DiffusionDataModule(dataset="toy2d", num_samples=200, val_fraction=0.1, batch_size=8, seed=seed)
+        dm.setup()
+        return dm
+
+    a, b, c = split(0), split(0), split(1)
+    val_a = torch.cat(list(a.val_dataloader()))
+    assert val_a.shape == (20, 2) and torch.equal(val_a, torch.cat(list(a.val_dataloader())))
+    assert torch.equal(val_a, torch.cat(list(b.val_dataloader())))
+    assert not torch.equal(val_a, torch.cat(list(c.val_dataloader())))
+    train = torch.cat(list(a.train_dataloader()))
+    assert not (train[:, None] == val_a[None]).all(-1).any()  # disjoint
+    assert torch.equal(a.reference_samples(10, seed=2), b.reference_samples(10, seed=2))
+    assert a.reference_samples(50).shape == (50, 2)  # more than the val split: drawn from train
 
 
 def _write_pngs(folder, n=6, size=12):
@@ -62,6 +101,19 @@ def test_imagefolder_and_parquet_are_resized_to_the_config(tmp_path):
     assert next(iter(dm.train_dataloader())).shape == (2, 3, 4, 4)
 
 
+def test_save_to_disk_folders_load_with_their_split(tmp_path):
+    images = [Image.new("RGB", (6, 6), (255, 0, 0))] * 4
+    DatasetDict({"test": Dataset.from_dict({"image": images})}).save_to_disk(str(tmp_path / "dd"))
+    dm = DiffusionDataModule(dataset="disk", data_dir=str(tmp_path / "dd"), split="test", image_size=4, channels=3,
+                             val_fraction=0.0, batch_size=4)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (4, 3, 4, 4)
+    torch.testing.assert_close(batch[:, :, 1, 1], torch.tensor([[1.0, -1.0, -1.0]] * 4))
+    with pytest.raises(ValueError, match="data.data_dir"):
+        DiffusionDataModule(dataset="disk", image_size=4, channels=3).setup()
+
+
 def test_missing_image_column_names_the_columns(tmp_path):
     _write_pngs(tmp_path / "imgs" / "train")
     dm = DiffusionDataModule(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), image_size=8, channels=1,
@@ -70,9 +122,11 @@ def test_missing_image_column_names_the_columns(tmp_path):
         dm.setup()
 
 
-def test_hub_dataset_needs_shape_and_fails_clearly_offline():
+def test_hub_dataset_needs_shape_and_fails_clearly_offline(monkeypatch):
     with pytest.raises(ValueError, match="image_size and data.channels"):
         DiffusionDataModule(dataset="mnist")
-    dm = DiffusionDataModule(dataset="surely-not-a-dataset/xyz", image_size=28, channels=1)
-    with pytest.raises(ValueError, match="could not load"):
-        dm.setup()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dm = DiffusionDataModule(dataset="surely-not-a-dataset/xyz", image_size=28, channels=3)
+    assert dm.sample_shape == (3, 28, 28)  # known without loading anything
+    with pytest.raises(ValueError, match="could not load.*HF_HUB_OFFLINE.*imagefolder"):
+        dm.prepare_data()

@@ -5,8 +5,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from .digits import digits_dataset
-from .images import check_column, load_image_dataset, to_tensor_images
+from .digits import DIGITS_MAX, digits_dataset
+from .images import ImageRowConverter, check_column, load_image_dataset
 from .toy2d import TOY2D, toy2d_dataset
 
 BUILTIN = ("toy2d", "digits")
@@ -16,6 +16,7 @@ class _Rows(Dataset):
     """Rows of a tensor, or of a `datasets.Dataset` converted one image at a time."""
 
     def __init__(self, source, indices: torch.Tensor, convert=None):
+        """Args: a tensor or Dataset, the row indices to serve, and an optional row converter."""
         self.source, self.indices, self.convert = source, indices, convert
 
     def __len__(self) -> int:
@@ -100,11 +101,15 @@ class DiffusionDataModule(LightningDataModule):
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, known from the arguments alone (the CLI links it into the model)."""
         return self._sample_shape
 
     def prepare_data(self) -> None:
+        # Lightning calls this on one process per node: build caches and download here, once.
         if self.dataset == "digits":
-            digits_dataset(self.cache_dir)  # builds the cache once, on one process
+            digits_dataset(self.cache_dir)
+        elif self.dataset not in BUILTIN:
+            load_image_dataset(self.dataset, self.name, self.split, self.data_dir, self.data_files)
 
     def _load(self):
         """(source, convert): a tensor of all rows, or a Dataset with a per-row converter."""
@@ -113,11 +118,10 @@ class DiffusionDataModule(LightningDataModule):
             return data.float(), None
         if self.dataset == "digits":
             images = digits_dataset(self.cache_dir).with_format("torch")[:]["image"].float()
-            return (images / 127.5 - 1.0).unsqueeze(1), None
+            return (images / (DIGITS_MAX / 2) - 1.0).unsqueeze(1), None
         data = load_image_dataset(self.dataset, self.name, self.split, self.data_dir, self.data_files)
         check_column(data, self.image_column)
-        column, size, channels = self.image_column, self.image_size, self.channels
-        return data, lambda row: to_tensor_images([row[column]], size, channels)[0]
+        return data, ImageRowConverter(self.image_column, self.image_size, self.channels)
 
     def setup(self, stage: str | None = None) -> None:
         if self._source is not None:

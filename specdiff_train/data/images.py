@@ -6,36 +6,49 @@ import os
 import numpy as np
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
+from PIL import Image
 
 LOCAL_BUILDERS = ("imagefolder", "parquet")
+_MODES = {1: "L", 3: "RGB"}
 
 
-def load_image_dataset(dataset: str, name: str | None, split: str, data_dir: str | None, data_files) -> Dataset:
-    """A `datasets.Dataset` from a hub name, a local builder ("imagefolder", "parquet") or "disk"."""
+def _offline_note() -> str:
+    flags = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+             if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")]
+    return f" {' and '.join(flags)} is set, so nothing is downloaded." if flags else ""
+
+
+def load_image_dataset(
+    dataset: str, name: str | None, split: str, data_dir: str | None, data_files: str | list[str] | None
+) -> Dataset:
+    """A `datasets.Dataset` from a hub name, a local builder ("imagefolder", "parquet") or "disk".
+
+    Raises:
+        ValueError: a required path is missing, or the dataset could not be loaded (the message says
+            why and how to use a local copy instead).
+    """
+    if dataset == "disk" and not data_dir:
+        raise ValueError("data.data_dir: required with dataset='disk' (a folder written by save_to_disk)")
+    if dataset in LOCAL_BUILDERS and not (data_dir or data_files):
+        raise ValueError(f"data.data_dir or data.data_files: required with dataset={dataset!r}")
     try:
         if dataset == "disk":
-            if not data_dir:
-                raise ValueError("data.data_dir: required with dataset='disk' (a folder written by save_to_disk)")
             loaded = load_from_disk(data_dir)
             return loaded[split] if hasattr(loaded, "keys") else loaded
         if dataset in LOCAL_BUILDERS:
-            if not (data_dir or data_files):
-                raise ValueError(f"data.data_dir or data.data_files: required with dataset={dataset!r}")
             return load_dataset(dataset, data_dir=data_dir, data_files=data_files, split=split)
         return load_dataset(dataset, name, split=split)
-    except ValueError:
-        raise
-    except Exception as err:  # hub / file errors come in many types; say what to do
-        offline = " HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so nothing is downloaded." if (
-            os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1") else ""
+    except Exception as err:  # hub, network and file errors come in many types; say what to do
         raise ValueError(
-            f"data.dataset: could not load {dataset!r} (split {split!r}): {type(err).__name__}: {err}.{offline} "
-            "Use a local copy instead: dataset: imagefolder with data_dir, dataset: parquet with data_files, "
-            "or dataset: disk with data_dir (a folder written by save_to_disk)."
+            f"data.dataset: could not load {dataset!r} (config {name!r}, split {split!r}): "
+            f"{type(err).__name__}: {err}.{_offline_note()} Use a local copy instead: dataset: imagefolder "
+            "with data_dir, dataset: parquet with data_files, or dataset: disk with data_dir "
+            "(a folder written by save_to_disk)."
         ) from err
 
 
 def check_column(dataset: Dataset, column: str) -> None:
+    """Refuse a dataset without the image column, listing the columns it has."""
     if column not in dataset.column_names:
         raise ValueError(
             f"data.image_column: the dataset has no column {column!r}; its columns are {dataset.column_names}. "
@@ -43,18 +56,23 @@ def check_column(dataset: Dataset, column: str) -> None:
         )
 
 
-def to_tensor_images(images, image_size: int, channels: int) -> torch.Tensor:
-    """PIL images or nested arrays -> (N, channels, size, size) float32 in [-1, 1]."""
-    from PIL import Image
+def to_tensor_image(image, image_size: int, channels: int) -> torch.Tensor:
+    """One PIL image or uint8 array -> (channels, size, size) float32 in [-1, 1] (bicubic resize)."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    image = image.convert(_MODES[channels])
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32).reshape(image_size, image_size, channels)
+    return torch.from_numpy(array.transpose(2, 0, 1) / 127.5 - 1.0)
 
-    mode = {1: "L", 3: "RGB"}[channels]
-    out = np.empty((len(images), channels, image_size, image_size), dtype=np.float32)
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        image = image.convert(mode)
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BICUBIC)
-        array = np.asarray(image, dtype=np.float32).reshape(image_size, image_size, channels)
-        out[i] = array.transpose(2, 0, 1)
-    return torch.from_numpy(out / 127.5 - 1.0)
+
+class ImageRowConverter:
+    """Dataset row -> image tensor; a class rather than a lambda so DataLoader workers can pickle it."""
+
+    def __init__(self, column: str, image_size: int, channels: int):
+        """Args: the image column, the side to resize to, and 1 (grayscale) or 3 (RGB) channels."""
+        self.column, self.image_size, self.channels = column, image_size, channels
+
+    def __call__(self, row: dict) -> torch.Tensor:
+        return to_tensor_image(row[self.column], self.image_size, self.channels)
