@@ -24,8 +24,20 @@ def test_unet_shapes_and_features(channels, size, mults):
 
 
 def test_unet_refuses_an_image_size_it_cannot_halve():
-    with pytest.raises(ValueError, match="image_size=10.*channel_mults"):
+    with pytest.raises(ValueError, match="image_size=10.*channel_mults.*resize"):
         UNet(image_size=10, channel_mults=(1, 2, 2))
+
+
+def test_unet_group_norm_fits_channel_counts_that_are_not_powers_of_two():
+    net = UNet(base_channels=24, channel_mults=(1, 3), num_res_blocks=1, num_heads=3)  # 24 and 72 channels
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert all(m.num_channels % m.num_groups == 0 and m.num_groups >= 8 for m in norms)
+    assert net(torch.randn(2, 1, 8, 8), torch.tensor([0, 999])).shape == (2, 1, 8, 8)
+
+
+def test_output_conv_starts_at_zero():
+    net = UNet(base_channels=16, num_res_blocks=1)
+    assert net(torch.randn(2, 1, 8, 8), torch.tensor([3, 500])).abs().max() == 0
 
 
 def test_digits_unet_is_about_a_million_parameters():

@@ -17,9 +17,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
 
 
 class TimestepEmbedding(nn.Module):
-    """Sinusoidal features followed by a small MLP."""
+    """Sinusoidal features followed by a small MLP; `out_dim` is the embedding size it returns."""
 
     def __init__(self, dim: int, hidden: int | None = None):
+        """
+        Args:
+            dim: number of sinusoidal features.
+            hidden: width (and output size) of the MLP; default 4 * dim, as in DDPM.
+        """
         super().__init__()
         hidden = hidden or 4 * dim
         self.dim = dim

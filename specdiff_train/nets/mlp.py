@@ -8,7 +8,10 @@ from .embedding import TimestepEmbedding
 
 
 class ResidualBlock(nn.Module):
+    """Pre-norm residual block; the timestep embedding is added between its two layers."""
+
     def __init__(self, hidden: int, emb_dim: int):
+        """Args: the block's width and the size of the timestep embedding."""
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden, hidden)

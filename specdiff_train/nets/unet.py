@@ -10,12 +10,16 @@ from .embedding import TimestepEmbedding
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the most groups (at most 32, powers of two) that divide `channels`."""
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
+    """Two 3x3 convolutions with the (projected) timestep embedding added in between."""
+
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        """Args: input and output channels, timestep-embedding size, dropout before the second conv."""
         super().__init__()
         self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch)
@@ -34,6 +38,7 @@ class Attention(nn.Module):
     """Multi-head self-attention over pixels."""
 
     def __init__(self, channels: int, num_heads: int):
+        """Args: channels of the feature map (divisible by num_heads) and the number of heads."""
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"UNet: num_heads={num_heads} must divide the channel count {channels}")
