@@ -1,6 +1,15 @@
-"""LightningModules: the target diffusion model, draft-network distillation, and checkpoint loading."""
+"""LightningModules: the target diffusion model, drafter training (draft networks, heads), and checkpoint loading."""
 from .checkpoints import export_slim_checkpoint, load_target
-from .drafter import DraftDistillation, load_draft_network
+from .drafter import DraftDistillation, HeadDistillation, export_slim_drafter, load_draft_network, load_drafter
 from .target import TargetDiffusion
 
-__all__ = ["DraftDistillation", "TargetDiffusion", "export_slim_checkpoint", "load_draft_network", "load_target"]
+__all__ = [
+    "DraftDistillation",
+    "HeadDistillation",
+    "TargetDiffusion",
+    "export_slim_checkpoint",
+    "export_slim_drafter",
+    "load_draft_network",
+    "load_drafter",
+    "load_target",
+]

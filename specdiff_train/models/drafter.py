@@ -1,8 +1,18 @@
-"""Training a small draft network by distillation from a frozen target (ALGORITHMS.md section 5).
+"""Training learned drafters against a frozen target checkpoint (ALGORITHMS.md section 5).
 
-The draft network has the target's schedule and parametrisation. Distillation regresses its eps on
-the frozen target's eps at forward-noised data, weighted so that the loss IS the squared mismatch
-delta^2 of the sampler's transition: minimising it maximises the acceptance 2 Phi(-delta/2).
+Two LightningModules share one base (`FrozenTargetDistillation`): it loads the target (EMA weights,
+eval mode, frozen, kept out of the state dict and the optimizer), draws the states to train on
+(forward-noised data, optionally the target's own sampling trajectories), and logs the mismatch
+delta and the acceptance 2 Phi(-delta/2) per diffusion time at validation.
+
+- `DraftDistillation` trains a small draft network with the target's schedule: its loss is the
+  transition's own delta^2, `delta_sq_weight * |eps_target - eps_draft|^2`, so minimising it
+  maximises the acceptance of each drafted step.
+- `HeadDistillation` trains Medusa-like heads (`nets/heads.py`) on the target's features: from an
+  anchor state it rolls the target's own ancestral chain `max_offset` steps forward and fits the
+  heads' x0 at each later state to the target's, again with the delta^2 weight of each step.
+
+The maths is in the small functions at the top; the modules only wire them together.
 """
 from __future__ import annotations
 
@@ -14,76 +24,162 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
 from ..diffusion import DDPMSchedule, SamplingPlan
-from .checkpoints import build_module, module_config, read_checkpoint
+from .checkpoints import build_module, class_path, module_config, read_checkpoint, state_dict_mismatch
+from .target import TargetDiffusion
 
 MODES = ("distill", "data")
+NUM_BUCKETS = 5  # validation reports per fifth of diffusion time
+
+
+# --- the maths ----------------------------------------------------------------------------------
+def x0_delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
+    """w_k with delta^2 = w_k |x0_P - x0_Q|^2 for step k of `plan` (any prediction type, no clipping):
+    the two means differ by coef_x0 (x0_P - x0_Q), and delta is that difference over the step's std."""
+    kc = k.cpu()
+    return (plan.coef_x0[kc] ** 2 / plan.std[kc] ** 2).to(k.device)
 
 
 def delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
-    """w_k with delta^2 = w_k |eps_P - eps_Q|^2 for the step k of `plan` (eps prediction, no clipping):
-    the means differ by coef_x0 * sqrt(1 - abar) / sqrt(abar) * (eps_P - eps_Q), divided by std."""
-    abar = plan.schedule.alphas_cumprod[plan.timesteps[k.cpu()]]
-    weight = plan.coef_x0[k.cpu()] ** 2 * (1 - abar) / (abar * plan.std[k.cpu()] ** 2)
-    return weight.to(k.device)
+    """w_k with delta^2 = w_k |eps_P - eps_Q|^2 for step k of `plan` (eps prediction, no clipping):
+    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), so the x0 weight times (1 - abar) / abar.
+
+    With the sampler's posterior variance s^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) this is
+    beta_t / (alpha_t (1 - abar_{t-1})) (beta_t, alpha_t the respaced ones). ALGORITHMS.md section 5
+    writes beta_t / (alpha_t (1 - abar_t)): that is the weight for s^2 = beta_t, not for this sampler
+    (they differ by up to 2x near t = 0); the tests check ours against the transition itself."""
+    abar = plan.schedule.alphas_cumprod[plan.timesteps[k.cpu()]].to(k.device)
+    return x0_delta_sq_weight(plan, k) * (1 - abar) / abar
 
 
-def _frozen_target(target_ckpt: str):
+def acceptance(delta: torch.Tensor) -> torch.Tensor:
+    """Acceptance of one drafted step with mismatch delta (maximal coupling): 2 Phi(-delta/2)."""
+    return 2 * torch.special.ndtr(-delta.double() / 2)
+
+
+def time_bucket(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
+    """Bucket 0..NUM_BUCKETS-1 of the diffusion time t/T of step k (0: near data, 4: near noise)."""
+    frac = plan.t(k).double() / plan.schedule.num_train_steps
+    return frac.mul(NUM_BUCKETS).floor().clamp(0, NUM_BUCKETS - 1).long()
+
+
+@torch.no_grad()
+def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, generator: torch.Generator,
+                        device=None, dtype=torch.float32) -> torch.Tensor:
+    """States of the target's own ancestral chains, (num_stochastic_steps, num_chains, *shape):
+    row k holds the states the sampler drafts from at step k."""
+    x = torch.randn(num_chains, *shape, generator=generator, dtype=dtype).to(device)
+    states = []
+    for k in range(plan.num_stochastic_steps):
+        states.append(x)
+        steps = torch.full((num_chains,), k, dtype=torch.int64, device=x.device)
+        mean, std = plan.transition(x, steps, target(x, plan.t(steps)))
+        x = mean + std[0].to(x.dtype) * torch.randn(x.shape, generator=generator, dtype=dtype).to(x.device)
+    return torch.stack(states)
+
+
+@torch.no_grad()
+def target_rollout(target, plan: SamplingPlan, x: torch.Tensor, k: torch.Tensor, output: torch.Tensor,
+                   num_steps: int, generator: torch.Generator):
+    """Continue the target's ancestral chains from states x at steps k (with the target's `output`
+    there) for `num_steps` steps: lists of the later states, their steps and the target's outputs.
+    Rows whose chain has ended keep their last step index (mask them with `steps < N`)."""
+    last = plan.num_steps - 1
+    states, steps, outputs = [], [], []
+    for _ in range(num_steps):
+        mean, std = plan.transition(x, k.clamp(max=last), output)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = mean + std.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * noise
+        k = k + 1
+        output = target(x, plan.t(k.clamp(max=last)))
+        states.append(x), steps.append(k), outputs.append(output)
+    return states, steps, outputs
+
+
+# --- the shared module --------------------------------------------------------------------------
+def frozen_target(target_ckpt: str) -> TargetDiffusion:
+    """The target from `target_ckpt`: EMA weights, eval mode, requires_grad False."""
     from .checkpoints import load_target
 
-    if not Path(target_ckpt).exists():
+    if not Path(target_ckpt).is_file():
         raise FileNotFoundError(
             f"model.init_args.target_ckpt: no file at {target_ckpt}; train a target first, e.g. "
-            "`python train.py fit --config configs/target/toy2d.yaml`, or use checkpoints/toy2d/target.ckpt"
+            "`python train.py fit --config configs/target/toy2d.yaml` (then pass its last.ckpt), "
+            "or use the shipped checkpoints/toy2d/target.ckpt"
         )
-    return load_target(target_ckpt)  # EMA weights, eval mode, requires_grad False
+    hparams = read_checkpoint(target_ckpt).get("hyper_parameters") or {}
+    if "target_ckpt" in hparams:
+        raise ValueError(
+            f"model.init_args.target_ckpt: {target_ckpt} is a drafter checkpoint (trained against "
+            f"{hparams['target_ckpt']}), not a target; pass the target's checkpoint, e.g. checkpoints/toy2d/target.ckpt"
+        )
+    return load_target(target_ckpt)
 
 
-class DraftDistillation(LightningModule):
-    """Trains a draft network against a frozen target checkpoint; only the draft net is optimised
-    and saved (the checkpoint records target_ckpt, the schedule and the net's class_path/init_args).
+def check_drafter_module(module: torch.nn.Module, target: TargetDiffusion, what: str, fix: str) -> None:
+    """A drafter net or head must have the target's sample shape and train steps (ValueError naming the field)."""
+    problems = []
+    shape = getattr(module, "sample_shape", None)
+    if shape is not None and tuple(shape) != tuple(target.sample_shape):
+        problems.append(f"sample_shape {tuple(shape)} != the target's {tuple(target.sample_shape)}")
+    steps = getattr(module, "num_train_steps", None)
+    if steps is not None and steps != target.schedule.num_train_steps:
+        problems.append(f"num_train_steps {steps} != the target's {target.schedule.num_train_steps}")
+    if problems:
+        raise ValueError(f"model.init_args.{what} does not fit the target: " + "; ".join(problems) + f". {fix}")
+
+
+class FrozenTargetDistillation(LightningModule):
+    """Base of the drafter-training modules. Subclasses set `self.<module_key>` (the only trained and
+    saved module) and implement `losses(x0, generator) -> (loss, delta_sq, steps, extra_logs)`.
 
     Args:
-        net: the draft network (same input/output contract as the target's net, much smaller).
         target_ckpt: the target checkpoint (frozen, EMA weights).
-        num_steps: the sampler the drafter is for (respaced steps); training timesteps are its steps.
-        mode: "distill" (regress on the target's output, delta-matching weight) or "data" (plain
-            diffusion loss on the data).
-        optimizer: builds the optimizer from the draft net's parameters.
+        num_steps: the sampler the drafter is for (respaced steps); training uses its steps.
+        trajectory_fraction: share of each batch whose states come from the target's own sampling
+            trajectories instead of forward-noised data (0 = data only).
+        trajectory_chains: chains in the pool of target trajectories.
+        trajectory_refresh: training steps between two new pools.
+        optimizer: builds the optimizer from the drafter's parameters (the target is never in it).
         sample_shape: linked from the data by the CLI; must equal the target's.
     """
 
-    def __init__(
-        self,
-        net: torch.nn.Module,
-        target_ckpt: str,
-        num_steps: int = 100,
-        mode: str = "distill",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        sample_shape: tuple[int, ...] | None = None,
-    ):
+    module_key = "net"
+
+    def __init__(self, target_ckpt: str, num_steps: int = 100, trajectory_fraction: float = 0.0,
+                 trajectory_chains: int = 256, trajectory_refresh: int = 1000,
+                 optimizer: OptimizerCallable = torch.optim.AdamW, sample_shape: tuple[int, ...] | None = None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"model.init_args.mode: expected one of {MODES}, got {mode!r}")
-        target = _frozen_target(target_ckpt)
-        if target.schedule.prediction != "eps" or target.schedule.clip_denoised:
-            raise ValueError("DraftDistillation: the delta-matching loss is written for eps prediction without "
-                             "clipping; the target uses " + repr(target.schedule))
+        if not 0.0 <= trajectory_fraction <= 1.0:
+            raise ValueError(f"model.init_args.trajectory_fraction: expected a value in [0, 1], got {trajectory_fraction}")
+        target = frozen_target(target_ckpt)
         if sample_shape is not None and tuple(sample_shape) != tuple(target.sample_shape):
             raise ValueError(f"data.sample_shape {tuple(sample_shape)} differs from the target's "
                              f"{tuple(target.sample_shape)}: use the target's dataset")
         self._target = [target]  # a list: kept out of the state dict, the optimizer and .parameters()
-        self.net = net
         self.schedule: DDPMSchedule = target.schedule
         self.plan = self.schedule.plan(num_steps)
-        self.mode, self.optimizer = mode, optimizer
         self.sample_shape = tuple(target.sample_shape)
+        self.target_ckpt, self.optimizer = str(target_ckpt), optimizer
+        self.trajectory_fraction, self.trajectory_chains = float(trajectory_fraction), int(trajectory_chains)
+        self.trajectory_refresh = int(trajectory_refresh)
+        self._pool: torch.Tensor | None = None
+        self._pool_step = -1
+
+    def record_hparams(self, **extra: Any) -> None:
+        """Plain-data hyperparameters that rebuild the drafter without the YAML (see `load_drafter`)."""
+        module = getattr(self, self.module_key)
+        config = module_config(module)
+        if config is None:
+            raise ValueError(f"model.init_args.{self.module_key}: cannot record how to rebuild "
+                             f"{type(module).__name__} (keep its constructor arguments as attributes of the same name)")
         self.save_hyperparameters(dict(
-            net=module_config(net), target_ckpt=str(target_ckpt), num_steps=num_steps, mode=mode,
-            schedule=self.schedule.config(), sample_shape=list(self.sample_shape),
+            _class_path=class_path(self), **{self.module_key: config}, target_ckpt=self.target_ckpt,
+            num_steps=self.plan.num_steps, trajectory_fraction=self.trajectory_fraction,
+            schedule=self.schedule.config(), sample_shape=list(self.sample_shape), **extra,
         ))
 
     @property
-    def target(self):
+    def target(self) -> TargetDiffusion:
         return self._target[0]
 
     def on_fit_start(self) -> None:
@@ -92,59 +188,259 @@ class DraftDistillation(LightningModule):
     def on_validation_start(self) -> None:
         self.target.to(self.device)
 
+    # --- training states ------------------------------------------------------------------------
+    def start_states(self, x0: torch.Tensor, gen: torch.Generator, num_steps: int, use_pool: bool = True):
+        """(states, steps k, noise): steps uniform in [0, num_steps); states forward-noised from x0
+        (noise returned for the data loss), a `trajectory_fraction` of them from target trajectories."""
+        k = torch.randint(0, num_steps, (len(x0),), generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        x = self.schedule.q_sample(x0, self.plan.t(k), noise)
+        n_traj = round(self.trajectory_fraction * len(x0)) if use_pool else 0
+        if n_traj:
+            pool = self.trajectory_pool(x0)
+            chain = torch.randint(0, pool.shape[1], (n_traj,), generator=gen).to(x0.device)
+            x[:n_traj] = pool[k[:n_traj], chain].to(x.dtype)
+        return x, k, noise
+
+    def trajectory_pool(self, like: torch.Tensor) -> torch.Tensor:
+        """The current pool of target trajectories; renewed every `trajectory_refresh` training steps."""
+        stale = self._pool is None or (self.training and self.global_step - self._pool_step >= self.trajectory_refresh)
+        if stale:
+            gen = torch.Generator().manual_seed(1_000_003 * self.global_rank + self.global_step)
+            self._pool = target_trajectories(self.target, self.plan, self.trajectory_chains, self.sample_shape, gen,
+                                             device=like.device, dtype=like.dtype)
+            self._pool_step = self.global_step
+        return self._pool
+
+    # --- loop -----------------------------------------------------------------------------------
+    @staticmethod
+    def _data(batch) -> torch.Tensor:
+        return TargetDiffusion._data(batch)
+
+    def losses(self, x0: torch.Tensor, gen: torch.Generator):
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int):
+        x0 = self._data(batch)
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))  # follows seed_everything
+        loss, delta_sq, _, _ = self.losses(x0, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"drafter loss is {loss.item()} at step {self.global_step}: lower the learning rate "
+                                     "(model.init_args.optimizer.init_args.lr)")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
+        self.log("train/delta", delta_sq.sqrt().mean(), batch_size=len(x0))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x0 = self._data(batch)
+        gen = torch.Generator().manual_seed(batch_idx)  # the same states and noise at every validation
+        _, delta_sq, k, extra = self.losses(x0, gen)
+        self.log_mismatch("val", delta_sq, k)
+        for name, value in extra.items():
+            self.log(f"val/{name}", value, sync_dist=True)
+
+    def log_mismatch(self, prefix: str, delta_sq: torch.Tensor, k: torch.Tensor) -> None:
+        """Mean delta and acceptance, overall and per fifth of diffusion time (t0.0 = near the data)."""
+        delta = delta_sq.double().sqrt()
+        acc = acceptance(delta)
+        self.log(f"{prefix}/delta", delta.mean().float(), sync_dist=True, batch_size=len(delta))
+        self.log(f"{prefix}/acceptance", acc.mean().float(), sync_dist=True, batch_size=len(delta))
+        bucket = time_bucket(self.plan, k)
+        for b in range(NUM_BUCKETS):
+            mask = bucket == b
+            if mask.any():  # buckets without rows are not logged (a fixed seed makes that rare and stable)
+                self.log(f"{prefix}/delta_t{b / NUM_BUCKETS:.1f}", delta[mask].mean().float(), sync_dist=True)
+                self.log(f"{prefix}/acceptance_t{b / NUM_BUCKETS:.1f}", acc[mask].mean().float(), sync_dist=True)
+
+    def configure_optimizers(self):
+        return self.optimizer(getattr(self, self.module_key).parameters())
+
+
+class DraftDistillation(FrozenTargetDistillation):
+    """Trains a small draft network against a frozen target checkpoint; only the draft net is
+    optimised and saved (the checkpoint records target_ckpt, the schedule and the net's
+    class_path/init_args, so `DraftNetworkDrafter(checkpoint)` loads it without the YAML).
+
+    Args:
+        net: the draft network (same input/output contract as the target's net, much smaller).
+        target_ckpt: the target checkpoint (frozen, EMA weights).
+        num_steps: the sampler the drafter is for (respaced steps); training timesteps are its steps.
+        mode: "distill" (regress on the target's eps with the delta-matching weight) or "data"
+            (plain diffusion loss on the data).
+        trajectory_fraction: distill only: share of the batch taken from the target's own sampling
+            trajectories instead of forward-noised data.
+        trajectory_chains: chains in the pool of target trajectories.
+        trajectory_refresh: training steps between two new pools.
+        optimizer: builds the optimizer from the draft net's parameters.
+        sample_shape: linked from the data by the CLI; must equal the target's.
+    """
+
+    module_key = "net"
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        target_ckpt: str,
+        num_steps: int = 100,
+        mode: str = "distill",
+        trajectory_fraction: float = 0.0,
+        trajectory_chains: int = 256,
+        trajectory_refresh: int = 1000,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        sample_shape: tuple[int, ...] | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"model.init_args.mode: expected one of {MODES}, got {mode!r}")
+        if mode == "data" and trajectory_fraction > 0:
+            raise ValueError("model.init_args.trajectory_fraction: the data loss needs data; use mode: distill "
+                             "to train on the target's trajectories")
+        super().__init__(target_ckpt, num_steps, trajectory_fraction, trajectory_chains, trajectory_refresh,
+                         optimizer, sample_shape)
+        if self.schedule.prediction != "eps" or self.schedule.clip_denoised:
+            raise ValueError("DraftDistillation: the delta-matching loss is written for eps prediction without "
+                             "clipping; the target uses " + repr(self.schedule))
+        check_drafter_module(net, self.target, "net", "Size the draft net for the target's data and schedule.")
+        self.net, self.mode = net, mode
+        self.record_hparams(mode=mode)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t)
 
-    def _losses(self, x0: torch.Tensor, seed: int | None = None):
-        gen = torch.Generator(device=x0.device).manual_seed(seed) if seed is not None else None
-        k = torch.randint(0, self.plan.num_stochastic_steps, (len(x0),), device=x0.device, generator=gen)
+    def losses(self, x0, gen):
+        x_t, k, noise = self.start_states(x0, gen, self.plan.num_stochastic_steps, use_pool=self.mode == "distill")
         t = self.plan.t(k)
-        noise = torch.randn(x0.shape, device=x0.device, generator=gen, dtype=x0.dtype)
-        x_t = self.schedule.q_sample(x0, t, noise)
         eps_draft = self.net(x_t, t)
         with torch.no_grad():
             eps_target = self.target(x_t, t)
         sq = (eps_target - eps_draft).pow(2).flatten(1).sum(1)
         delta_sq = delta_sq_weight(self.plan, k).to(sq.dtype) * sq  # the transition's mismatch, per sample
-        if self.mode == "distill":
-            loss = delta_sq.mean()
-        else:
-            loss = (noise - eps_draft).pow(2).mean()
-        return loss, delta_sq.detach(), k
+        loss = delta_sq.mean() if self.mode == "distill" else (noise - eps_draft).pow(2).mean()
+        return loss, delta_sq.detach(), k, {}
 
-    def training_step(self, batch, batch_idx: int):
-        loss, delta_sq, _ = self._losses(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"drafter loss is {loss.item()} at step {self.global_step}: lower the learning rate")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/delta", delta_sq.sqrt().mean())
-        return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        _, delta_sq, k = self._losses(batch, seed=batch_idx)
-        delta = delta_sq.sqrt()
-        acceptance = 2 * torch.special.ndtr(-delta.double() / 2)
-        self.log("val/delta", delta.mean(), sync_dist=True)
-        self.log("val/acceptance", acceptance.mean(), sync_dist=True)
-        bucket = (1 - (k.double() + 0.5) / self.plan.num_steps).mul(5).floor().clamp(max=4).long()  # t/T fifths
-        for b in range(5):
-            mask = bucket == b
-            if mask.any():
-                self.log(f"val/acceptance_t{b / 5:.1f}", acceptance[mask].mean(), sync_dist=True)
+class HeadDistillation(FrozenTargetDistillation):
+    """Trains Medusa-like heads (`specdiff_train.nets.heads`) by self-distillation against the
+    frozen target: features at an anchor (x_m, t_m), then the target's own ancestral chain for
+    `head.max_offset` steps; at each later state x_{m+j} the heads' x0 is fitted to the target's
+    with the step's delta^2 weight. Validation also logs the Free Drafter's (x0) acceptance on the
+    same states (`val/free_acceptance`: what an untrained head gives) and the acceptance per offset.
 
-    def configure_optimizers(self):
-        return self.optimizer(self.net.parameters())
+    Args:
+        head: the heads (`MLPHead` / `ConvHead`), sized for the target's features.
+        target_ckpt: the target checkpoint (frozen, EMA weights).
+        num_steps: the sampler the heads are for (respaced steps): offsets count its steps.
+        trajectory_fraction: share of anchors taken from the target's own sampling trajectories
+            instead of forward-noised data.
+        trajectory_chains: chains in the pool of target trajectories.
+        trajectory_refresh: training steps between two new pools.
+        optimizer: builds the optimizer from the heads' parameters.
+        sample_shape: linked from the data by the CLI; must equal the target's.
+    """
+
+    module_key = "head"
+
+    def __init__(
+        self,
+        head: torch.nn.Module,
+        target_ckpt: str,
+        num_steps: int = 100,
+        trajectory_fraction: float = 0.0,
+        trajectory_chains: int = 256,
+        trajectory_refresh: int = 1000,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        sample_shape: tuple[int, ...] | None = None,
+    ):
+        super().__init__(target_ckpt, num_steps, trajectory_fraction, trajectory_chains, trajectory_refresh,
+                         optimizer, sample_shape)
+        check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
+        feature_dim = getattr(self.target.net, "feature_dim", None)
+        if getattr(head, "feature_dim", None) != feature_dim:
+            raise ValueError(
+                f"model.init_args.head.init_args.feature_dim: the head takes features of size "
+                f"{getattr(head, 'feature_dim', None)}, the target's net ({type(self.target.net).__name__}) gives "
+                f"{feature_dim}; set --model.init_args.head.init_args.feature_dim {feature_dim}"
+            )
+        if self.plan.num_stochastic_steps < 2:
+            raise ValueError(f"model.init_args.num_steps: heads need at least 2 stochastic steps, got {num_steps}")
+        self.head = head
+        self.record_hparams(max_offset=int(head.max_offset))
+
+    def losses(self, x0, gen):
+        from ..speculative.learned import medusa_x0
+
+        plan, S, K = self.plan, self.plan.num_stochastic_steps, int(self.head.max_offset)
+        x_m, m, _ = self.start_states(x0, gen, S - 1)  # at least one draftable step after the anchor
+        with torch.no_grad():
+            out_m, features = self.target(x_m, plan.t(m), return_features=True)
+            anchor_x0 = self.schedule.denoised(out_m, x_m, plan.t(m))
+            states, steps, outputs = target_rollout(self.target, plan, x_m, m, out_m, K, gen)
+        offsets = torch.arange(1, K + 1, device=x0.device).repeat_interleave(len(x0))
+        x, k, out = torch.cat(states), torch.cat(steps), torch.cat(outputs)
+        keep = k < S  # drafted steps only (not past the chain's last stochastic step)
+        rep = lambda v: v.repeat(K, *([1] * (v.dim() - 1)))[keep]  # noqa: E731
+        x, k, out, offsets = x[keep], k[keep], out[keep], offsets[keep]
+        anchor_state, anchor_x0 = rep(x_m), rep(anchor_x0)
+        t = plan.t(k)
+        x0_head = medusa_x0(self.head, self.schedule, rep(features), anchor_state, anchor_x0, x, t, offsets)
+        x0_target = self.schedule.to_x0(out, x, t)
+        weight = x0_delta_sq_weight(plan, k).to(x.dtype)
+        delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
+        extra = {}
+        if not self.training:
+            free_sq = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)
+            extra["free_acceptance"] = acceptance(free_sq.sqrt()).mean().float()
+            acc = acceptance(delta_sq.detach().sqrt())
+            for j in range(1, K + 1):
+                if (offsets == j).any():
+                    extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()
+        return delta_sq.mean(), delta_sq.detach(), k, extra
+
+
+# --- loading at sampling time -------------------------------------------------------------------
+def load_drafter(ckpt_path: str | Path, module_key: str, map_location="cpu") -> tuple[torch.nn.Module, dict]:
+    """(the trained module in eval mode, frozen; the checkpoint's hyperparameters) from a checkpoint of
+    `DraftDistillation` (module_key "net") or `HeadDistillation` ("head"), full or slim."""
+    ckpt = read_checkpoint(ckpt_path, map_location)
+    hparams: dict[str, Any] = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    kinds = {"net": ("draft-network", "toy2d_draftnet"), "head": ("drafter-heads", "toy2d_medusa")}
+    what, config = kinds[module_key]
+    if "target_ckpt" not in hparams or not isinstance(hparams.get(module_key), dict):
+        found = hparams.get("_class_path") or ("a drafter of another kind" if "target_ckpt" in hparams
+                                               else "no drafter hyperparameters")
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a {what} checkpoint ({found}); train one with "
+                         f"`python train.py fit --config configs/drafter/{config}.yaml`")
+    module = build_module(hparams[module_key])
+    prefix = f"{module_key}."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    problems = state_dict_mismatch(state, module.state_dict())
+    if problems:
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} does not fit the {module_key} it records: " + "; ".join(problems))
+    module.load_state_dict(state)
+    module.eval().requires_grad_(False)
+    return module, hparams
 
 
 def load_draft_network(ckpt_path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, DDPMSchedule, tuple, int]:
     """(net in eval mode, its schedule, sample_shape, num_steps) from a DraftDistillation checkpoint."""
-    ckpt = read_checkpoint(ckpt_path, map_location)
-    hparams: dict[str, Any] = ckpt.get("hyper_parameters", {})
-    if "target_ckpt" not in hparams or not hparams.get("net"):
-        raise ValueError(f"checkpoint {ckpt_path} is not a draft-network checkpoint (no drafter hyperparameters); "
-                         "train one with `python train.py fit --config configs/drafter/toy2d_draftnet.yaml`")
-    net = build_module(hparams["net"])
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
-    net.eval().requires_grad_(False)
+    net, hparams = load_drafter(ckpt_path, "net", map_location)
     return net, DDPMSchedule(**hparams["schedule"]), tuple(hparams["sample_shape"]), int(hparams["num_steps"])
+
+
+def export_slim_drafter(ckpt_path: str | Path, out_path: str | Path) -> Path:
+    """A small copy of a drafter checkpoint: the drafter's weights and the hyperparameters (no optimizer
+    or loop state), for shipping in `checkpoints/`."""
+    ckpt = read_checkpoint(ckpt_path)
+    hparams = ckpt.get("hyper_parameters", {})
+    key = next((k for k in ("net", "head") if isinstance(hparams.get(k), dict)), None)
+    if key is None or "target_ckpt" not in hparams:
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a drafter checkpoint (DraftDistillation / HeadDistillation)")
+    slim = {
+        "hyper_parameters": dict(hparams),
+        "state_dict": {k: v.contiguous().clone() for k, v in ckpt["state_dict"].items() if k.startswith(f"{key}.")},
+        "global_step": ckpt.get("global_step"),
+        "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
+    }
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out)
+    return out
