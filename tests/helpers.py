@@ -3,6 +3,7 @@ checkpoints."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +83,18 @@ def offline_env() -> dict[str, str]:
 
 def run_train(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`python train.py *args` from the repository root, offline; fails with its output on error."""
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=offline_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    # A session of its own: on timeout the whole group goes (DDP workers too, which would otherwise
+    # keep the pipes open and hang the test instead of failing it).
+    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=offline_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"train.py {' '.join(map(str, args))} ran past {timeout}s (killed):\n"
+                                 f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-8000:]}")
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")

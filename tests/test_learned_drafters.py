@@ -7,9 +7,11 @@ from helpers import ROOT, find_one, run_train
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.models import HeadDistillation, TargetDiffusion, load_target
 from specdiff_train.models.drafter import (
+    acceptance,
     delta_sq_weight,
     export_slim_drafter,
     load_draft_network,
+    mismatch_loss,
     target_rollout,
     x0_delta_sq_weight,
 )
@@ -86,6 +88,15 @@ def test_x0_loss_weight_is_the_transitions_delta_squared(prediction):
     x0_diff = plan.schedule.to_x0(out_p, x, t) - plan.schedule.to_x0(out_q, x, t)
     torch.testing.assert_close(x0_delta_sq_weight(plan, k) * x0_diff.pow(2).sum(1),
                                ((mu_p - mu_q) / std[:, None]).pow(2).sum(1))
+
+
+def test_tv_objective_is_the_mean_rejection_probability():
+    delta_sq = torch.tensor([0.0, 0.25, 4.0, 1e4], dtype=torch.float64)
+    rejection = 1 - acceptance(delta_sq.sqrt())
+    torch.testing.assert_close(mismatch_loss(delta_sq, "tv"), rejection.mean())
+    assert mismatch_loss(delta_sq, "delta_sq") == delta_sq.mean()
+    with pytest.raises(ValueError, match="objective"):
+        mismatch_loss(delta_sq, "l1")
 
 
 def test_rollout_follows_the_target_chain():

@@ -48,7 +48,8 @@ class SpeculativeEvaluation(Callback):
     acceptance (overall and per diffusion-time bucket), exactness p-values and quality to the
     logger, and write the report and plots under `<log_dir>/speculative/`.
 
-    Samples depend only on their seeds, so rank 0 computes alone; no collective is involved.
+    Under DDP every rank samples its share of the seeds (seeds[rank::world]) and the parts are
+    gathered on all ranks, so the numbers equal the single-process ones; rank 0 logs and writes.
 
     Args:
         drafters: training-free drafter names or Drafter objects (default: free-x0, free-eps).
@@ -84,7 +85,7 @@ class SpeculativeEvaluation(Callback):
         self.last_report: dict | None = None
 
     def _evaluate(self, trainer: Trainer, model: LightningModule, tag: str) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
         reference = None
         datamodule = getattr(trainer, "datamodule", None)
@@ -99,10 +100,11 @@ class SpeculativeEvaluation(Callback):
         finally:
             model.train(was_training)
         self.last_report = report
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(flat_metrics(report), step=trainer.global_step)
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        write_report(report, root / "speculative" / tag)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask for it
+        if trainer.is_global_zero:  # loggers and files: rank 0 only (every rank holds the full report)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(flat_metrics(report), step=trainer.global_step)
+            write_report(report, Path(log_dir or trainer.default_root_dir) / "speculative" / tag)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch + 1

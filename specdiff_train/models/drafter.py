@@ -28,6 +28,7 @@ from .checkpoints import build_module, class_path, module_config, read_checkpoin
 from .target import TargetDiffusion
 
 MODES = ("distill", "data")
+OBJECTIVES = ("delta_sq", "tv")
 NUM_BUCKETS = 5  # validation reports per fifth of diffusion time
 
 
@@ -54,6 +55,23 @@ def delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
 def acceptance(delta: torch.Tensor) -> torch.Tensor:
     """Acceptance of one drafted step with mismatch delta (maximal coupling): 2 Phi(-delta/2)."""
     return 2 * torch.special.ndtr(-delta.double() / 2)
+
+
+def mismatch_loss(delta_sq: torch.Tensor, objective: str) -> torch.Tensor:
+    """The training loss from per-sample delta^2.
+
+    "delta_sq": mean delta^2 (ALGORITHMS.md section 5). Near the data (small t) the sampler's steps
+    have tiny std and delta^2 of any small drafter is huge (tens to thousands): those steps, where no
+    drafter gets accepted, then dominate the loss.
+    "tv": mean rejection probability 1 - 2 Phi(-delta/2) = erf(delta / (2 sqrt 2)), the quantity that
+    acceptance actually depends on: its gradient fades for hopeless steps and goes to the improvable ones.
+    """
+    if objective == "delta_sq":
+        return delta_sq.mean()
+    if objective == "tv":
+        delta = (delta_sq + 1e-12).sqrt()
+        return torch.erf(delta / (2 * 2**0.5)).mean()
+    raise ValueError(f"model.init_args.objective: expected one of {OBJECTIVES}, got {objective!r}")
 
 
 def time_bucket(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
@@ -135,6 +153,7 @@ class FrozenTargetDistillation(LightningModule):
     Args:
         target_ckpt: the target checkpoint (frozen, EMA weights).
         num_steps: the sampler the drafter is for (respaced steps); training uses its steps.
+        objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
         trajectory_fraction: share of each batch whose states come from the target's own sampling
             trajectories instead of forward-noised data (0 = data only).
         trajectory_chains: chains in the pool of target trajectories.
@@ -145,10 +164,12 @@ class FrozenTargetDistillation(LightningModule):
 
     module_key = "net"
 
-    def __init__(self, target_ckpt: str, num_steps: int = 100, trajectory_fraction: float = 0.0,
-                 trajectory_chains: int = 256, trajectory_refresh: int = 1000,
+    def __init__(self, target_ckpt: str, num_steps: int = 100, objective: str = "delta_sq",
+                 trajectory_fraction: float = 0.0, trajectory_chains: int = 256, trajectory_refresh: int = 1000,
                  optimizer: OptimizerCallable = torch.optim.AdamW, sample_shape: tuple[int, ...] | None = None):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"model.init_args.objective: expected one of {OBJECTIVES}, got {objective!r}")
         if not 0.0 <= trajectory_fraction <= 1.0:
             raise ValueError(f"model.init_args.trajectory_fraction: expected a value in [0, 1], got {trajectory_fraction}")
         target = frozen_target(target_ckpt)
@@ -159,7 +180,7 @@ class FrozenTargetDistillation(LightningModule):
         self.schedule: DDPMSchedule = target.schedule
         self.plan = self.schedule.plan(num_steps)
         self.sample_shape = tuple(target.sample_shape)
-        self.target_ckpt, self.optimizer = str(target_ckpt), optimizer
+        self.target_ckpt, self.optimizer, self.objective = str(target_ckpt), optimizer, objective
         self.trajectory_fraction, self.trajectory_chains = float(trajectory_fraction), int(trajectory_chains)
         self.trajectory_refresh = int(trajectory_refresh)
         self._pool: torch.Tensor | None = None
@@ -174,7 +195,7 @@ class FrozenTargetDistillation(LightningModule):
                              f"{type(module).__name__} (keep its constructor arguments as attributes of the same name)")
         self.save_hyperparameters(dict(
             _class_path=class_path(self), **{self.module_key: config}, target_ckpt=self.target_ckpt,
-            num_steps=self.plan.num_steps, trajectory_fraction=self.trajectory_fraction,
+            num_steps=self.plan.num_steps, objective=self.objective, trajectory_fraction=self.trajectory_fraction,
             schedule=self.schedule.config(), sample_shape=list(self.sample_shape), **extra,
         ))
 
@@ -267,6 +288,8 @@ class DraftDistillation(FrozenTargetDistillation):
         num_steps: the sampler the drafter is for (respaced steps); training timesteps are its steps.
         mode: "distill" (regress on the target's eps with the delta-matching weight) or "data"
             (plain diffusion loss on the data).
+        objective: distill only: "delta_sq" (mean delta^2, ALGORITHMS.md 5) or "tv" (mean rejection
+            probability 1 - 2 Phi(-delta/2)); see `mismatch_loss`.
         trajectory_fraction: distill only: share of the batch taken from the target's own sampling
             trajectories instead of forward-noised data.
         trajectory_chains: chains in the pool of target trajectories.
@@ -283,6 +306,7 @@ class DraftDistillation(FrozenTargetDistillation):
         target_ckpt: str,
         num_steps: int = 100,
         mode: str = "distill",
+        objective: str = "delta_sq",
         trajectory_fraction: float = 0.0,
         trajectory_chains: int = 256,
         trajectory_refresh: int = 1000,
@@ -294,8 +318,8 @@ class DraftDistillation(FrozenTargetDistillation):
         if mode == "data" and trajectory_fraction > 0:
             raise ValueError("model.init_args.trajectory_fraction: the data loss needs data; use mode: distill "
                              "to train on the target's trajectories")
-        super().__init__(target_ckpt, num_steps, trajectory_fraction, trajectory_chains, trajectory_refresh,
-                         optimizer, sample_shape)
+        super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
+                         trajectory_refresh, optimizer, sample_shape)
         if self.schedule.prediction != "eps" or self.schedule.clip_denoised:
             raise ValueError("DraftDistillation: the delta-matching loss is written for eps prediction without "
                              "clipping; the target uses " + repr(self.schedule))
@@ -314,7 +338,7 @@ class DraftDistillation(FrozenTargetDistillation):
             eps_target = self.target(x_t, t)
         sq = (eps_target - eps_draft).pow(2).flatten(1).sum(1)
         delta_sq = delta_sq_weight(self.plan, k).to(sq.dtype) * sq  # the transition's mismatch, per sample
-        loss = delta_sq.mean() if self.mode == "distill" else (noise - eps_draft).pow(2).mean()
+        loss = mismatch_loss(delta_sq, self.objective) if self.mode == "distill" else (noise - eps_draft).pow(2).mean()
         return loss, delta_sq.detach(), k, {}
 
 
@@ -329,6 +353,7 @@ class HeadDistillation(FrozenTargetDistillation):
         head: the heads (`MLPHead` / `ConvHead`), sized for the target's features.
         target_ckpt: the target checkpoint (frozen, EMA weights).
         num_steps: the sampler the heads are for (respaced steps): offsets count its steps.
+        objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
         trajectory_fraction: share of anchors taken from the target's own sampling trajectories
             instead of forward-noised data.
         trajectory_chains: chains in the pool of target trajectories.
@@ -344,14 +369,15 @@ class HeadDistillation(FrozenTargetDistillation):
         head: torch.nn.Module,
         target_ckpt: str,
         num_steps: int = 100,
+        objective: str = "delta_sq",
         trajectory_fraction: float = 0.0,
         trajectory_chains: int = 256,
         trajectory_refresh: int = 1000,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_shape: tuple[int, ...] | None = None,
     ):
-        super().__init__(target_ckpt, num_steps, trajectory_fraction, trajectory_chains, trajectory_refresh,
-                         optimizer, sample_shape)
+        super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
+                         trajectory_refresh, optimizer, sample_shape)
         check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
         feature_dim = getattr(self.target.net, "feature_dim", None)
         if getattr(head, "feature_dim", None) != feature_dim:
@@ -393,7 +419,7 @@ class HeadDistillation(FrozenTargetDistillation):
             for j in range(1, K + 1):
                 if (offsets == j).any():
                     extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()
-        return delta_sq.mean(), delta_sq.detach(), k, extra
+        return mismatch_loss(delta_sq, self.objective), delta_sq.detach(), k, extra
 
 
 # --- loading at sampling time -------------------------------------------------------------------
