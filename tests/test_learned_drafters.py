@@ -213,7 +213,7 @@ def test_training_refuses_a_drafter_that_does_not_fit_the_target(tiny_targets):
 TINY = {  # config -> overrides that fit the tiny fixture targets
     "toy2d_draftnet": ["--model.init_args.trajectory_fraction", "0.5", "--model.init_args.trajectory_chains", "16"],
     "toy2d_medusa": ["--model.init_args.head.init_args.feature_dim", "32", "--model.init_args.trajectory_chains", "16"],
-    "digits_draftnet": [],
+    "digits_draftnet": ["--model.init_args.trajectory_chains", "8"],
     "digits_medusa": ["--model.init_args.head.init_args.feature_dim", "8", "--model.init_args.trajectory_chains", "8",
                       "--data.init_args.batch_size", "16"],
 }
