@@ -83,7 +83,8 @@ def test_acceptance_by_diffusion_time_buckets():
 def test_callback_in_a_tiny_fit_logs_and_writes_reports(tmp_path, devices):
     run_train(
         "fit", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-        *(["--trainer.strategy", "ddp"] if devices > 1 else []), "--config", "configs/target/toy2d.yaml", "--trainer.default_root_dir", tmp_path,
+        *(["--trainer.strategy", "ddp"] if devices > 1 else []),
+        "--config", "configs/target/toy2d.yaml", "--trainer.default_root_dir", tmp_path,
         "--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1",
         "--model.init_args.val_num_samples", "16", "--data.init_args.num_samples", "2000",

@@ -57,6 +57,12 @@ def acceptance(delta: torch.Tensor) -> torch.Tensor:
     return 2 * torch.special.ndtr(-delta.double() / 2)
 
 
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"model.init_args.objective: expected one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
 def mismatch_loss(delta_sq: torch.Tensor, objective: str) -> torch.Tensor:
     """The training loss from per-sample delta^2.
 
@@ -66,12 +72,10 @@ def mismatch_loss(delta_sq: torch.Tensor, objective: str) -> torch.Tensor:
     "tv": mean rejection probability 1 - 2 Phi(-delta/2) = erf(delta / (2 sqrt 2)), the quantity that
     acceptance actually depends on: its gradient fades for hopeless steps and goes to the improvable ones.
     """
-    if objective == "delta_sq":
+    if check_objective(objective) == "delta_sq":
         return delta_sq.mean()
-    if objective == "tv":
-        delta = (delta_sq + 1e-12).sqrt()
-        return torch.erf(delta / (2 * 2**0.5)).mean()
-    raise ValueError(f"model.init_args.objective: expected one of {OBJECTIVES}, got {objective!r}")
+    delta = (delta_sq + 1e-12).sqrt()  # erf, not 1 - 2 Phi: no cancellation for small delta
+    return torch.erf(delta / (2 * 2**0.5)).mean()
 
 
 def time_bucket(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
@@ -168,8 +172,7 @@ class FrozenTargetDistillation(LightningModule):
                  trajectory_fraction: float = 0.0, trajectory_chains: int = 256, trajectory_refresh: int = 1000,
                  optimizer: OptimizerCallable = torch.optim.AdamW, sample_shape: tuple[int, ...] | None = None):
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"model.init_args.objective: expected one of {OBJECTIVES}, got {objective!r}")
+        check_objective(objective)
         if not 0.0 <= trajectory_fraction <= 1.0:
             raise ValueError(f"model.init_args.trajectory_fraction: expected a value in [0, 1], got {trajectory_fraction}")
         target = frozen_target(target_ckpt)
