@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -250,6 +251,34 @@ class SamplingPlan:
             raise ValueError("sampling plan: a deterministic step precedes a stochastic one")
         return n
 
+    @cached_property
+    def step_coefficients(self) -> torch.Tensor:
+        """(num_steps, 5) float64: per step, (x0_from_x, x0_from_output, coef_x0, coef_xt, std) such that
+        x0_hat = x0_from_x * x + x0_from_output * output (then clipped if the schedule clips), the step's
+        mean is coef_x0 * x0_hat + coef_xt * x and its std is std. One gather of this table serves every row."""
+        abar = self._tables["abar"]
+        prediction = self.schedule.prediction
+        if prediction == "eps":
+            from_x, from_out = 1 / abar.sqrt(), -(1 - abar).sqrt() / abar.sqrt()
+        elif prediction == "x0":
+            from_x, from_out = torch.zeros_like(abar), torch.ones_like(abar)
+        else:  # v
+            from_x, from_out = abar.sqrt(), -(1 - abar).sqrt()
+        return torch.stack([from_x, from_out, self.coef_x0, self.coef_xt, self.std], dim=1)
+
+    def tables(self, device, dtype) -> "StepTables":
+        """The step tables on `device` (coefficients in `dtype`), built once per (device, dtype)."""
+        key = (torch.device(device), dtype)
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if key not in cache:
+            cache[key] = StepTables(
+                plan=self,
+                timesteps=self.timesteps.to(device),
+                coefficients=self.step_coefficients.to(device=device, dtype=dtype),
+                std=self.std.to(device),
+            )
+        return cache[key]
+
     def t(self, k: torch.Tensor) -> torch.Tensor:
         """Train timesteps for per-row step indices k."""
         return self.timesteps.to(k.device)[k]
@@ -257,13 +286,64 @@ class SamplingPlan:
     def std_at(self, k: torch.Tensor) -> torch.Tensor:
         return self.std.to(k.device)[k]
 
+    def coefficients(self, k: torch.Tensor, like: torch.Tensor) -> "StepCoefficients":
+        """Per-row coefficients of the steps k (B,), shaped to broadcast over states `like` (B, ...)."""
+        table = self.tables(like.device, like.dtype).coefficients[k]
+        return StepCoefficients(*table.reshape(len(k), 5, *([1] * (like.dim() - 1))).unbind(1))
+
     def transition_from_x0(self, x: torch.Tensor, k: torch.Tensor, x0: torch.Tensor):
         """(mean, std) of the step from states x (B, ...) at per-row step indices k (B,) given x0."""
-        c0 = _expand(self.coef_x0.to(k.device)[k], x)
-        ct = _expand(self.coef_xt.to(k.device)[k], x)
-        return c0 * x0 + ct * x, self.std_at(k)
+        return step_mean(self.coefficients(k, x), x, x0), self.std_at(k)
 
     def transition(self, x: torch.Tensor, k: torch.Tensor, output: torch.Tensor):
         """(mean, std) of the ancestral step given the network output at (x, t(k))."""
-        x0 = self.schedule.denoised(output, x, self.t(k))
-        return self.transition_from_x0(x, k, x0)
+        coef = self.coefficients(k, x)
+        return step_mean(coef, x, denoise(coef, x, output, self.schedule)), self.std_at(k)
+
+
+class StepCoefficients(NamedTuple):
+    """Coefficients of ancestral steps: tensors broadcastable over the states, or Python floats
+    (all rows at one step). See `SamplingPlan.step_coefficients`."""
+
+    x0_from_x: torch.Tensor | float
+    x0_from_output: torch.Tensor | float
+    coef_x0: torch.Tensor | float
+    coef_xt: torch.Tensor | float
+    std: torch.Tensor | float
+
+
+@dataclass(frozen=True, eq=False)
+class StepTables:
+    """A plan's tables on one device: what a sampling loop gathers from, so that no step copies a
+    table to the device or recomputes a coefficient."""
+
+    plan: SamplingPlan
+    timesteps: torch.Tensor  # (N,) int64 train timesteps
+    coefficients: torch.Tensor  # (N, 5) in the model's dtype, std last
+    std: torch.Tensor  # (N,) float64
+
+    @cached_property
+    def scalar_coefficients(self) -> list[StepCoefficients]:
+        """Python-float coefficients per step (every row at one step, as in ancestral sampling)."""
+        return [StepCoefficients(*row) for row in self.plan.step_coefficients.tolist()]
+
+    @cached_property
+    def scalar_std(self) -> list[float]:
+        return self.plan.std.tolist()
+
+
+def denoise(coef: StepCoefficients, x: torch.Tensor, output: torch.Tensor, schedule: DDPMSchedule) -> torch.Tensor:
+    """The sampler's x0 estimate from a network output (clipped when the schedule clips)."""
+    if schedule.prediction == "x0":
+        x0 = output
+    else:
+        x0 = torch.addcmul(coef.x0_from_x * x, coef.x0_from_output, output) if isinstance(
+            coef.x0_from_output, torch.Tensor) else coef.x0_from_x * x + coef.x0_from_output * output
+    return x0.clamp(-schedule.clip_range, schedule.clip_range) if schedule.clip_denoised else x0
+
+
+def step_mean(coef: StepCoefficients, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Mean of the ancestral step from x given the x0 estimate: coef_x0 * x0 + coef_xt * x."""
+    if isinstance(coef.coef_x0, torch.Tensor):
+        return torch.addcmul(coef.coef_xt * x, coef.coef_x0, x0)
+    return coef.coef_x0 * x0 + coef.coef_xt * x

@@ -103,7 +103,7 @@ def test_block_with_reflection_instead_of_weighted_residual_is_detected(chain):
 
 
 def test_block_with_unweighted_residual_is_detected(chain):
-    def unweighted(mu_p, mu_q, std, log_w, xi, u, draft_noise):
+    def unweighted(mu_p, mu_q, std, log_w, xi, u, draft_noise, **known):
         return sample_residual(mu_p, mu_q, std, xi, u)
 
     report = _biased_run(chain, partial(verify_block, correction=unweighted))

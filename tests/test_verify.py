@@ -2,7 +2,12 @@
 import torch
 
 from specdiff_train.speculative.coupling import log_density_ratio, scaled_mean_difference
-from specdiff_train.speculative.verify import block_pass_probabilities, verify_block, verify_tokenwise
+from specdiff_train.speculative.verify import (
+    block_pass_probabilities,
+    running_log_weights,
+    verify_block,
+    verify_tokenwise,
+)
 
 
 def random_walk_window(n, L, d, bias, seed=0):
@@ -27,10 +32,8 @@ def expected_accepted(noise, draft_means, target_means, stds, L):
     d = scaled_mean_difference(target_means[:, :L], draft_means, stds[:, :L])
     log_ratio = log_density_ratio(noise, d)
     token = log_ratio.clamp(max=0).cumsum(1).exp().sum(1)
-    delta = d.norm(dim=-1)
-    next_delta = torch.cat([delta[:, 1:], torch.zeros_like(delta[:, :1])], 1)
     lengths = torch.full((len(noise),), L)
-    h, _ = block_pass_probabilities(log_ratio, torch.zeros(len(noise), dtype=torch.float64), next_delta, lengths)
+    h, _, _ = block_pass_probabilities(log_ratio, torch.zeros(len(noise), dtype=torch.float64), d.norm(dim=-1), lengths)
     # P(tau >= i) = 1 - prod_{j >= i} (1 - h_j)
     fail_from = torch.flip(torch.cumprod(torch.flip(1 - h, [1]), 1), [1])
     block = (1 - fail_from).sum(1)
@@ -62,6 +65,16 @@ def test_block_accepts_at_least_as_many_drafts_as_tokenwise_on_the_same_drafts()
     assert abs(taus["block"].mean() - block.mean()) < 4 * stderr
     assert abs(taus["token"].mean() - token.mean()) < 4 * stderr
     assert taus["block"].mean() > taus["token"].mean()
+
+
+def test_running_log_weights_match_the_recursion():
+    gen = torch.Generator().manual_seed(3)
+    log_ratio = 2 * torch.randn(500, 9, generator=gen, dtype=torch.float64)
+    log_w0 = -torch.rand(500, generator=gen, dtype=torch.float64)
+    expected = [log_w0]
+    for i in range(9):
+        expected.append(torch.clamp(expected[-1] + log_ratio[:, i], max=0.0))
+    torch.testing.assert_close(running_log_weights(log_ratio, log_w0), torch.stack(expected, 1), rtol=0, atol=1e-12)
 
 
 def test_window_end_without_a_next_step_keeps_the_last_draft():

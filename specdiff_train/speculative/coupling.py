@@ -55,46 +55,107 @@ def log_residual_mass(log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """
     log_w, delta = torch.broadcast_tensors(log_w.double(), delta.double())
     safe = delta > 0
-    dd = torch.where(safe, delta, torch.ones_like(delta))
+    dd = torch.where(safe, delta, 1.0)
     a = dd / 2 + log_w / dd
     log_phi_a = torch.special.log_ndtr(a)
     inner = torch.special.log_ndtr(a - dd) - log_w - log_phi_a
-    log_mass = log_w + log_phi_a + log1mexp(inner.clamp(max=0.0))
-    return torch.where(safe, log_mass, torch.full_like(log_mass, -torch.inf))
+    log_mass = log_w + log_phi_a + _log1mexp_fast(inner.clamp(max=0.0))
+    return torch.where(safe, log_mass, -torch.inf)
 
 
 def _log_residual_tail(t: torch.Tensor, log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """log of the residual's unnormalised tail mass beyond t (t >= c): w Phibar(t - delta) - Phibar(t)."""
     log_p = log_w + torch.special.log_ndtr(delta - t)
     log_q = torch.special.log_ndtr(-t)
-    return log_p + log1mexp((log_q - log_p).clamp(max=0.0))
+    return log_p + _log1mexp_fast((log_q - log_p).clamp(max=0.0))
+
+
+def _log1mexp_fast(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 to an absolute error of ~1e-16 (all that a sum of logs needs)."""
+    return torch.log(-torch.expm1(x))
+
+
+_LOG_SQRT_2PI = 0.9189385332046727
+RESIDUAL_GRID_POINTS = 256  # bracket grid of the residual's inverse CDF
+RESIDUAL_GRID_POWER = 3  # grid points s_max (j / P)^3: dense near c (u near 1) and through the bulk
+RESIDUAL_NEWTON_STEPS = 2
+_GRID_CACHE: dict = {}
+
+
+def _residual_grid(device) -> torch.Tensor:
+    """(P + 1,) ascending fractions of the bracket's width, (j / P)^power for j = 0..P."""
+    key = torch.device(device)
+    if key not in _GRID_CACHE:
+        j = torch.arange(0, RESIDUAL_GRID_POINTS + 1, dtype=torch.float64, device=device)
+        _GRID_CACHE[key] = (j / RESIDUAL_GRID_POINTS) ** RESIDUAL_GRID_POWER
+    return _GRID_CACHE[key]
 
 
 def residual_projection(
-    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, iterations: int = 200
+    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, log_mass: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Inverse-CDF draw of the residual's coordinate t along e (density [w phi(t-delta) - phi(t)]_+ / I).
 
-    Solves G(t) = tail(t) / I = u on (c, inf), c = delta/2 - ln(w)/delta, by bracketing and
-    vectorised bisection in log space (float64). Exact up to float precision, fixed cost.
+    Solves G(t) = tail(t) / I = u on (c, inf), c = delta/2 - ln(w)/delta, in float64 with a fixed
+    number of whole-tensor operations and no host read (ALGORITHMS.md 4):
+      1. an upper bound from the dominant term: tail(t) < w Phibar(t - delta) <= w exp(-(t - delta)^2 / 2);
+      2. one grid of points between c and that bound (denser towards c) brackets the root;
+      3. Newton steps on log tail(t) from the right of the root: log tail is concave (the residual's
+         density is log-concave), so the iterates fall monotonically onto the root.
+    `tests/test_coupling.py` checks it against `residual_projection_bisection` on a sweep of (w, delta, u).
+    `log_mass` (log I(w, delta)) may be passed when already known.
     """
+    if not (log_w.shape == delta.shape == u.shape):
+        log_w, delta, u = torch.broadcast_tensors(log_w, delta, u)
+    log_w, delta, u = log_w.double(), delta.double(), u.double()
+    c = delta * 0.5 - log_w / delta
+    if log_mass is None:
+        log_mass = log_residual_mass(log_w, delta)
+    target = torch.log(u) + log_mass
+    excess = target - log_w  # log(u I / w) <= 0
+    to_delta = delta - c
+    # 1. upper bound (in s = t - c >= 0): w Phibar(t - delta) <= w exp(-(t - delta)^2 / 2) = u I
+    s_max = (to_delta + torch.sqrt(excess.clamp(max=0.0) * -2.0)).clamp(min=1e-300)
+    # 2. bracket: G falls from 1 at s = 0; count the grid points still above the target
+    s_grid = s_max.unsqueeze(-1) * _residual_grid(delta.device)
+    h_grid = _log_residual_tail(c.unsqueeze(-1) + s_grid, log_w.unsqueeze(-1), delta.unsqueeze(-1))
+    above = (h_grid > target.unsqueeze(-1)).sum(-1, keepdim=True).clamp(1, RESIDUAL_GRID_POINTS)
+    s_lo, s_hi = s_grid.gather(-1, torch.cat([above - 1, above], dim=-1)).unbind(-1)
+    # 3. Newton from the right of the root (log tail is concave: the iterates fall monotonically onto
+    # it): start at the bracket's upper end or at the dominant term's exact root, whichever is nearer.
+    s = torch.minimum(s_hi, to_delta - torch.special.ndtri(torch.exp(excess))).clamp(min=s_lo)
+    for _ in range(RESIDUAL_NEWTON_STEPS):
+        t = c + s
+        h = _log_residual_tail(t, log_w, delta)
+        y = delta * s
+        # log density: log phi(t) + log(e^y - 1), y = delta s
+        log_density = torch.log(-torch.expm1(-y)) + torch.addcmul(y - _LOG_SQRT_2PI, t, t, value=-0.5)
+        s = torch.addcmul(s, h - target, torch.exp(h - log_density)).clamp(s_lo, s_hi)
+    # No residual mass in float64 (I underflows: such a residual is never selected): any finite point.
+    return c + torch.nan_to_num(s, nan=0.0, posinf=0.0)
+
+
+def residual_projection_bisection(
+    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, iterations: int = 1100
+) -> torch.Tensor:
+    """Reference for `residual_projection`: bracket expansion and plain bisection to float64
+    resolution (slow, with host reads; for tests)."""
     log_w, delta, u = (v.double() for v in torch.broadcast_tensors(log_w, delta, u))
     c = delta / 2 - log_w / delta
     target = torch.log(u) + log_residual_mass(log_w, delta)
     lo, width = c.clone(), torch.ones_like(c)
-    for _ in range(64):  # expand the bracket until G(hi) <= u
+    while True:
         too_low = _log_residual_tail(lo + width, log_w, delta) > target
         if not too_low.any():
             break
         width = torch.where(too_low, 2 * width, width)
     hi = lo + width
-    for i in range(iterations):
+    for _ in range(iterations):
         mid = (lo + hi) / 2
+        if bool(((mid == lo) | (mid == hi)).all()):
+            break
         above = _log_residual_tail(mid, log_w, delta) > target
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        # stop once every bracket is at float64 resolution (checked every 8 steps: one sync)
-        if i % 8 == 7 and bool(((hi - lo) <= 4e-16 * (1 + lo.abs())).all()):
-            break
     return (lo + hi) / 2
 
 
@@ -105,25 +166,34 @@ def sample_weighted_residual(
     log_w: torch.Tensor,
     xi: torch.Tensor,
     u: torch.Tensor,
+    *,
+    d: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    log_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One exact draw from (w P - Q)_+ normalised, per row (ALGORITHMS.md section 4).
 
     Args:
         mu_p, mu_q: (R, d) target and draft means; std: (R,) shared std; log_w: (R,) log weight <= 0.
         xi: (R, d) standard normal; u: (R,) uniform in (0, 1).
+        d, delta, log_mass: (mu_p - mu_q) / std, its norm and log I(w, delta), when already computed.
     Rows with a degenerate mean difference (the residual has no mass; such rows are never selected
     with positive probability) return mu_p + s xi.
     """
-    d = scaled_mean_difference(mu_p, mu_q, std)
-    delta = d.norm(dim=-1)
+    if d is None:
+        d = scaled_mean_difference(mu_p, mu_q, std)
+    if delta is None:
+        delta = d.norm(dim=-1)
     degenerate = delta < _DEGENERATE_DELTA
-    e = d / torch.where(degenerate, torch.ones_like(delta), delta).unsqueeze(-1)
+    safe_delta = torch.where(degenerate, 1.0, delta)
+    e = d / safe_delta.unsqueeze(-1)
     xi = xi.double()
-    z_perp = xi - (xi * e).sum(-1, keepdim=True) * e
-    safe_delta = torch.where(degenerate, torch.ones_like(delta), delta)
-    t = residual_projection(log_w.double().clamp(max=0.0), safe_delta, u)
+    t = residual_projection(log_w.double().clamp(max=0.0), safe_delta, u,
+                            log_mass=None if log_mass is None else torch.where(degenerate, 0.0, log_mass))
     s = std.double().unsqueeze(-1)
-    y = mu_q.double() + s * (t.unsqueeze(-1) * e + z_perp)
+    # y = mu_q + s (t e + xi - (xi.e) e): xi's component along e replaced by the residual's t
+    along = (t - (xi * e).sum(-1)).unsqueeze(-1)
+    y = mu_q.double() + s * torch.addcmul(xi, along, e)
     fallback = mu_p.double() + s * xi
     return torch.where(degenerate.unsqueeze(-1), fallback, y).to(mu_p.dtype)
 

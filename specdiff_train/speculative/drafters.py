@@ -5,6 +5,12 @@ To add a drafter, subclass `Drafter` and implement `propose`; override `start_ro
 drafter can be built from YAML by `class_path`. Per-chain state lives in tensors indexed by the
 chain's *slot* (0 <= slot < capacity); a slot is reused by a new chain after `join`.
 
+A round has static shapes (no host read): `start_round`, `propose` and `observe` see every live
+chain, padded to the round's window. Rows past a chain's own window (the end of its chain, or a
+chain that is not `ready`) are padding: whatever is proposed there is never used, but it must not
+raise. Keep the hooks to whole-tensor operations (no `nonzero`, boolean-mask indexing or `.item()`):
+each host read stalls a GPU round.
+
 Exactness never depends on the drafter: any proposal that is a function of the past is corrected
 by the verifier. A better drafter only makes rounds longer.
 """
@@ -16,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ..diffusion import DDPMSchedule, SamplingPlan
+from ._aranges import arange
+from ..diffusion import DDPMSchedule, SamplingPlan, StepCoefficients, denoise, step_mean
 
 
 @dataclass
@@ -25,7 +32,9 @@ class DraftContext:
 
     `target(x, k, slots, return_features=False)` calls the target network on states x at step
     indices k for the chains in `slots`; every call is counted as a sequential target call for
-    those chains, so use it only when the drafter really needs the target.
+    those chains (where they draft this round), so use it only when the drafter really needs the target.
+    `all_slots` is the index tensor the sampler passes when every slot is live (`slots is
+    context.all_slots`): then per-slot buffers can be used whole, without a gather.
     """
 
     target: Callable[..., torch.Tensor]
@@ -35,6 +44,66 @@ class DraftContext:
     capacity: int
     device: torch.device
     dtype: torch.dtype
+    all_slots: torch.Tensor | None = None
+
+
+class DraftWindow:
+    """This round's window for every chain: step indices `steps` (C, L+1) of X_0..X_L (clamped to
+    the plan's last step, so padding rows hold valid indices), train timesteps `timesteps` and the
+    transition coefficients (C, L+1, 5) gathered once, for drafters and the verification alike.
+    Per-position views are made on first use, once per round."""
+
+    def __init__(self, steps, timesteps, coefficients, sample_dims: int):
+        self.steps, self.timesteps, self.coefficients = steps, timesteps, coefficients
+        self._sample_dims = sample_dims
+        self._fields = self._columns = self._steps = self._timesteps = None
+
+    @property
+    def length(self) -> int:
+        return self.steps.shape[1] - 1
+
+    def fields(self) -> torch.Tensor:
+        """(5, L+1, C, 1, ..., 1): the coefficient table reordered by field and position."""
+        if self._fields is None:
+            C, L1, F = self.coefficients.shape
+            self._fields = self.coefficients.permute(2, 1, 0).reshape(F, L1, C, *([1] * self._sample_dims))
+        return self._fields
+
+    def step_coefficients(self, i: int) -> StepCoefficients:
+        """Coefficients of position i (step steps[:, i]), each (C, 1, ..., 1)."""
+        if self._columns is None:
+            self._columns = [field.unbind(0) for field in self.fields().unbind(0)]
+        return StepCoefficients(*(field[i] for field in self._columns))
+
+    def step_indices(self, i: int) -> torch.Tensor:
+        if self._steps is None:
+            self._steps = self.steps.unbind(1)
+        return self._steps[i]
+
+    def step_timesteps(self, i: int) -> torch.Tensor:
+        if self._timesteps is None:
+            self._timesteps = self.timesteps.unbind(1)
+        return self._timesteps[i]
+
+
+@dataclass
+class DraftStep:
+    """Position `index` of the window: step indices `k` (C,), train timesteps `t` (C,), coefficients."""
+
+    index: int
+    window: DraftWindow
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.window.step_indices(self.index)
+
+    @property
+    def t(self) -> torch.Tensor:
+        return self.window.step_timesteps(self.index)
+
+    @property
+    def coefficients(self) -> StepCoefficients:
+        return self.window.step_coefficients(self.index)
 
 
 @dataclass
@@ -42,8 +111,10 @@ class Verification:
     """What one verification pass computed, padded to the round's longest window.
 
     states (C, L+1, *shape): X_0..X_L; steps (C,): step index of X_0; outputs (C, L+1, *shape): the
-    target's outputs at evaluated rows (zeros elsewhere); features: the target's features when the
-    drafter asked for them (else None); evaluated (C, L+1) bool; accepted (C,): tau.
+    target's outputs (padding rows hold outputs at padding states); features: the target's features
+    when the drafter asked for them (else None); evaluated (C, L+1) bool: rows that belong to the
+    chain (not padding); accepted (C,): tau. denoised / means (C, L+1, *shape): the target's x0
+    estimate and step mean at each row, when the sampler computed them (else None).
     """
 
     states: torch.Tensor
@@ -52,6 +123,12 @@ class Verification:
     features: torch.Tensor | None
     evaluated: torch.Tensor
     accepted: torch.Tensor
+    denoised: torch.Tensor | None = None
+    means: torch.Tensor | None = None
+
+    def at_accepted(self, values: torch.Tensor) -> torch.Tensor:
+        """values[c, tau[c]] for a (C, L+1, ...) tensor: what was computed at the last committed draft."""
+        return values[arange(0, len(self.accepted), self.accepted.device), self.accepted]
 
 
 class Drafter:
@@ -84,17 +161,43 @@ class Drafter:
         return torch.ones(len(slots), dtype=torch.bool, device=slots.device)
 
     def start_round(self, slots: torch.Tensor, x: torch.Tensor, k: torch.Tensor) -> None:
-        """A window starts at states x, step indices k, for chains in `slots` that will draft."""
+        """A window starts at states x, step indices k, for the live chains in `slots`."""
 
     def propose(self, slots: torch.Tensor, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Mean of Q for step k (per row) from drafted states x: a tensor shaped like x."""
         raise NotImplementedError
+
+    def propose_step(self, slots: torch.Tensor, x: torch.Tensor, step: DraftStep) -> torch.Tensor:
+        """What the sampler calls: `propose(slots, x, step.k)` unless a drafter overrides it to use the
+        coefficients and timesteps the window already gathered (`step.coefficients`, `step.t`)."""
+        return self.propose(slots, x, step.k)
 
     def observe(self, slots: torch.Tensor, verification: Verification) -> None:
         """The verification pass of this round, for chains in `slots` (all live chains)."""
 
     def describe(self) -> str:
         return type(self).__name__
+
+    # --- helpers for per-slot buffers ----------------------------------------------------------
+    def gather(self, buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """buffer[slots], without an operation when every slot is live."""
+        return buffer if slots is getattr(self.context, "all_slots", None) else buffer[slots]
+
+    def update(self, buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, where=None) -> None:
+        """buffer[slots] = values (only rows where `where`, a (len(slots),) bool mask, if given)."""
+        if where is not None:
+            values = torch.where(where.reshape(-1, *([1] * (values.dim() - 1))), values.to(buffer.dtype),
+                                 self.gather(buffer, slots))
+        if slots is getattr(self.context, "all_slots", None):
+            buffer.copy_(values)
+        else:
+            buffer[slots] = values.to(buffer.dtype)
+
+
+def overrides(drafter: Drafter, method: str, base: type) -> bool:
+    """Whether a subclass of `base` redefines `method`: then a fast path written for `base` must
+    defer to it (a subclass that overrides `propose` gets its `propose` called)."""
+    return getattr(type(drafter), method) is not getattr(base, method)
 
 
 FREEZE_CHOICES = ("eps", "x0", "increment")
@@ -118,17 +221,22 @@ class FrozenOutputDrafter(Drafter):
     def join(self, slots: torch.Tensor) -> None:
         self.has_frozen[slots] = False
 
-    def freeze_output(self, slots, output, x, k) -> None:
-        """Store the frozen quantity implied by the target's `output` at states x, steps k."""
-        t = self.plan.t(k)
+    def _value_to_freeze(self, output, x, k, denoised=None, mean=None) -> torch.Tensor:
+        """The frozen quantity implied by the target's `output` at states x, steps k (the target's x0
+        estimate `denoised` and step `mean` there, when already computed)."""
         if self.freeze == "eps":
-            value = self.schedule.to_eps(output, x, t)
-        elif self.freeze == "x0":
-            value = self.schedule.denoised(output, x, t)
-        else:
-            value = self.plan.transition(x, k, output)[0] - x
-        self.frozen[slots] = value.to(self.frozen.dtype)
-        self.has_frozen[slots] = True
+            return output if self.schedule.prediction == "eps" else self.schedule.to_eps(output, x, self.plan.t(k))
+        if self.freeze == "x0":
+            return denoised if denoised is not None else self.schedule.denoised(output, x, self.plan.t(k))
+        if mean is None:
+            mean = self.plan.transition(x, k, output)[0]
+        return mean - x
+
+    def freeze_output(self, slots, output, x, k, where=None) -> None:
+        """Store the frozen quantity implied by the target's `output` at states x, steps k
+        (only for chains where `where`, if given)."""
+        self.update(self.frozen, slots, self._value_to_freeze(output, x, k), where)
+        self.update(self.has_frozen, slots, torch.ones_like(k, dtype=torch.bool), where)
 
     def propose(self, slots, x, k):
         value = self.frozen[slots]
@@ -142,6 +250,21 @@ class FrozenOutputDrafter(Drafter):
         else:
             x0 = value
         return self.plan.transition_from_x0(x, k, x0)[0]
+
+    def propose_step(self, slots, x, step):
+        if overrides(self, "propose", FrozenOutputDrafter) or (self.freeze == "eps" and self.schedule.prediction != "eps"):
+            return self.propose(slots, x, step.k)  # the window's coefficients are for another parametrisation
+        if step.index == 0:
+            self._window_value = value = self.gather(self.frozen, slots)
+            if self.freeze == "x0":  # coef_x0 * x0 for the whole window in one operation
+                self._window_x0_terms = (step.window.fields()[2, :-1] * value).unbind(0)
+        value = self._window_value
+        if self.freeze == "increment":
+            return x + value
+        coef = step.coefficients
+        if self.freeze == "x0":
+            return torch.addcmul(self._window_x0_terms[step.index], coef.coef_xt, x)
+        return step_mean(coef, x, denoise(coef, x, value, self.schedule))
 
     def describe(self) -> str:
         return f"{type(self).__name__}(freeze={self.freeze})"
@@ -171,21 +294,19 @@ class FreeDrafter(FrozenOutputDrafter):
     """
 
     def ready(self, slots):
-        return self.has_frozen[slots]
+        return self.gather(self.has_frozen, slots)
 
     def observe(self, slots, verification):
-        tau = verification.accepted
-        rows = torch.arange(len(slots), device=tau.device)
-        usable = verification.evaluated[rows, tau]
-        if usable.any():
-            idx = rows[usable]
-            t_rows = tau[usable]
-            self.freeze_output(
-                slots[idx],
-                verification.outputs[idx, t_rows],
-                verification.states[idx, t_rows],
-                verification.steps[idx] + t_rows,
-            )
+        v = verification
+        usable = v.at_accepted(v.evaluated)  # the row at tau was evaluated (not past the chain's end)
+        x, k = v.at_accepted(v.states), v.steps + v.accepted
+        value = self._value_to_freeze(
+            v.at_accepted(v.outputs), x, k,
+            denoised=None if v.denoised is None else v.at_accepted(v.denoised),
+            mean=None if v.means is None else v.at_accepted(v.means),
+        )
+        self.update(self.frozen, slots, value, usable)
+        self.update(self.has_frozen, slots, usable | self.gather(self.has_frozen, slots))
 
 
 def training_free_drafters() -> dict[str, Callable[[], Drafter]]:

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from ..diffusion import DDPMSchedule
+from ..diffusion import DDPMSchedule, denoise, step_mean
 from ..sampling import model_device_dtype
-from .drafters import DraftContext, Drafter, Verification
+from .drafters import DraftContext, Drafter, Verification, overrides
 
 
 def medusa_x0(head, schedule: DDPMSchedule, features, anchor_state, anchor_x0, x, t, offset) -> torch.Tensor:
@@ -83,6 +83,13 @@ class DraftNetworkDrafter(LearnedDrafter):
     def propose(self, slots, x, k):
         return self.plan.transition(x, k, self.module(x, self.plan.t(k)))[0]
 
+    @torch.no_grad()
+    def propose_step(self, slots, x, step):
+        if overrides(self, "propose", DraftNetworkDrafter):
+            return self.propose(slots, x, step.k)
+        coef = step.coefficients  # gathered once for the round's window
+        return step_mean(coef, x, denoise(coef, x, self.module(x, step.t), self.schedule))
+
     def describe(self) -> str:
         return "draftnet"
 
@@ -130,28 +137,25 @@ class MedusaDrafter(LearnedDrafter):
         self.has_anchor[slots] = False
 
     def ready(self, slots):
-        return self.has_anchor[slots]
+        return self.gather(self.has_anchor, slots)
 
     def observe(self, slots, verification: Verification) -> None:
-        if verification.features is None:
+        v = verification
+        if v.features is None:
             raise ValueError("MedusaDrafter needs the target's features; the sampler did not pass them")
-        tau = verification.accepted
-        rows = torch.arange(len(slots), device=tau.device)
-        usable = verification.evaluated[rows, tau]
-        idx, tau = rows[usable], tau[usable]
-        if len(idx) == 0:
-            return
-        features = verification.features[idx, tau]
+        usable = v.at_accepted(v.evaluated)  # chains whose row tau was evaluated get a new anchor
+        features = v.at_accepted(v.features)
         if self.features is None:
             self._check_features(features)
             self.features = features.new_zeros(self.context.capacity, *features.shape[1:])
-        x, k = verification.states[idx, tau], verification.steps[idx] + tau
-        target_slots = slots[idx]
-        self.features[target_slots] = features
-        self.anchor_state[target_slots] = x
-        self.anchor_x0[target_slots] = self.schedule.denoised(verification.outputs[idx, tau], x, self.plan.t(k))
-        self.anchor_step[target_slots] = k
-        self.has_anchor[target_slots] = True
+        x, k = v.at_accepted(v.states), v.steps + v.accepted
+        x0 = v.at_accepted(v.denoised) if v.denoised is not None else self.schedule.denoised(
+            v.at_accepted(v.outputs), x, self.plan.t(k))
+        self.update(self.features, slots, features, usable)
+        self.update(self.anchor_state, slots, x, usable)
+        self.update(self.anchor_x0, slots, x0, usable)
+        self.update(self.anchor_step, slots, k, usable)
+        self.update(self.has_anchor, slots, usable | self.gather(self.has_anchor, slots))
 
     def _check_features(self, features: torch.Tensor) -> None:
         expected = getattr(self.module, "feature_dim", None)
@@ -164,13 +168,26 @@ class MedusaDrafter(LearnedDrafter):
 
     @torch.no_grad()
     def propose(self, slots, x, k):
-        t = self.plan.t(k)
-        offset = k - self.anchor_step[slots]
-        x0 = medusa_x0(self.module, self.schedule, self.features[slots], self.anchor_state[slots],
-                       self.anchor_x0[slots], x, t, offset)
+        anchor = (self.features[slots], self.anchor_state[slots], self.anchor_x0[slots], self.anchor_step[slots])
+        return self._propose(anchor, x, k, self.plan.t(k), None)
+
+    @torch.no_grad()
+    def propose_step(self, slots, x, step):
+        if overrides(self, "propose", MedusaDrafter):
+            return self.propose(slots, x, step.k)
+        if step.index == 0:  # the anchors stay fixed through the window: gather them once
+            self._window_anchor = tuple(self.gather(b, slots) for b in
+                                        (self.features, self.anchor_state, self.anchor_x0, self.anchor_step))
+        return self._propose(self._window_anchor, x, step.k, step.t, step.coefficients)
+
+    def _propose(self, anchor, x, k, t, coef):
+        features, anchor_state, anchor_x0, anchor_step = anchor
+        x0 = medusa_x0(self.module, self.schedule, features, anchor_state, anchor_x0, x, t, k - anchor_step)
         if self.schedule.clip_denoised:
             x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
-        return self.plan.transition_from_x0(x, k, x0)[0]
+        if coef is None:
+            return self.plan.transition_from_x0(x, k, x0)[0]
+        return step_mean(coef, x, x0)
 
     def describe(self) -> str:
         return "medusa"

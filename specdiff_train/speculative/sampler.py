@@ -5,6 +5,12 @@ chains' drafted states in ONE batched call (rows = chains x window states, each 
 timestep), and the verifier keeps a prefix and draws one more state from the target's law. Chains
 that finish leave; waiting seeds take their slots so the batch stays full. All randomness is keyed
 by (seed, round of that chain, position), so a sample depends only on its seed.
+
+A round is a fixed set of whole-tensor operations with static shapes, padded to the round's longest
+window: draft (`_draft`), evaluate (`_evaluate`), verify, commit (`_commit`). The host reads one
+small tensor per round (whether a chain finished, the next round's window, the steps advanced);
+everything else (noise, book-keeping, the residual's root-find) stays on the device. See
+docs/performance.md for where a round's time goes.
 """
 from __future__ import annotations
 
@@ -17,15 +23,29 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import DDPMSchedule
-from ..noise import Stream, as_seed_tensor, gaussian, uniform
+from ..diffusion import DDPMSchedule, StepCoefficients, denoise, step_mean
+from ..noise import (
+    Stream,
+    as_seed_tensor,
+    gaussian_from_words,
+    gaussian_salts,
+    row_keys,
+    seed_keys,
+    uniform_from_words,
+    uniform_salts,
+    words,
+)
 from ..sampling import Denoiser, initial_noise, model_device_dtype
-from .drafters import DraftContext, Drafter, Verification
+from ._aranges import arange
+from .drafters import DraftContext, Drafter, DraftStep, DraftWindow, Verification
 from .verify import verify_block, verify_tokenwise
 
 VERIFIER_NAMES = ("block", "tokenwise")
 CORRECTIONS = ("reflection", "residual")
 _MAX_WINDOW = 1 << 15  # positions in a round share a 16-bit field of the noise counter
+NOISE_BUFFER_ELEMENTS = 1 << 22  # noise values drawn ahead per refill (bounds memory)
+MAX_ROUNDS_AHEAD = 64
+COMPACT_MIN_ROWS = 64  # from this many padded rows a round evaluates only the rows it needs (one host read)
 
 
 @dataclass
@@ -35,19 +55,33 @@ class SpeculativeResult:
 
 
 class _CountingTarget:
-    """Calls the target network and counts batched calls, rows and per-chain sequential calls."""
+    """Calls the target network and counts batched calls, rows and per-chain sequential calls.
 
-    def __init__(self, model: Denoiser, plan, capacity: int, device):
-        self.model, self.plan = model, plan
+    A call counts for the chains in `slots` where `count_mask` (set by the sampler to the chains
+    that draft this round, for calls the drafter makes) is true; the verification call counts for all."""
+
+    def __init__(self, model: Denoiser, tables, capacity: int, device):
+        self.model, self.tables = model, tables
         self.per_slot = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.all_slots: torch.Tensor | None = None
+        self.count_mask: torch.Tensor | None = None
         self.batches = 0
         self.rows = 0
 
+    def count(self, slots: torch.Tensor, mask: torch.Tensor | None) -> None:
+        add = 1 if mask is None else mask.long()
+        if slots is self.all_slots:
+            self.per_slot += add
+        else:
+            self.per_slot[slots] += add
+
     def __call__(self, x, k, slots, return_features: bool = False):
+        self.count(slots, self.count_mask)
+        return self.evaluate(x, self.tables.timesteps[k], return_features)
+
+    def evaluate(self, x, t, return_features: bool = False):
         self.batches += 1
         self.rows += len(x)
-        self.per_slot[torch.unique(slots)] += 1
-        t = self.plan.t(k)
         if not return_features:
             return self.model(x, t)
         try:
@@ -57,6 +91,55 @@ class _CountingTarget:
                 "the drafter needs the target's features, but the model does not accept "
                 "`return_features=True`; use a target network that exposes its features"
             ) from err
+
+
+class _RoundNoise:
+    """Every random number a chain's rounds need, drawn for many rounds ahead in one batched hash.
+
+    Per slot and round r of its chain: the draft noise Z_1..Z_W (counter r << 16 | position, stream
+    DRAFT), the bonus / correction Gaussian (counter r << 16, CORRECTION), the accept uniforms (ACCEPT)
+    and the residual's uniform (RESIDUAL_U): the same numbers as drawing them round by round, so the
+    noise layout is independent of how far ahead it is drawn.
+    """
+
+    def __init__(self, capacity: int, window: int, numel: int, device, max_elements: int = NOISE_BUFFER_ELEMENTS):
+        self.window, self.numel = window, numel
+        self.ahead = max(1, min(MAX_ROUNDS_AHEAD, max_elements // (capacity * (window + 1) * numel)))
+        self.gaussians = torch.zeros(capacity, self.ahead, window + 1, numel, device=device)
+        self.uniforms = torch.zeros(capacity, self.ahead, 2, window, dtype=torch.float64, device=device)
+        self.first_round = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.seed_keys = torch.zeros(capacity, dtype=torch.int64, device=device)
+        positions = torch.arange(window + 1, device=device)
+        self._gauss_positions = torch.where(positions < window, positions + 1, 0)  # Z_1..Z_W, then xi
+        self._gauss_streams = torch.where(positions < window, int(Stream.DRAFT), int(Stream.CORRECTION))
+        self._unif_streams = torch.tensor([int(Stream.ACCEPT), int(Stream.RESIDUAL_U)], device=device)
+        self._gauss_salts = gaussian_salts(numel, device)
+        self._unif_salts = uniform_salts(window, device)
+        self._rows = torch.arange(capacity, device=device)
+        self.expires: dict[int, int] = {}  # slot -> the sampler round at which its draws run out
+
+    def admit(self, slots: torch.Tensor, seeds: torch.Tensor) -> None:
+        self.seed_keys[slots] = seed_keys(seeds)
+
+    def fill(self, slots: torch.Tensor, chain_rounds: torch.Tensor, sampler_round: int, slot_list) -> None:
+        """Draw rounds chain_rounds .. + ahead - 1 for `slots`."""
+        keys = self.seed_keys[slots]
+        rounds = chain_rounds.unsqueeze(1) + torch.arange(self.ahead, device=keys.device)  # (S, R)
+        base = (rounds << 16).unsqueeze(-1)
+        g_keys = row_keys(keys[:, None, None], base | self._gauss_positions, self._gauss_streams, small_counters=True)
+        u_keys = row_keys(keys[:, None, None], base, self._unif_streams, small_counters=True)
+        self.gaussians[slots] = gaussian_from_words(words(g_keys, self._gauss_salts), self.numel)
+        self.uniforms[slots] = uniform_from_words(words(u_keys, self._unif_salts))
+        self.first_round[slots] = chain_rounds
+        for slot in slot_list:
+            self.expires[slot] = sampler_round + self.ahead
+
+    def draw(self, rows: torch.Tensor, chain_rounds: torch.Tensor, all_rows: bool):
+        """(draft noise (C, W, numel), xi (C, numel), accept uniforms (C, W), residual uniforms (C,))."""
+        offset = chain_rounds - (self.first_round if all_rows else self.first_round[rows])
+        g = self.gaussians[rows, offset]
+        u = self.uniforms[rows, offset]
+        return g[:, : self.window], g[:, self.window], u[:, 0], u[:, 1, 0]
 
 
 def _check_arguments(schedule, plan, drafter, verifier, window, correction):
@@ -84,10 +167,56 @@ def _check_arguments(schedule, plan, drafter, verifier, window, correction):
         )
 
 
-def _scatter_rows(values: torch.Tensor, index: tuple, size: tuple) -> torch.Tensor:
-    out = values.new_zeros(size + tuple(values.shape[1:]))
-    out[index] = values
-    return out
+def _window(tables, n: torch.Tensor, L: int, sample_dims: int) -> DraftWindow:
+    """Step indices of X_0..X_L for every chain (clamped: padding rows hold valid indices) and their
+    timesteps and coefficients, gathered once for the round."""
+    last = len(tables.timesteps) - 1
+    steps = (n.unsqueeze(1) + arange(0, L + 1, n.device)).clamp(max=last)
+    return DraftWindow(steps, tables.timesteps[steps], tables.coefficients[steps], sample_dims)
+
+
+def _draft(drafter: Drafter, slots, x, window: DraftWindow, noise, shape):
+    """X_i = mu_Q(n+i-1, X_{i-1}) + s Z_i for i = 1..L, for every chain (padding past a chain's window).
+    Returns states (C, L+1, *shape) and draft means (C, L, *shape)."""
+    states, means = [x], []
+    noise = noise.unbind(1)
+    for i in range(window.length):
+        step = DraftStep(i, window)
+        mean = drafter.propose_step(slots, states[-1], step)
+        if tuple(mean.shape) != tuple(x.shape):
+            raise ValueError(
+                f"drafter {drafter.describe()} proposed means of shape {tuple(mean.shape)} for states of "
+                f"shape {tuple(x.shape)}; a drafter must propose one mean per state, shaped like the state"
+            )
+        mean = mean.to(x.dtype)
+        states.append(torch.addcmul(mean, step.coefficients.std, noise[i]))
+        means.append(mean)
+    draft_means = torch.stack(means, 1) if means else x.new_zeros(len(x), 0, *shape)
+    return torch.stack(states, 1), draft_means
+
+
+def _evaluate(target: _CountingTarget, window: DraftWindow, states, evaluated, wants_features: bool, schedule):
+    """The ONE batched target call of the round on rows X_0..X_L of every chain, and the target's x0
+    estimate and step mean at each row. Large padded batches evaluate only the `evaluated` rows."""
+    C, L1 = states.shape[:2]
+    shape = states.shape[2:]
+    rows = states.reshape(C * L1, *shape)
+    t_rows = window.timesteps.reshape(-1)
+    if C * L1 >= COMPACT_MIN_ROWS:
+        needed = evaluated.reshape(-1).nonzero().squeeze(1)  # the round's second host read, large batches only
+        out = target.evaluate(rows[needed], t_rows[needed], wants_features)
+        out, features = out if wants_features else (out, None)
+        out = rows.new_zeros(C * L1, *out.shape[1:]).index_copy_(0, needed, out.to(rows.dtype))
+        if features is not None:
+            features = features.new_zeros(C * L1, *features.shape[1:]).index_copy_(0, needed, features)
+    else:
+        out = target.evaluate(rows, t_rows, wants_features)
+        out, features = out if wants_features else (out, None)
+    coef = StepCoefficients(*window.coefficients.reshape(C * L1, 5, *([1] * len(shape))).unbind(1))
+    x0 = denoise(coef, rows, out, schedule)
+    means = step_mean(coef, rows, x0)
+    unflat = lambda v: None if v is None else v.reshape(C, L1, *v.shape[1:])  # noqa: E731
+    return unflat(out), unflat(features), unflat(x0), unflat(means)
 
 
 @torch.no_grad()
@@ -147,157 +276,159 @@ def speculative_sample(
         verify, verifier_name = verify_block, "block"
     else:
         verify, verifier_name = partial(verify_tokenwise, correction=correction), f"tokenwise-{correction}"
+    W = min(window, S)  # no window is ever longer than the stochastic steps
 
-    target = _CountingTarget(model, plan, capacity, device)
-    drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype))
+    tables = plan.tables(device, dtype)
+    target = _CountingTarget(model, tables, capacity, device)
+    all_slots = torch.arange(capacity, device=device)
+    target.all_slots = all_slots
+    drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype, all_slots=all_slots))
+    noise = _RoundNoise(capacity, W, dim, device)
 
     state = torch.zeros(capacity, *shape, device=device, dtype=dtype)
     step = torch.zeros(capacity, dtype=torch.int64, device=device)
     rounds = torch.zeros(capacity, dtype=torch.int64, device=device)
     owner = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # index into seeds
     samples = torch.zeros(num_seeds, *shape, device=device, dtype=dtype)
-    calls_per_sample = torch.zeros(num_seeds, dtype=torch.int64)
-    rounds_per_sample = torch.zeros(num_seeds, dtype=torch.int64)
+    calls_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
+    rounds_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
     drafted_at = torch.zeros(N, dtype=torch.int64, device=device)
     accepted_at = torch.zeros(N, dtype=torch.int64, device=device)
-    totals = dict(draft_calls=0, draft_rows=0, accepted=0, advanced=0, chain_rounds=0, rounds=0)
+    accepted_total = torch.zeros((), dtype=torch.int64, device=device)
+    advanced_total = torch.zeros((), dtype=torch.int64, device=device)
+    totals = dict(draft_calls=0, chain_rounds=0, rounds=0)
     queue = iter(range(num_seeds))
+    live: list[int] = []
 
-    def admit(slots: torch.Tensor) -> None:
-        taken = [(int(s), i) for s, i in zip(slots.tolist(), queue)]
+    def admit(slot_list: list[int]) -> None:
+        taken = list(zip(slot_list, queue))
         if not taken:
             return
         slot_idx = torch.tensor([s for s, _ in taken], device=device)
         seed_idx = torch.tensor([i for _, i in taken], device=device)
-        state[slot_idx] = initial_noise(seeds_t[seed_idx], shape).to(device=device, dtype=dtype)
+        state[slot_idx] = initial_noise(seeds_t[seed_idx], shape).to(dtype=dtype)
         step[slot_idx], rounds[slot_idx], owner[slot_idx] = 0, 0, seed_idx
         target.per_slot[slot_idx] = 0
+        noise.admit(slot_idx, seeds_t[seed_idx])
+        noise.fill(slot_idx, rounds[slot_idx], totals["rounds"], [s for s, _ in taken])
         drafter.join(slot_idx)
+        live.extend(s for s, _ in taken)
 
-    admit(torch.arange(capacity, device=device))
+    def next_lengths(rows, n):
+        """Each chain's window for its next round (0: a plain target step)."""
+        return torch.where(drafter.ready(rows).to(device), (S - n).clamp(min=0, max=W), 0)
+
+    admit(list(range(capacity)))
     bar = tqdm(total=num_seeds * N, disable=not progress, desc=f"speculative {verifier_name}", unit="step")
     start = time.perf_counter()
-    while True:
-        live = (owner >= 0).nonzero().squeeze(1)
-        if len(live) == 0:
-            break
+    rows, lengths, L = all_slots, None, None
+    while live:
+        everyone = len(live) == capacity
+        if lengths is None:  # the set of live chains changed: recompute the windows (a host read)
+            rows = all_slots if everyone else torch.tensor(sorted(live), device=device)
+            lengths = next_lengths(rows, step if everyone else step[rows])
+            L = int(lengths.max())
+        if totals["rounds"] >= min(noise.expires[s] for s in live):
+            noise.fill(rows, rounds if everyone else rounds[rows], totals["rounds"], live)
+        pick = (lambda t: t) if everyone else (lambda t: t[rows])  # noqa: E731
+        x, n, chain_rounds = pick(state), pick(step), pick(rounds)
         C = len(live)
-        x, n, chain_seeds = state[live], step[live], seeds_t[owner[live]]
-        counters = rounds[live] << 16
-        lengths = (S - n).clamp(min=0, max=window)
-        lengths = torch.where(drafter.ready(live).to(device), lengths, torch.zeros_like(lengths))
-        L = int(lengths.max())
-        drafting = lengths > 0
-        if drafting.any():
-            drafter.start_round(live[drafting], x[drafting], n[drafting])
 
-        # Draft: X_i = mu_Q(n+i-1, X_{i-1}) + s Z_i, sequentially, only where i <= L'.
-        states = torch.zeros(C, L + 1, *shape, device=device, dtype=dtype)
-        states[:, 0] = x
-        draft_means = torch.zeros(C, L, *shape, device=device, dtype=dtype)
-        positions = torch.arange(1, L + 1, device=device)
-        noise = gaussian(  # all the round's draft noise in one call: counter = round << 16 | position
-            chain_seeds.repeat_interleave(L), (counters[:, None] + positions).reshape(-1), Stream.DRAFT, shape
-        ).to(device=device, dtype=dtype).reshape(C, L, *shape)
-        for i in range(1, L + 1):
-            act = (lengths >= i).nonzero().squeeze(1)
-            k = n[act] + i - 1
-            mean_q = drafter.propose(live[act], states[act, i - 1], k)
-            if tuple(mean_q.shape) != (len(act),) + shape:
-                raise ValueError(
-                    f"drafter {drafter.describe()} proposed means of shape {tuple(mean_q.shape)} for states of "
-                    f"shape {(len(act),) + shape}; a drafter must propose one mean per state, shaped like the state"
-                )
-            s = plan.std_at(k).to(device=device, dtype=dtype).reshape(-1, *([1] * len(shape)))
-            states[act, i] = mean_q.to(dtype) + s * noise[act, i - 1]
-            draft_means[act, i - 1] = mean_q.to(dtype)
-            totals["draft_calls"] += 1
-            totals["draft_rows"] += len(act)
+        # Draft
+        draft_noise, xi, accept_u, residual_u = noise.draw(rows, chain_rounds, everyone)
+        draft_noise, xi = draft_noise[:, :L].to(dtype).reshape(C, L, *shape), xi.to(dtype)
+        win = _window(tables, n, L, len(shape))
+        if L > 0:  # else every chain takes a plain target step (warm-up, or the chain's last step)
+            target.count_mask = lengths > 0
+            drafter.start_round(rows, x, n)
+            target.count_mask = None
+        states, draft_means = _draft(drafter, rows, x, win, draft_noise, shape)
+        totals["draft_calls"] += L
 
-        # Verify: ONE target call on rows X_0..X_{L'} (X_{L'} only if a step follows it).
-        j = torch.arange(L + 1, device=device)[None, :]
-        evaluated = (j <= lengths[:, None]) & (n[:, None] + j < N)
-        ci, ji = evaluated.nonzero(as_tuple=True)
-        k_rows = n[ci] + ji
-        out = target(states[ci, ji], k_rows, live, return_features=drafter.wants_features)
-        out, features = out if drafter.wants_features else (out, None)
-        mean_p, std_rows = plan.transition(states[ci, ji], k_rows, out)
-        target_means = _scatter_rows(mean_p, (ci, ji), (C, L + 1))
-        stds = _scatter_rows(std_rows.to(device=device, dtype=torch.float64), (ci, ji), (C, L + 1))
+        # Evaluate: ONE target call on rows X_0..X_L (X_{L'} only if a step follows it).
+        j = arange(0, L + 1, device)
+        evaluated = (j <= lengths.unsqueeze(1)) & (n.unsqueeze(1) + j < N)
+        target.count(rows, None)
+        out, features, x0, target_means = _evaluate(target, win, states, evaluated, drafter.wants_features, schedule)
         has_next = n + lengths < N
 
+        # Verify
         result = verify(
-            noise.reshape(C, L, dim),
+            draft_noise.reshape(C, L, dim),
             states.reshape(C, L + 1, dim),
             draft_means.reshape(C, L, dim),
             target_means.reshape(C, L + 1, dim),
-            stds,
+            tables.std[win.steps],
             lengths,
             has_next,
-            uniform(chain_seeds, counters, Stream.ACCEPT, (L,)).to(device),
-            gaussian(chain_seeds, counters, Stream.CORRECTION, (dim,)).to(device=device, dtype=dtype),
-            uniform(chain_seeds, counters, Stream.RESIDUAL_U).to(device),
+            accept_u[:, :L],
+            xi,
+            residual_u,
         )
         tau, advanced = result.accepted, result.advanced
-        drafter.observe(
-            live,
-            Verification(
-                states=states,
-                steps=n,
-                outputs=_scatter_rows(out, (ci, ji), (C, L + 1)),
-                features=None if features is None else _scatter_rows(features, (ci, ji), (C, L + 1)),
-                evaluated=evaluated,
-                accepted=tau,
-            ),
-        )
+        drafter.observe(rows, Verification(states=states, steps=n, outputs=out, features=features,
+                                           evaluated=evaluated, accepted=tau, denoised=x0, means=target_means))
 
-        # Book-keeping: per-step acceptance (step index of each drafted transition).
-        pos = torch.arange(L, device=device)[None, :]
-        drafted_steps = (n[:, None] + pos)[pos < lengths[:, None]]
-        accepted_steps = (n[:, None] + pos)[pos < tau[:, None]]
-        drafted_at += torch.bincount(drafted_steps, minlength=N)[:N]
-        accepted_at += torch.bincount(accepted_steps, minlength=N)[:N]
-        totals["accepted"] += int(tau.sum())
-        totals["advanced"] += int(advanced.sum())
+        # Commit, and book-keeping on the device: per-step drafted and accepted transitions.
+        positions = win.steps[:, :L].reshape(-1)
+        drafted_at.index_add_(0, positions, (j[1:] <= lengths.unsqueeze(1)).reshape(-1).long())
+        accepted_at.index_add_(0, positions, (j[1:] <= tau.unsqueeze(1)).reshape(-1).long())
+        accepted_total += tau.sum()
+        new_step = n + advanced
+        if everyone:
+            state.copy_(result.next_state.reshape(C, *shape))
+            step.copy_(new_step)
+            rounds.add_(1)
+        else:
+            state[rows] = result.next_state.reshape(C, *shape).to(dtype)
+            step[rows] = new_step
+            rounds[rows] += 1
         totals["chain_rounds"] += C
         totals["rounds"] += 1
 
-        state[live] = result.next_state.reshape(C, *shape).to(dtype)
-        step[live] = n + advanced
-        rounds[live] += 1
-        bar.update(int(advanced.sum()))
-
-        done = live[step[live] >= N]
-        if len(done):
+        # The round's one host read: did a chain finish, the next round's window, steps advanced.
+        finished = new_step >= N
+        lengths = next_lengths(rows, new_step)
+        advanced_sum = advanced.sum()
+        advanced_total += advanced_sum
+        any_finished, L, advanced_now = torch.stack([finished.any().long(), lengths.max(), advanced_sum]).tolist()
+        bar.update(advanced_now)
+        if any_finished:
+            done = rows[finished]
             idx = owner[done]
             samples[idx] = state[done]
-            calls_per_sample[idx.cpu()] = target.per_slot[done].cpu()
-            rounds_per_sample[idx.cpu()] = rounds[done].cpu()
+            calls_per_sample[idx] = target.per_slot[done]
+            rounds_per_sample[idx] = rounds[done]
             owner[done] = -1
-            if refill or not (owner >= 0).any():
-                admit(done if refill else torch.arange(capacity, device=device))
+            done_list = done.tolist()
+            live[:] = [s for s in live if s not in set(done_list)]
+            if refill or not live:
+                admit(done_list if refill else list(range(capacity)))
+            lengths = None
     bar.close()
     elapsed = time.perf_counter() - start
 
     drafted = int(drafted_at.sum())
+    accepted = int(accepted_total)
+    calls = calls_per_sample.double().mean().item()
     stats = dict(
         num_samples=num_seeds,
         num_steps=N,
         verifier=verifier_name,
         window=window,
         drafter=drafter.describe(),
-        target_calls_per_sample=calls_per_sample.double().mean().item(),
-        speedup=N / calls_per_sample.double().mean().item(),
+        target_calls_per_sample=calls,
+        speedup=N / calls,
         rounds=totals["rounds"],
         rounds_per_sample=rounds_per_sample.double().mean().item(),
         target_batches=target.batches,
         target_rows=target.rows,
         draft_calls=totals["draft_calls"],
-        draft_rows=totals["draft_rows"],
+        draft_rows=drafted,
         drafted_steps=drafted,
-        acceptance_rate=totals["accepted"] / drafted if drafted else float("nan"),
-        mean_accepted_per_round=totals["accepted"] / totals["chain_rounds"],
-        mean_steps_per_round=totals["advanced"] / totals["chain_rounds"],
+        acceptance_rate=accepted / drafted if drafted else float("nan"),
+        mean_accepted_per_round=accepted / totals["chain_rounds"],
+        mean_steps_per_round=int(advanced_total) / totals["chain_rounds"],
         drafted_per_step=drafted_at.tolist(),
         accepted_per_step=accepted_at.tolist(),
         wall_clock_s=elapsed,

@@ -23,12 +23,10 @@ from typing import Callable
 
 import torch
 
+from ._aranges import arange
 from .coupling import (
-    log1mexp,
-    log_density_ratio,
     log_residual_mass,
     reflect,
-    sample_residual,
     sample_weighted_residual,
     scaled_mean_difference,
 )
@@ -43,24 +41,35 @@ class VerifyResult:
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[c, index[c]] for a (C, L, ...) tensor."""
-    return x[torch.arange(x.shape[0], device=x.device), index]
+    return x[arange(0, x.shape[0], x.device), index]
 
 
 def _finish(tau, lengths, has_next, states, target_means, stds, xi, correction_state):
     """Assemble the round's outcome: bonus when all drafts passed and a step follows,
     the last draft when all passed at the end of the chain, else the correction."""
     all_passed = tau == lengths
-    bonus = _take(target_means, tau) + _take(stds, tau).to(xi.dtype).unsqueeze(-1) * xi.to(target_means.dtype)
-    last_draft = _take(states, tau)
+    rows = arange(0, len(tau), tau.device)
+    bonus = torch.addcmul(target_means[rows, tau], stds[rows, tau].to(xi.dtype).unsqueeze(-1), xi)
     state = torch.where(
-        (all_passed & has_next).unsqueeze(-1), bonus, torch.where(all_passed.unsqueeze(-1), last_draft, correction_state)
+        (all_passed & has_next).unsqueeze(-1), bonus,
+        torch.where(all_passed.unsqueeze(-1), states[rows, tau], correction_state.to(bonus.dtype)),
     )
-    advanced = tau + (~all_passed | has_next).long()
+    advanced = tau + (has_next | ~all_passed)
     return VerifyResult(accepted=tau, next_state=state, advanced=advanced)
 
 
 def _window_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
-    return torch.arange(1, L + 1, device=lengths.device)[None, :] <= lengths[:, None]
+    return arange(1, L + 1, lengths.device) <= lengths.unsqueeze(-1)
+
+
+def _draft_statistics(noise, draft_means, target_means, stds):
+    """D = (mu_P - mu_Q) / s at each drafted transition (C, L, d, float64), delta = |D| and the log
+    density ratio log P/Q at each draft, z.D - |D|^2 / 2 (C, L)."""
+    L = noise.shape[1]
+    d = scaled_mean_difference(target_means[:, :L], draft_means, stds[:, :L])
+    delta_sq = (d * d).sum(-1)
+    log_ratio = (d * noise.double()).sum(-1) - 0.5 * delta_sq
+    return d, delta_sq.sqrt(), log_ratio
 
 
 def verify_tokenwise(
@@ -69,61 +78,66 @@ def verify_tokenwise(
 ) -> VerifyResult:
     """Accept X_i with prob min(1, P/Q) in order; at the first rejection correct with the
     reflection maximal coupling (no extra randomness) or a fresh draw from (P - Q)_+."""
-    C, L = accept_u.shape
-    d = scaled_mean_difference(target_means[:, :L], draft_means, stds[:, :L])
-    log_ratio = log_density_ratio(noise, d)
-    passed = (torch.log(accept_u) < log_ratio) & _window_mask(lengths, L)
-    tau = passed.long().cumprod(dim=1).sum(dim=1)  # number of leading acceptances
-
-    if L == 0:  # plain target steps only: nothing to correct
-        return _finish(tau, lengths, has_next, states, target_means, stds, xi, target_means[:, 0])
-    row = tau.clamp(max=L - 1)  # the first rejected draft, 0-based
-    mu_p, mu_q, s = _take(target_means, row), _take(draft_means, row), _take(stds, row)
-    if correction == "reflection":
-        fixed = reflect(_take(noise, row), _take(d, row), mu_p, s)
-    elif correction == "residual":
-        fixed = mu_p.clone()
-        needs = (tau < lengths).nonzero().squeeze(1)
-        if len(needs):
-            fixed[needs] = sample_residual(mu_p[needs], mu_q[needs], s[needs], xi[needs], residual_u[needs]).to(fixed.dtype)
-    else:
+    if correction not in ("reflection", "residual"):
         raise ValueError(f"correction: expected 'reflection' or 'residual', got {correction!r}")
+    C, L = accept_u.shape
+    if L == 0:  # plain target steps only: nothing to correct
+        return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0])
+    d, delta, log_ratio = _draft_statistics(noise, draft_means, target_means, stds)
+    passed = (torch.log(accept_u) < log_ratio) & _window_mask(lengths, L)
+    tau = passed.cumprod(dim=1).sum(dim=1)  # number of leading acceptances
+
+    rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the first rejected draft
+    mu_p, s, d_row = target_means[rows, row], stds[rows, row], d[rows, row]
+    if correction == "reflection":
+        fixed = reflect(noise[rows, row], d_row, mu_p, s)
+    else:
+        fixed = sample_weighted_residual(mu_p, draft_means[rows, row], s, torch.zeros_like(s), xi, residual_u,
+                                         d=d_row, delta=delta[rows, row])
     return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
 
 
 ResidualSampler = Callable[..., torch.Tensor]
 
 
-def weighted_residual_correction(mu_p, mu_q, std, log_w, xi, u, draft_noise):
-    """The exact block correction: a fresh draw from (w P - Q)_+ normalised."""
-    return sample_weighted_residual(mu_p, mu_q, std, log_w, xi, u)
+def weighted_residual_correction(mu_p, mu_q, std, log_w, xi, u, draft_noise, **known):
+    """The exact block correction: a fresh draw from (w P - Q)_+ normalised. `known` may carry
+    d, delta and log_mass (see `sample_weighted_residual`) when the verifier has them."""
+    return sample_weighted_residual(mu_p, mu_q, std, log_w, xi, u, **known)
 
 
-def reflection_instead_of_residual(mu_p, mu_q, std, log_w, xi, u, draft_noise):
+def reflection_instead_of_residual(mu_p, mu_q, std, log_w, xi, u, draft_noise, **known):
     """A WRONG block correction (reflect the rejected draft), kept only so that tests show it is
     detected: the draft after tau does not have the residual's law given tau."""
     return reflect(draft_noise, scaled_mean_difference(mu_p, mu_q, std), mu_p, std)
 
 
-def block_pass_probabilities(log_ratio, log_w0, next_delta, lengths):
+def running_log_weights(log_ratio: torch.Tensor, log_w0: torch.Tensor) -> torch.Tensor:
+    """log w_i = min(0, log w_{i-1} + log_ratio_i), i = 1..L, without a loop (C, L+1 with log w_0).
+
+    With S_i = log w_0 + sum_{j<=i} log_ratio_j, the recursion unrolls to S_i - max(0, S_1..S_i):
+    a cumulative sum and a cumulative maximum."""
+    S = log_w0.unsqueeze(-1) + log_ratio.cumsum(dim=1)
+    log_w = S - S.cummax(dim=1).values.clamp(min=0.0)
+    return torch.cat([log_w0.unsqueeze(-1), log_w], dim=1)
+
+
+def block_pass_probabilities(log_ratio, log_w0, delta, lengths):
     """h_i of block verification (Sun et al. 2024) and the running log weights log w_i.
 
-    log_ratio: (C, L) log P/Q at each draft; next_delta: (C, L) delta of the kernel at X_i for
-    step i+1 (used for i < L'). Returns (h (C, L), log_w (C, L+1)) with log_w[:, 0] = log_w0.
+    log_ratio: (C, L) log P/Q at each draft; delta: (C, L) delta of the kernel at X_i, i = 0..L-1
+    (h_i uses the one at X_i for step i+1, i < L'). Returns (h (C, L), log_w (C, L+1), log_rho (C, L)),
+    log_rho[:, i] = log I(w_i, delta_i): the residual mass at X_i, what a correction at i draws from.
     """
     C, L = log_ratio.shape
-    log_w = [log_w0]
-    for i in range(L):
-        log_w.append(torch.clamp(log_w[-1] + log_ratio[:, i], max=0.0))
-    log_w = torch.stack(log_w, dim=1)  # (C, L+1)
-    lw = log_w[:, 1:]
-    log_rho = log_residual_mass(lw, next_delta)
+    log_w = running_log_weights(log_ratio, log_w0)
+    log_rho = log_residual_mass(log_w[:, :L], delta)
+    lw, next_rho = log_w[:, 1:], torch.nn.functional.pad(log_rho[:, 1:], (0, 1), value=-torch.inf)
     # h = rho / (rho + 1 - w) = sigmoid(log rho - log(1 - w)); w = 1 gives 1 (also 0/0 -> 1).
-    inner = torch.sigmoid(log_rho - log1mexp(lw))
-    inner = torch.where(lw >= 0, torch.ones_like(inner), inner)
-    is_last = torch.arange(1, L + 1, device=lengths.device)[None, :] == lengths[:, None]
+    inner = torch.where(lw < 0, torch.sigmoid(next_rho - torch.log(-torch.expm1(lw))), 1.0)
+    is_last = arange(1, L + 1, lengths.device) == lengths.unsqueeze(-1)
     h = torch.where(is_last, lw.exp(), inner)
-    return h, log_w
+    return h, log_w, log_rho
 
 
 def verify_block(
@@ -133,29 +147,23 @@ def verify_block(
     """Block verification: tau is the LAST index that passes; a partial acceptance is corrected by
     a fresh draw from the weighted residual (w_tau P - Q)_+ at X_tau (never by a reflection).
 
-    `correction(mu_p, mu_q, std, log_w, xi, u, draft_noise)` is injectable so tests can show that
-    a wrong correction is detected.
+    Every chain's correction is computed (and used where tau < L'), so that the round has a fixed
+    set of operations and no host read. `correction(mu_p, mu_q, std, log_w, xi, u, draft_noise,
+    **known)` is injectable so tests can show that a wrong correction is detected.
     """
     C, L = accept_u.shape
-    d = scaled_mean_difference(target_means[:, :L], draft_means, stds[:, :L])
-    log_ratio = log_density_ratio(noise, d)
-    delta = d.norm(dim=-1)  # (C, L): delta of step i+1 at X_i, i = 0..L-1
-    next_delta = torch.cat([delta[:, 1:], torch.zeros_like(delta[:, :1])], dim=1)
-    zero = torch.zeros(C, dtype=torch.float64, device=accept_u.device)
-    h, log_w = block_pass_probabilities(log_ratio, zero, next_delta, lengths)
+    if L == 0:  # plain target steps only
+        return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0])
+    d, delta, log_ratio = _draft_statistics(noise, draft_means, target_means, stds)
+    h, log_w, log_rho = block_pass_probabilities(log_ratio, torch.zeros_like(log_ratio[:, 0]), delta, lengths)
     passes = (accept_u < h) & _window_mask(lengths, L)
-    index = torch.arange(1, L + 1, device=lengths.device)[None, :]
-    tau = torch.where(passes, index, torch.zeros_like(index)).amax(dim=1) if L > 0 else lengths * 0
+    tau = torch.where(passes, arange(1, L + 1, lengths.device), 0).amax(dim=1)
 
-    row = tau.clamp(max=max(L - 1, 0))
-    fixed = target_means[:, 0].clone()  # placeholder where no correction is needed
-    needs = (tau < lengths).nonzero().squeeze(1)  # partial acceptance: draw from the residual
-    if len(needs):
-        r = row[needs]
-        fixed[needs] = correction(
-            target_means[needs, r], draft_means[needs, r], stds[needs, r], log_w[needs, tau[needs]], xi[needs],
-            residual_u[needs], noise[needs, r],
-        ).to(fixed.dtype)
+    rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the residual sits at X_tau
+    fixed = correction(
+        target_means[rows, row], draft_means[rows, row], stds[rows, row], log_w[rows, tau], xi, residual_u,
+        noise[rows, row], d=d[rows, row], delta=delta[rows, row], log_mass=log_rho[rows, row],
+    )
     return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
 
 

@@ -1,0 +1,16 @@
+"""Index vectors reused by every round (an `arange` is one more operator each time it is made)."""
+from __future__ import annotations
+
+import torch
+
+_CACHE: dict = {}
+
+
+def arange(start: int, end: int, device) -> torch.Tensor:
+    """torch.arange(start, end) on `device`, made once; callers must not modify it."""
+    key = (start, end, torch.device(device))
+    if key not in _CACHE:
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        _CACHE[key] = torch.arange(start, end, device=device)
+    return _CACHE[key]
