@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast benchmark clean
+.PHONY: install demo test test-fast benchmark bench-rounds bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test-fast: install
 
 benchmark: install
 	$(PY) scripts/benchmark.py
+
+# Where a round's time goes at batch 1 (docs/performance.md): operators, host syncs, wall-clock ratios.
+bench-rounds: install
+	$(PY) scripts/bench_rounds.py
+
+# The same on one GPU, eager and compiled (a few minutes); run with the GPU's python:
+#   make bench-gpu PY=python3
+bench-gpu:
+	$(PY) scripts/bench_rounds.py --device cuda --samples 3
+	$(PY) scripts/bench_rounds.py --device cuda --compile --samples 3 --verifiers block
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache

@@ -3,7 +3,9 @@
 For each target and num_steps, runs ancestral sampling and every drafter x verifier x window on
 the same seeds and prints a markdown table: sequential target calls per sample, speedup over
 ancestral (= num_steps / calls), acceptance, mean accepted drafts per round, and wall-clock
-relative to ancestral at batch 1 and at a large batch, measured in the same run. Draft cost is
+relative to ancestral at batch 1 and at a large batch, measured in the same run, and what a round
+costs besides the networks at batch 1: aten operators and host syncs per round (per step for
+ancestral; `specdiff_train.overhead`). Draft cost is
 counted: draft calls per sample (sequential drafted states of a chain), one draft call's wall-clock
 relative to one target call at batch 1 (`relative_draft_cost`), and the cost per sample in target-call
 units, calls + draft calls x that ratio.
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from specdiff_train.models import load_target  # noqa: E402
+from specdiff_train.overhead import ancestral_overhead, speculative_overhead  # noqa: E402
 from specdiff_train.sampling import ancestral_sample  # noqa: E402
 from specdiff_train.speculative import (  # noqa: E402
     DraftNetworkDrafter,
@@ -69,9 +72,11 @@ def run_target(name: str, args) -> list[dict]:
         sample = lambda s, **kw: ancestral_sample(target, schedule, shape, num_steps=num_steps, seeds=s, **kw)
         _, base_batch = timed(lambda: sample(seeds), warmup=True)
         base_single = sum(timed(lambda s=s: sample([s]))[1] for s in single)
+        step_counts = ancestral_overhead(target, schedule, shape, num_steps=num_steps, seeds=single[:1])
         rows.append(dict(target=name, num_steps=num_steps, method="ancestral", calls=float(num_steps), speedup=1.0,
                          acceptance=float("nan"), accepted_per_round=float("nan"), draft_calls=0.0, draft_cost=0.0,
-                         cost=float(num_steps), wall_b1=1.0, wall_batch=1.0))
+                         cost=float(num_steps), wall_b1=1.0, wall_batch=1.0, ops=step_counts["ops_per_step"],
+                         syncs=step_counts["syncs_per_step"]))
         print(f"[{name} N={num_steps}] ancestral: batch-{args.batch} {base_batch:.2f}s, "
               f"batch-1 x{args.single} {base_single:.2f}s", flush=True)
         for drafter_name, make in drafters.items():
@@ -86,6 +91,8 @@ def run_target(name: str, args) -> list[dict]:
                     result, batch_time = timed(lambda: spec(seeds))
                     single_time = sum(timed(lambda s=s: spec([s]))[1] for s in single)
                     stats = result.stats
+                    counts = speculative_overhead(target, schedule, shape, num_steps=num_steps, drafter=make(),
+                                                  window=window, seeds=single[:1], **verifier)
                     draft_calls = stats["draft_rows"] / stats["num_samples"]  # one row per chain and draft call
                     row = dict(
                         target=name, num_steps=num_steps, method=f"{drafter_name}/{verifier_name}/w{window}",
@@ -94,6 +101,7 @@ def run_target(name: str, args) -> list[dict]:
                         draft_calls=draft_calls, draft_cost=draft_cost,
                         cost=stats["target_calls_per_sample"] + draft_calls * draft_cost,
                         wall_b1=single_time / base_single, wall_batch=batch_time / base_batch,
+                        ops=counts["ops_per_round"], syncs=counts["syncs_per_round"],
                     )
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -102,13 +110,14 @@ def run_target(name: str, args) -> list[dict]:
 
 HEADER = ("| target | steps | method | target calls/sample | speedup | acceptance | accepted/round "
           "| draft calls/sample | draft call (x target call) | cost/sample (target calls) "
-          "| wall-clock b=1 (x ancestral) | wall-clock b={batch} (x ancestral) |")
+          "| wall-clock b=1 (x ancestral) | wall-clock b={batch} (x ancestral) "
+          "| ops/round b=1 (per step for ancestral) | host syncs/round b=1 |")
 
 
 def format_row(r: dict) -> str:
     return (f"| {r['target']} | {r['num_steps']} | {r['method']} | {r['calls']:.1f} | {r['speedup']:.2f}x "
             f"| {r['acceptance']:.3f} | {r['accepted_per_round']:.2f} | {r['draft_calls']:.1f} | {r['draft_cost']:.2f} "
-            f"| {r['cost']:.1f} | {r['wall_b1']:.2f} | {r['wall_batch']:.2f} |")
+            f"| {r['cost']:.1f} | {r['wall_b1']:.2f} | {r['wall_batch']:.2f} | {r['ops']:.0f} | {r['syncs']:.2f} |")
 
 
 def main(argv=None):
@@ -133,7 +142,7 @@ def main(argv=None):
     print()
     print(f"device: {torch.device('cpu')} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(HEADER.format(batch=args.batch))
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 14)
     for row in rows:
         print(format_row(row))
     if args.out:

@@ -32,6 +32,9 @@ from .coupling import (
 )
 
 
+COMPACT_MIN_CHAINS = 16  # from this many chains, corrections are drawn only for the chains that need one
+
+
 @dataclass
 class VerifyResult:
     accepted: torch.Tensor  # (C,) tau, drafts committed
@@ -160,10 +163,17 @@ def verify_block(
     tau = torch.where(passes, arange(1, L + 1, lengths.device), 0).amax(dim=1)
 
     rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the residual sits at X_tau
+    if C >= COMPACT_MIN_CHAINS:  # many chains: draw only where a correction is needed (one host read)
+        rows = (tau < lengths).nonzero().squeeze(1)
+        row, tau_rows = row[rows], tau[rows]
+    else:
+        tau_rows = tau
     fixed = correction(
-        target_means[rows, row], draft_means[rows, row], stds[rows, row], log_w[rows, tau], xi, residual_u,
-        noise[rows, row], d=d[rows, row], delta=delta[rows, row], log_mass=log_rho[rows, row],
+        target_means[rows, row], draft_means[rows, row], stds[rows, row], log_w[rows, tau_rows], xi[rows],
+        residual_u[rows], noise[rows, row], d=d[rows, row], delta=delta[rows, row], log_mass=log_rho[rows, row],
     )
+    if C >= COMPACT_MIN_CHAINS:
+        fixed = target_means[:, 0].index_copy(0, rows, fixed.to(target_means.dtype))
     return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
 
 
