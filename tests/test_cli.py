@@ -40,6 +40,10 @@ def test_fit_smoke(config, tmp_path):
     assert find_one(tmp_path, "samples/epoch=*-step=000003.png").stat().st_size > 0
     saved = yaml.safe_load(find_one(tmp_path, "config.yaml").read_text())  # the run's record
     assert saved["model"]["class_path"].endswith("TargetDiffusion") and saved["trainer"]["max_steps"] == 3
+    # --trainer.max_steps on the command line sets the LR schedule's length: at the run's end the LR
+    # is the schedule's final value (with a fixed T_max of 3000 it would still be near the start value).
+    eta_min = saved["model"]["init_args"]["lr_scheduler"]["init_args"]["eta_min"]
+    assert load_ckpt(last)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(eta_min)
 
 
 @pytest.fixture(scope="module")
