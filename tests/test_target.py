@@ -130,6 +130,19 @@ def test_cosine_to_end_follows_the_run_length(tmp_path):
         CosineToEndLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)).follow_run(float("inf"))
 
 
+def test_run_checkpoint_saves_the_final_step_between_validations(tmp_path):
+    """Lightning's ModelCheckpoint keeps the last validation's state (step 5 here); RunCheckpoint also
+    writes last.ckpt at the run's final step."""
+    from specdiff_train.callbacks import RunCheckpoint
+
+    model = TargetDiffusion(TinyDenoiser(hidden=8), val_num_samples=0)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=7, val_check_interval=5, check_val_every_n_epoch=None,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      callbacks=[RunCheckpoint(dirpath=tmp_path / "ckpt")])
+    trainer.fit(model, TinyDataModule())
+    assert load_ckpt(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 7
+
+
 def test_fixed_lr_horizon_that_differs_from_the_run_warns():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3000)
