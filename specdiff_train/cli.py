@@ -7,17 +7,20 @@ is built, so models learn the sample shape from the data.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from .callbacks import RunCheckpoint
 from .evaluation.command import SpecDiffTrainer
 
 
 class SpecDiffCLI(LightningCLI):
     """LightningCLI with this project's defaults: omegaconf interpolation, subclass mode, a
-    `ModelCheckpoint` that always keeps `last.ckpt` (for `fit --ckpt_path .../last.ckpt`)."""
+    `RunCheckpoint` that always keeps `last.ckpt` (for `fit --ckpt_path .../last.ckpt`), resuming
+    into the run directory the checkpoint came from."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -33,9 +36,10 @@ class SpecDiffCLI(LightningCLI):
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Always present, so every run writes last.ckpt; tune it with --checkpoint.* (e.g. every_n_train_steps).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        # Always present, so every run writes last.ckpt: at its final step, at the step reached when
+        # interrupted (Ctrl-C) and when stopped by an exception; tune it with --checkpoint.* (e.g.
+        # every_n_train_steps).
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.link_arguments("data.sample_shape", "model.init_args.sample_shape", apply_on="instantiate")
 
     # With --ckpt_path, Lightning replaces the configured model by the hyperparameters saved in the
@@ -56,6 +60,28 @@ class SpecDiffCLI(LightningCLI):
                     f"--ckpt_path {ckpt_path} holds a different model than the config: " + "; ".join(conflicts)
                     + ". A checkpoint's network and schedule cannot change: drop these settings, or start a new run."
                 )
+
+    def before_fit(self) -> None:
+        """`fit --ckpt_path .../version_N/checkpoints/last.ckpt` continues in version_N (logs, checkpoints,
+        config.yaml) instead of opening version_N+1; say where the run goes either way."""
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        if not ckpt_path:
+            return
+        ckpt = Path(ckpt_path)
+        logger = self.trainer.logger
+        run_dir = ckpt.resolve().parent.parent
+        same_run = (
+            ckpt.parent.name == "checkpoints" and run_dir.name.startswith("version_")
+            and logger is not None and getattr(logger, "_version", "set") is None  # version chosen by Lightning
+            and Path(logger.root_dir).resolve() == run_dir.parent
+        )
+        if same_run:
+            logger._version = int(run_dir.name[len("version_"):]) if run_dir.name[8:].isdigit() else run_dir.name
+            rank_zero_info(f"Resuming {ckpt_path}: logs, checkpoints and config.yaml continue in {run_dir}")
+        else:
+            where = getattr(logger, "log_dir", None) or self.trainer.default_root_dir
+            rank_zero_info(f"Resuming {ckpt_path}: this run writes to {where} (the checkpoint is not in a "
+                           "version_N/checkpoints folder of this run's log directory)")
 
     def _model_config(self) -> dict | None:
         subcommand = self.config.get("subcommand")

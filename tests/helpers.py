@@ -81,11 +81,11 @@ def offline_env() -> dict[str, str]:
     return env
 
 
-def run_train(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """`python train.py *args` from the repository root, offline; fails with its output on error."""
+def run_train(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python train.py *args` from the repository root, offline (plus `env`); fails with its output on error."""
     # A session of its own: on timeout the whole group goes (DDP workers too, which would otherwise
     # keep the pipes open and hang the test instead of failing it).
-    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=offline_env(),
+    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env={**offline_env(), **(env or {})},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=timeout)

@@ -3,11 +3,17 @@ last.ckpt (step, optimizer and EMA state intact), `validate` and `test` on a che
 config change on resume, and (slow) a 2-process CPU DDP fit."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import yaml
 
-from helpers import ROOT, find_one, load_ckpt, run_train
+from helpers import ROOT, find_one, load_ckpt, offline_env, run_train
 
 LOCAL_DATASETS = {"toy2d", "digits"}  # hub configs cannot download here: test_configs instantiates them
 TARGETS = sorted((ROOT / "configs" / "target").glob("*.yaml"))
@@ -40,6 +46,10 @@ def test_fit_smoke(config, tmp_path):
     assert find_one(tmp_path, "samples/epoch=*-step=000003.png").stat().st_size > 0
     saved = yaml.safe_load(find_one(tmp_path, "config.yaml").read_text())  # the run's record
     assert saved["model"]["class_path"].endswith("TargetDiffusion") and saved["trainer"]["max_steps"] == 3
+    # --trainer.max_steps on the command line sets the LR schedule's length: at the run's end the LR
+    # is the schedule's final value (with a fixed T_max of 3000 it would still be near the start value).
+    eta_min = saved["model"]["init_args"]["lr_scheduler"]["init_args"]["eta_min"]
+    assert load_ckpt(last)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(eta_min)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +93,46 @@ def test_resume_refuses_another_network(first_run, tmp_path):
     assert out.returncode != 0
     assert (f"holds a different model than the config: model.init_args.net.init_args.hidden: {hidden} in the "
             f"checkpoint, {2 * hidden} here") in out.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_in_the_same_run(tmp_path):
+    """SIGINT in the middle of training, long before any scheduled checkpoint, writes last.ckpt at the
+    step reached; `fit --ckpt_path .../last.ckpt` continues from that step in the same version_0
+    directory, with a resumable data order (no "not resumable" warning), the LR schedule over the new
+    max_steps and last.ckpt at its final step although no validation falls there."""
+    args = [sys.executable, str(ROOT / "train.py"), "fit", *small_toy(tmp_path, 100_000)]
+    env = dict(offline_env(), PYTHONWARNINGS="default")
+    with subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as popen:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.rglob("events.out.tfevents*")) and time.monotonic() < deadline and popen.poll() is None:
+            time.sleep(0.2)
+        time.sleep(3.0)  # training steps, no validation or checkpoint before step 100 000
+        assert not list(tmp_path.rglob("*.ckpt"))
+        os.kill(popen.pid, signal.SIGINT)
+        try:
+            output, _ = popen.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            raise
+    assert popen.returncode == 1, output[-3000:]
+    assert "Ctrl-C: stopping after this training step" in output and "Interrupted at step" in output
+    last = find_one(tmp_path, "last.ckpt")
+    assert last.parent.parent.name == "version_0"
+    stopped = load_ckpt(last)["global_step"]
+    assert stopped > 0, output[-3000:]
+
+    # No validation before the end: last.ckpt at the final step comes from RunCheckpoint.on_train_end.
+    proc = run_train("fit", *small_toy(tmp_path, stopped + 7), "--trainer.val_check_interval=100000",
+                     f"--ckpt_path={last}", env={"PYTHONWARNINGS": "default"})
+    output = proc.stdout + proc.stderr
+    assert "not resumable" not in output, output[-3000:]
+    assert f"continue in {last.parent.parent}" in output
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    resumed = load_ckpt(last)
+    assert resumed["global_step"] == stopped + 7
+    eta_min = yaml.safe_load(TOY.read_text())["model"]["init_args"]["lr_scheduler"]["init_args"]["eta_min"]
+    assert resumed["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(eta_min)
 
 
 @pytest.mark.slow

@@ -107,3 +107,16 @@ def test_presets_compose_with_targets_in_any_order(preset):
     for target in TARGETS:
         target_keys = set(yaml.safe_load(target.read_text()).get("trainer", {}))
         assert not preset_keys & target_keys, f"{preset.name} and {target.name} both set {preset_keys & target_keys}"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_no_config_fixes_the_run_length_at_load_time(path):
+    """A `${trainer.*}` interpolation is resolved when the file loads, before command-line overrides, and
+    a fixed LR horizon (T_max, total_steps) ignores them: schedules must follow the run's real length."""
+    from specdiff_train.optim import FIXED_HORIZONS
+
+    text = path.read_text()
+    assert "${trainer." not in text, f"{path}: interpolates a trainer value (resolved before --trainer overrides)"
+    scheduler = (yaml.safe_load(text).get("model") or {}).get("init_args", {}).get("lr_scheduler") or {}
+    name = str(scheduler.get("class_path", "")).rsplit(".", 1)[-1]
+    assert name not in FIXED_HORIZONS, f"{path}: {name} has a fixed horizon; use specdiff_train.optim.CosineToEndLR"

@@ -1,9 +1,11 @@
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from specdiff_train.data import TOY2D, DiffusionDataModule, digits_dataset, make_toy2d, toy2d_dataset
@@ -130,3 +132,44 @@ def test_hub_dataset_needs_shape_and_fails_clearly_offline(monkeypatch):
     assert dm.sample_shape == (3, 28, 28)  # known without loading anything
     with pytest.raises(ValueError, match="could not load.*HF_HUB_OFFLINE.*imagefolder"):
         dm.prepare_data()
+
+
+class _Record(Callback):
+    """Records each training step's first row; raises KeyboardInterrupt (Ctrl-C) before step `stop_at`."""
+
+    def __init__(self, stop_at=None):
+        self.rows, self.stop_at = {}, stop_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.stop_at:
+            raise KeyboardInterrupt
+        self.rows[trainer.global_step] = batch[0].tolist()
+
+
+@pytest.mark.parametrize("stop_at", [17, 21])  # mid-epoch (11 batches an epoch)
+def test_an_interrupted_run_resumes_with_the_same_data_order(tmp_path, stop_at):
+    """Ctrl-C in the middle of an epoch saves last.ckpt; the resumed run trains on exactly the batches an
+    uninterrupted run would have (rest of the epoch, then the next epochs), with no "not resumable" warning."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from helpers import TinyDenoiser
+    from specdiff_train.models import TargetDiffusion
+
+    def fit(root, record, ckpt_path=None):
+        data = DiffusionDataModule(num_samples=200, batch_size=16)  # 190 training rows: 11 batches an epoch
+        trainer = Trainer(default_root_dir=root, max_steps=30, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+                          callbacks=[record, ModelCheckpoint(dirpath=root, save_last=True, save_on_exception=True)])
+        trainer.fit(TargetDiffusion(TinyDenoiser(hidden=8), val_num_samples=0), data, ckpt_path=ckpt_path)
+
+    fit(tmp_path / "a", straight := _Record())
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C, after the checkpoint
+        fit(tmp_path / "b", first := _Record(stop_at=stop_at))
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == stop_at
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "b", resumed := _Record(), ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    assert sorted(resumed.rows) == list(range(stop_at, 30))
+    assert {**first.rows, **resumed.rows} == straight.rows

@@ -16,6 +16,7 @@ from specdiff_train import plotting
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.models import TargetDiffusion, export_slim_checkpoint, load_target
 from specdiff_train.models.checkpoints import module_config
+from specdiff_train.optim import CosineToEndLR, follow_run_length
 from specdiff_train.sampling import ancestral_sample
 
 TINY = {"class_path": "helpers.TinyDenoiser", "init_args": {"hidden": 8}}
@@ -107,6 +108,49 @@ def test_lr_scheduler_steps_every_optimizer_step():
     config = model.configure_optimizers()
     assert config["lr_scheduler"]["interval"] == "step"
     assert model.hparams["lr_scheduler"]["init_args"] == {"step_size": 10}
+
+
+def test_cosine_to_end_follows_the_run_length(tmp_path):
+    """The LR decays to eta_min at the run's last step, whatever max_steps is; a resumed run keeps its
+    step but not the old horizon; a run without a length is refused with the fix."""
+    for max_steps in (5, 9):
+        model = TargetDiffusion(TinyDenoiser(hidden=8), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+                                lr_scheduler=functools.partial(CosineToEndLR, eta_min=1e-3, warmup_steps=2))
+        trainer = make_trainer(tmp_path / str(max_steps), max_steps=max_steps, limit_val_batches=0)
+        trainer.fit(model, TinyDataModule())
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert scheduler.horizon == max_steps
+        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert "horizon" not in scheduler.state_dict() and scheduler.state_dict()["last_epoch"] == 9
+    sched = CosineToEndLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=2)
+    assert [sched.factor(k) for k in (0, 1)] == [0.5, 1.0]
+    sched.follow_run(12)
+    assert sched.factor(7) == pytest.approx(0.5) and sched.factor(12) == sched.factor(50) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match=r"lr_scheduler: CosineToEndLR .* --trainer.max_steps N"):
+        CosineToEndLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)).follow_run(float("inf"))
+
+
+def test_run_checkpoint_saves_the_final_step_between_validations(tmp_path):
+    """Lightning's ModelCheckpoint keeps the last validation's state (step 5 here); RunCheckpoint also
+    writes last.ckpt at the run's final step."""
+    from specdiff_train.callbacks import RunCheckpoint
+
+    model = TargetDiffusion(TinyDenoiser(hidden=8), val_num_samples=0)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=7, val_check_interval=5, check_val_every_n_epoch=None,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      callbacks=[RunCheckpoint(dirpath=tmp_path / "ckpt")])
+    trainer.fit(model, TinyDataModule())
+    assert load_ckpt(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 7
+
+
+def test_fixed_lr_horizon_that_differs_from_the_run_warns():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3000)
+    assert follow_run_length(cosine, 3000) is None
+    assert "rises again after step 3000" in follow_run_length(cosine, 10000)
+    assert "T_max=3000" in follow_run_length(cosine, 50) and "CosineToEndLR" in follow_run_length(cosine, 50)
+    assert "no fixed length" in follow_run_length(cosine, float("inf"))
+    assert follow_run_length(torch.optim.lr_scheduler.StepLR(opt, 10), 50) is None
 
 
 def test_checkpoint_keeps_ema_and_raw_weights(trained):

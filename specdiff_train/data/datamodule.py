@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .digits import DIGITS_MAX, digits_dataset
 from .images import ImageRowConverter, check_column, load_image_dataset
@@ -25,6 +26,51 @@ class _Rows(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         row = self.source[int(self.indices[i])]
         return self.convert(row) if self.convert else row
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation per epoch that depends only on (seed, epoch), split across
+    processes (a `DistributedSampler`, so Lightning leaves it in place under DDP).
+
+    `resume(epoch, batches_done, batch_size)` makes the next iteration skip the batches that an
+    interrupted run already trained on in that epoch, so a resumed run sees the same data order as an
+    uninterrupted one.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        """Args: the rows, the number of processes and this one's rank, the seed of the order."""
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._skip = 0
+
+    def resume(self, epoch: int, batches_done: int, batch_size: int) -> int:
+        """Start at `epoch`, after the `batches_done` batches an interrupted run had trained on in it
+        (nothing is skipped when that is the whole epoch); returns the number of batches skipped."""
+        self.set_epoch(epoch)
+        self._skip = batches_done * batch_size if 0 < batches_done < self.num_samples // batch_size else 0
+        return self._skip // batch_size
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0  # only the resumed epoch is cut
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an `EpochSampler`, with the `state_dict` / `load_state_dict` that Lightning
+    looks for: a run resumed mid-epoch continues the data order where it stopped (see `EpochSampler`)."""
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler
+        return {"seed": sampler.seed, "num_rows": len(sampler.dataset), "num_replicas": sampler.num_replicas,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The position itself comes from the trainer's restored step (DiffusionDataModule.train_dataloader).
+        now = self.state_dict()
+        changed = [f"{k} {state.get(k)} -> {now[k]}" for k in now if state.get(k) != now[k]]
+        if changed:
+            rank_zero_warn(f"data: the training order differs from the interrupted run's ({', '.join(changed)}): "
+                           "the resumed run does not continue where it stopped in the epoch.")
 
 
 class DiffusionDataModule(LightningDataModule):
@@ -145,7 +191,21 @@ class DiffusionDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._train_idx, shuffle=True)
+        """Shuffled per epoch by (seed, epoch) and resumable mid-epoch (`EpochSampler`), unless batches
+        and optimizer steps differ (gradient accumulation, limit_train_batches): then a plain shuffle."""
+        trainer = self.trainer
+        rows = _Rows(self._source, self._train_idx, self._convert)
+        if trainer is not None and (trainer.accumulate_grad_batches != 1 or trainer.limit_train_batches != 1.0):
+            return self._loader(self._train_idx, shuffle=True)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(rows, num_replicas=world, rank=rank, seed=self.seed)
+        drop_last = sampler.num_samples >= self.batch_size
+        if trainer is not None and trainer.fit_loop.restarting and drop_last:  # resuming: continue the epoch
+            # Lightning's own count of the batches done in this epoch (a batch whose end hooks ran counts)
+            sampler.resume(trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                           self.batch_size)
+        return ResumableLoader(rows, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._val_idx if len(self._val_idx) else self._train_idx[: self.batch_size], shuffle=False)

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .. import plotting
 from ..diffusion import DDPMSchedule
+from ..optim import follow_run_length
 from ..sampling import ancestral_sample
 from .checkpoints import (
     INSTANTIATOR,
@@ -85,6 +86,8 @@ class TargetDiffusion(LightningModule):
         schedule: the noise schedule and prediction type (default: `DDPMSchedule()`: 1000 linear steps, eps).
         optimizer: builds the optimizer from the parameters (default AdamW).
         lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step.
+            `specdiff_train.optim.CosineToEndLR` decays over the run's length (trainer.max_steps as
+            finally set); a fixed horizon (CosineAnnealingLR's T_max) that differs from it is warned about.
         sample_shape: one sample's shape; linked from `data.sample_shape` by the CLI, else taken from
             `net.sample_shape`.
         val_num_steps: sampling steps of the validation sample plot.
@@ -249,6 +252,12 @@ class TargetDiffusion(LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
+        # Schedules follow the run's real length (after command-line overrides): CosineToEndLR takes it,
+        # a fixed horizon that differs from it is reported.
+        run_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        problem = follow_run_length(scheduler, run_steps)
+        if problem:
+            rank_zero_warn(problem)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config = {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"}
         else:
