@@ -71,9 +71,11 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     public = dict(config=report["config"], results=[{k: v for k, v in r.items() if not k.startswith("_")}
                                                      for r in report["results"]])
     public["environment"] = dict(torch=torch.__version__, python=platform.python_version())
+    public["warnings"] = list(report.get("warnings", []))
     paths = dict(json=out_dir / "report.json", markdown=out_dir / "report.md", acceptance=out_dir / "acceptance.png")
     paths["json"].write_text(json.dumps(public, indent=2))
-    paths["markdown"].write_text("# Speculative sampling against ancestral sampling\n\n" + markdown_table(report) + "\n")
+    notes = "".join(f"\n**Warning**: {note}\n" for note in report.get("warnings", []))
+    paths["markdown"].write_text("# Speculative sampling against ancestral sampling\n\n" + markdown_table(report) + "\n" + notes)
     acceptance_plot(report, paths["acceptance"])
     # Samples: ancestral and the method with the fewest calls, at the first num_steps.
     first = report["results"][0]["num_steps"]
