@@ -236,6 +236,5 @@ def main(args: ArgsType = None, *, run: bool = True, short_errors: bool | None =
         message = user_message(err)
         if message is None:
             raise
-        sys.stderr.write(f"\ntrain.py: stopped by a configuration, data or checkpoint error "
-                         f"({TRACEBACK_ENV}=1 shows the traceback)\nerror: {message}\n")
+        sys.stderr.write(f"\ntrain.py: stopped ({TRACEBACK_ENV}=1 shows the traceback)\nerror: {message}\n")
         raise SystemExit(2) from None
