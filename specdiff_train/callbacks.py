@@ -25,7 +25,10 @@ class RunCheckpoint(ModelCheckpoint):
     graceful Ctrl-C (stop after the current step, save `last.ckpt` there) and a `last.ckpt` at the
     final step of every run."""
 
-    def __init__(self, *args: Any, save_last: bool | Literal["link"] | None = True, save_on_exception: bool = True, **kwargs: Any):
+    SYNC_EVERY = 16  # under DDP, steps between two checks of a Ctrl-C (a collective call)
+
+    def __init__(self, *args: Any, save_last: bool | Literal["link"] | None = True, save_on_exception: bool = True,
+                 **kwargs: Any):
         super().__init__(*args, save_last=save_last, save_on_exception=save_on_exception, **kwargs)
         self._stop_requested = False
         self._previous_handler: Any = None
@@ -51,8 +54,13 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # Decided on all ranks together: under DDP every process stops after the same step.
-        if not trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+        # Decided on all ranks together, so under DDP every process stops after the same step; there the
+        # decision (a collective) is taken every SYNC_EVERY steps only.
+        if trainer.world_size > 1:
+            if trainer.global_step % self.SYNC_EVERY or not trainer.strategy.reduce_boolean_decision(
+                    self._stop_requested, all=False):
+                return
+        elif not self._stop_requested:
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -7,6 +7,7 @@ is built, so models learn the sample shape from the data.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,25 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .callbacks import RunCheckpoint
+from .errors import TRACEBACK_ENV, explain_parse_error, show_tracebacks, user_message
 from .evaluation.command import SpecDiffTrainer
+
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
+
+class SpecDiffParser(LightningArgumentParser):
+    """LightningArgumentParser whose parse errors are a few lines naming the field, the bad value and a
+    suggestion (`specdiff_train.errors.explain_parse_error`), not a page of usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or show_tracebacks():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: the command line or a config was refused (`{prog} --help` lists every option; "
+                         f"{TRACEBACK_ENV}=1 shows the parser's full message)\n")
+        sys.stderr.write(f"error: {explain_parse_error(message, parser)}\n")
+        self.exit(2)
 
 
 class SpecDiffCLI(LightningCLI):
@@ -48,6 +67,23 @@ class SpecDiffCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         self._configured_model = self._model_config()
+
+    def _parse_ckpt_path(self) -> None:
+        """As Lightning's (the checkpoint's hyperparameters replace the configured model), after checking
+        the file: a missing or unreadable file is named, and a checkpoint of another kind of model (a
+        drafter given to a target config, a target given to a drafter config) gets advice for that case."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_ALIASES:
+            return
+        ckpt = checked_checkpoint(ckpt_path, getattr(self, "_configured_model", None), subcommand)
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         configured, loaded = getattr(self, "_configured_model", None), self._model_config()
@@ -90,6 +126,55 @@ class SpecDiffCLI(LightningCLI):
         return model.clone().as_dict() if model is not None else None
 
 
+DRAFTER_KINDS = {  # hyperparameter key of the trained module -> (what it is, the drafter class that uses it)
+    "net": ("a draft-network checkpoint", "specdiff_train.speculative.DraftNetworkDrafter"),
+    "head": ("a Medusa-heads checkpoint", "specdiff_train.speculative.MedusaDrafter"),
+}
+
+
+def checked_checkpoint(ckpt_path: str, configured: dict | None, subcommand: str) -> dict:
+    """The checkpoint behind `--ckpt_path`, or a ValueError / FileNotFoundError that names the file and
+    says what to pass instead."""
+    from .models.checkpoints import _describe, read_checkpoint, resolve_class
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file (looked for {path.resolve()})")
+    ckpt = read_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    mine = resolve_class(str((configured or {}).get("class_path", "")))
+    theirs = resolve_class(str(hparams.get("_class_path", ""))) if isinstance(hparams, dict) else None
+    if isinstance(hparams, dict) and "target_ckpt" in hparams and not (mine and theirs and issubclass(theirs, mine)):
+        key = next((k for k in DRAFTER_KINDS if isinstance(hparams.get(k), dict)), "net")
+        what, drafter = DRAFTER_KINDS[key]
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is {what} ({hparams.get('_class_path', '?').rsplit('.', 1)[-1]}, trained against "
+            f"{hparams['target_ckpt']}), not a checkpoint of the config's model "
+            f"({(configured or {}).get('class_path', '?')}). Give `{subcommand}` a target checkpoint: a run's "
+            f"last.ckpt, or {hparams['target_ckpt']}. A drafter checkpoint is used by sampling: list it in an "
+            f"evaluate config's drafters (class_path: {drafter}, init_args: {{checkpoint: {ckpt_path}}}); "
+            "resuming its training takes its own config (configs/drafter/*.yaml)."
+        )
+    if mine is not None and theirs is not None and not issubclass(theirs, mine):
+        fix = ""
+        if hasattr(mine, "module_key") and "target_ckpt" not in (hparams or {}):  # a target given to a drafter config
+            fix = f" To train a drafter against this target, pass it as --model.init_args.target_ckpt {ckpt_path}."
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} holds {_describe(ckpt)}, but the config builds {mine.__name__}: pass a "
+            f"checkpoint written by training this config's model.{fix}"
+        )
+    if not isinstance(hparams, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"--ckpt_path {ckpt_path} holds {_describe(ckpt)}, not a checkpoint written by training "
+                         "(a Lightning checkpoint with hyperparameters, e.g. a run's last.ckpt)")
+    if subcommand == "fit" and "optimizer_states" not in ckpt:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a slim checkpoint (weights and hyperparameters only, no optimizer or loop "
+            "state): it cannot resume training. Resume from the run's full checkpoint (lightning_logs/version_N/"
+            "checkpoints/last.ckpt); slim checkpoints are for load_target, validate, test and evaluate."
+        )
+    return ckpt
+
+
 def model_conflicts(configured: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
     """Where the configured model's class, `net` or `schedule` differ from those read from a
     checkpoint (a schedule left unset in the config takes the checkpoint's)."""
@@ -122,16 +207,34 @@ def canonical_class_paths(config: Any) -> Any:
     return config
 
 
-def main(args: ArgsType = None, *, run: bool = True) -> SpecDiffCLI:
-    """Build (and by default run) the CLI; `args` as on the command line, or None for `sys.argv`."""
-    return SpecDiffCLI(
-        model_class=None,
-        datamodule_class=None,
-        trainer_class=SpecDiffTrainer,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+def main(args: ArgsType = None, *, run: bool = True, short_errors: bool | None = None) -> SpecDiffCLI:
+    """Build (and by default run) the CLI; `args` as on the command line, or None for `sys.argv`.
+
+    With `short_errors` (the default when `args` is None, i.e. from `train.py`), a configuration, data or
+    checkpoint error ends the command with its message as the last line (exit status 2) instead of a
+    traceback; `SPECDIFF_TRACEBACK=1` keeps tracebacks. Other errors keep their traceback."""
+
+    def build() -> SpecDiffCLI:
+        return SpecDiffCLI(
+            model_class=None,
+            datamodule_class=None,
+            trainer_class=SpecDiffTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=SpecDiffParser,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+    if not (args is None if short_errors is None else short_errors) or show_tracebacks():
+        return build()
+    try:
+        return build()
+    except Exception as err:  # noqa: BLE001 - only the errors meant for the user are shortened
+        message = user_message(err)
+        if message is None:
+            raise
+        sys.stderr.write(f"\ntrain.py: stopped ({TRACEBACK_ENV}=1 shows the traceback)\nerror: {message}\n")
+        raise SystemExit(2) from None

@@ -142,3 +142,60 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert last["global_step"] == 4
     assert int(last["averaging_state"]["n_averaged"]) == 4
     assert len(list(tmp_path.rglob("samples/*.png"))) == 1  # rank 0 only
+
+
+def _yaml_with(tmp_path, old: str, new: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(TOY.read_text().replace(old, new, 1))
+    return str(path)
+
+
+ERRORS = {  # case -> (arguments after the verb, what the last line of output must say)
+    "toy name": (["--config", TOY, "--data.init_args.name", "8gausians"],
+                 ["data.name: unknown toy distribution '8gausians'", "Did you mean '8gaussians'?", "swissroll"]),
+    "yaml key": ([], ["data.init_args.batch_sise: DiffusionDataModule has no option 'batch_sise'",
+                      "Did you mean 'batch_size'?"]),
+    "negative max_steps": (["--config", TOY, "--trainer.max_steps", "-5"],
+                           ["trainer: `max_steps` must be a non-negative integer or -1", "-5"]),
+    "cli key": (["--config", TOY, "--trainer.max_stepz", "4"], ["--trainer.max_stepz", "'--trainer.max_steps'"]),
+    "dataset name": ([], ["data.dataset: unknown dataset 'toy3d'.", "Did you mean 'toy2d'?"]),
+    "truncated checkpoint": ([], ["could not be read as a torch file", "truncated"]),
+    "drafter as target": (["--config", TOY, "--ckpt_path", "checkpoints/toy2d/draftnet.ckpt"],
+                          ["is a draft-network checkpoint", "Give `fit` a target checkpoint",
+                           "class_path: specdiff_train.speculative.DraftNetworkDrafter"]),
+    "schedule value": (["--config", TOY, "--model.init_args.schedule.init_args.beta_schedule", "cosin"],
+                       ["schedule.beta_schedule", "got 'cosin'", "Did you mean 'cosine'?"]),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_end_with_the_field_the_value_and_the_fix(case, tmp_path):
+    args, expected = ERRORS[case]
+    if case == "yaml key":
+        args = ["--config", _yaml_with(tmp_path, "batch_size: 512", "batch_sise: 512")]
+    elif case == "dataset name":
+        args = ["--config", _yaml_with(tmp_path, "dataset: toy2d", "dataset: toy3d")]
+    elif case == "truncated checkpoint":
+        truncated = tmp_path / "last.ckpt"
+        truncated.write_bytes((ROOT / "checkpoints" / "toy2d" / "target.ckpt").read_bytes()[:50_000])
+        args = ["--config", TOY, "--ckpt_path", truncated]
+        expected = [*expected, str(truncated)]
+    proc = run_train("fit", *args, f"--trainer.default_root_dir={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(part in last for part in expected), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) < 8, proc.stderr[-3000:]
+
+
+def test_only_errors_meant_for_the_user_are_shortened():
+    """Errors this package raises on purpose (and Lightning's MisconfigurationException) become one
+    message; anything else, e.g. an error inside torch, keeps its traceback."""
+    from specdiff_train.data import DiffusionDataModule
+    from specdiff_train.errors import user_message
+
+    with pytest.raises(ValueError) as ours:
+        DiffusionDataModule(batch_size=0)
+    assert user_message(ours.value) == "data.batch_size: expected >= 1, got 0"
+    with pytest.raises(RuntimeError) as theirs:
+        torch.zeros(2, 3) @ torch.zeros(2, 3)
+    assert user_message(theirs.value) is None

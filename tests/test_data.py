@@ -134,6 +134,21 @@ def test_hub_dataset_needs_shape_and_fails_clearly_offline(monkeypatch):
         dm.prepare_data()
 
 
+def test_an_unknown_dataset_name_is_refused_as_such(monkeypatch):
+    """A typo is refused as an unknown name (with a suggestion) before any image-size demand; a name the
+    hub has, or that cannot be checked offline and is not close to a known one, still gets the size demand."""
+    from specdiff_train.data import datamodule
+
+    with pytest.raises(ValueError, match=r"data.dataset: unknown dataset 'toy3d'. Did you mean 'toy2d'\?.*local Hugging Face cache"):
+        DiffusionDataModule(dataset="toy3d")  # offline (conftest): the hub is not asked
+    monkeypatch.setattr(datamodule, "hub_dataset_status", lambda name: "absent")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar-tenn'.*not on the Hugging Face hub"):
+        DiffusionDataModule(dataset="cifar-tenn")
+    monkeypatch.setattr(datamodule, "hub_dataset_status", lambda name: "hub")
+    with pytest.raises(ValueError, match="image_size and data.channels: required for dataset='toy3d'"):
+        DiffusionDataModule(dataset="toy3d")
+
+
 class _Record(Callback):
     """Records each training step's first row; raises KeyboardInterrupt (Ctrl-C) before step `stop_at`."""
 

@@ -1,5 +1,6 @@
 """The evaluate command, its report, and the exactness check that must flag a biased sampler."""
 import json
+import time
 
 import pytest
 import torch
@@ -119,3 +120,49 @@ def test_two_processes_give_the_same_samples_and_report(tmp_path):
     for a, b in zip(r1["results"], r2["results"]):
         for key in ("target_calls_per_sample", "acceptance_rate", "mean_accepted_per_round", "vs_ancestral", "vs_data"):
             assert a.get(key) == pytest.approx(b.get(key)), key
+
+
+class _ColdStart(torch.nn.Module):
+    """A denoiser whose first call pays a one-off cost, as cold code does in a fresh process."""
+
+    def __init__(self, model, delay: float):
+        super().__init__()
+        self.model, self.delay, self.calls = model, delay, 0
+
+    def forward(self, x, t, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.delay)
+        return self.model(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_methods_are_timed_after_a_warm_up(warmup):
+    """With the warm-up (the default), a one-off cost of the first call is not charged to the first
+    method timed, so the wall-clock ratios compare warm code; without it, it is."""
+    schedule, model = _chain()
+    cold = _ColdStart(model, delay=1.0)
+    report = compare_methods(cold, schedule, (2,), method_grid(resolve_drafters(["free-x0"]), ["block"], [4]),
+                             num_steps=[20], seeds=range(64), batch_size=64, warmup=warmup)
+    ancestral = report["results"][0]
+    assert (ancestral["wall_clock_s"] < 0.5) == warmup
+    assert report["config"]["warmup_steps"] == (10 if warmup else 0)
+
+
+def test_acceptance_plot_has_a_panel_per_drafter_and_legends_off_the_data(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from specdiff_train.evaluation.reporting import acceptance_plot
+
+    results = [dict(method=f"{d}/{v}/w{w}", window=w, num_steps=100, acceptance_by_time=[0.5] * 10)
+               for d in ("free-x0", "free-eps", "frozen-eps", "draftnet", "medusa")
+               for v in ("block", "tokenwise-reflection") for w in (3, 8)]  # the shipped toy2d grid: 20 curves
+    fig = acceptance_plot({"results": results}, tmp_path / "acceptance.png")
+    assert (tmp_path / "acceptance.png").stat().st_size > 0
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert [ax.get_title() for ax in axes] == ["free-x0", "free-eps", "frozen-eps", "draftnet", "medusa"]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in axes:
+        styles = {(line.get_color(), line.get_linestyle()) for line in ax.lines}
+        assert len(styles) == len(ax.lines) == 4  # every curve of a panel has its own colour x line style
+        assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))

@@ -40,3 +40,16 @@ def test_external_drafter_by_class_path_in_evaluate(tmp_path, monkeypatch):
                      "--ckpt_path", ROOT / "checkpoints" / "toy2d" / "target.ckpt", "--trainer.logger", "false",
                      "--out_dir", tmp_path / "out")
     assert "DampedFreeDrafter/block/w4" in proc.stdout
+
+
+def test_an_unimportable_drafter_package_says_how_to_make_it_importable(tmp_path):
+    """Without PYTHONPATH the YAML route fails at parse time: the last line names the class, the
+    missing module and both fixes (install the package, or put it on PYTHONPATH)."""
+    config = tmp_path / "eval.yaml"
+    config.write_text("drafters:\n  - class_path: my_drafters.DampedFreeDrafter\n    init_args: {damping: 0.95}\n")
+    proc = run_train("evaluate", "--config", "configs/target/toy2d.yaml", "--config", config,
+                     "--ckpt_path", ROOT / "checkpoints" / "toy2d" / "target.ckpt", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "drafters: cannot import 'my_drafters.DampedFreeDrafter': No module named 'my_drafters'" in last
+    assert "pip install -e" in last and "PYTHONPATH" in last

@@ -281,3 +281,43 @@ def test_relative_draft_cost(make):
     cost = relative_draft_cost(make(schedule), model, schedule, (2,), batch_size=8, repeats=3)
     assert cost["draft_s"] > 0 and cost["target_s"] > 0
     assert cost["relative"] == pytest.approx(cost["draft_s"] / cost["target_s"])
+
+
+# --- which target a drafter was trained against ------------------------------------------------------------
+def test_drafter_checkpoints_are_checked_against_the_target_they_are_used_with(tiny_targets, tmp_path):
+    """Silence with the drafter's own target (full or slim checkpoint alike); a warning naming both
+    targets with another one (e.g. an earlier checkpoint of the same run), in the evaluate report too;
+    checkpoints without a recorded fingerprint are compared with their recorded target file."""
+    from specdiff_train.evaluation.command import SpecDiffTrainer
+    from specdiff_train.models import DraftDistillation
+    from specdiff_train.models.drafter import check_drafter_target, drafter_target_warning, target_fingerprint
+
+    target_path = tmp_path / "target.ckpt"
+    target_path.write_bytes(tiny_targets["toy2d"].read_bytes())
+    module = DraftDistillation(MLPDenoiser(dim=2, hidden=8, depth=1, time_embed_dim=8), str(target_path))
+    drafter_path = tmp_path / "draftnet.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, drafter_path)
+    target = load_target(target_path)
+    assert module.hparams["target_fingerprint"] == target_fingerprint(target)
+    assert drafter_target_warning(drafter_path, target) is None
+    assert check_drafter_target(DraftNetworkDrafter(str(drafter_path)), target) is None
+
+    other = load_target(target_path)
+    other.net.out.bias.data += 0.01  # another step of the same run: same shapes, other weights
+    warning = drafter_target_warning(drafter_path, other)
+    assert "was trained against another target" in warning and str(target_path) in warning
+    assert target_fingerprint(target) in warning and target_fingerprint(other) in warning
+    assert "Sampling stays exact" in warning and "--model.init_args.target_ckpt" in warning
+
+    trainer = SpecDiffTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    report = trainer.evaluate(other, drafters=[DraftNetworkDrafter(str(drafter_path))], verifiers=["block"],
+                              windows=[2], num_steps=[5], num_samples=8, num_permutations=5, out_dir=str(tmp_path / "r"))
+    assert report["warnings"] == [warning] and warning in (tmp_path / "r" / "report.md").read_text()
+
+    old = torch.load(drafter_path, weights_only=True)  # written before fingerprints were recorded
+    del old["hyper_parameters"]["target_fingerprint"]
+    torch.save(old, drafter_path)
+    assert drafter_target_warning(drafter_path, target) is None
+    assert "as it is now" in drafter_target_warning(drafter_path, other)
+    target_path.unlink()
+    assert "cannot check" in drafter_target_warning(drafter_path, target)

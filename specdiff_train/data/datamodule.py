@@ -7,7 +7,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .digits import DIGITS_MAX, digits_dataset
-from .images import ImageRowConverter, check_column, load_image_dataset
+from ..errors import suggest
+from .images import LOCAL_BUILDERS, ImageRowConverter, check_column, hub_dataset_status, load_image_dataset
 from .toy2d import TOY2D, toy2d_dataset
 
 BUILTIN = ("toy2d", "digits")
@@ -26,6 +27,26 @@ class _Rows(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         row = self.source[int(self.indices[i])]
         return self.convert(row) if self.convert else row
+
+
+KNOWN = (*BUILTIN, *LOCAL_BUILDERS, "disk")
+
+
+def check_dataset_name(dataset: str) -> None:
+    """Refuse a dataset name that is neither bundled, local, a folder nor (as far as can be told) a hub
+    dataset, with a suggestion, before asking for the image size of a dataset that does not exist."""
+    if dataset in KNOWN:
+        return
+    status = hub_dataset_status(dataset)
+    hint = suggest(dataset, KNOWN)
+    if status == "absent" or (status == "unknown" and hint):
+        hub = ("not on the Hugging Face hub" if status == "absent" else
+               "not in the local Hugging Face cache (offline or unreachable: the hub was not asked)")
+        raise ValueError(
+            f"data.dataset: unknown dataset {dataset!r}.{hint} It is not bundled ({', '.join(BUILTIN)}), not a "
+            f"local builder ({', '.join(KNOWN[len(BUILTIN):])}), not a folder, and {hub}. A hub dataset also needs "
+            "data.image_size and data.channels."
+        )
 
 
 class EpochSampler(DistributedSampler):
@@ -117,7 +138,8 @@ class DiffusionDataModule(LightningDataModule):
         if dataset == "toy2d":
             name = name or "8gaussians"
             if name not in TOY2D:
-                raise ValueError(f"data.name: unknown toy distribution {name!r}; choose one of {list(TOY2D)}")
+                raise ValueError(f"data.name: unknown toy distribution {name!r}.{suggest(name, TOY2D)} "
+                                 f"Choose one of {list(TOY2D)}")
             sample_shape = (2,)
         elif dataset == "digits":
             if image_size not in (None, 8) or channels not in (None, 1):
@@ -125,6 +147,7 @@ class DiffusionDataModule(LightningDataModule):
             sample_shape = (1, 8, 8)
         else:
             if image_size is None or channels is None:
+                check_dataset_name(dataset)
                 raise ValueError(
                     f"data.image_size and data.channels: required for dataset={dataset!r} "
                     "(e.g. image_size: 28, channels: 1 for MNIST; 32 and 3 for CIFAR-10)"

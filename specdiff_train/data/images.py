@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,40 @@ def _offline_note() -> str:
     flags = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
              if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")]
     return f" {' and '.join(flags)} is set, so nothing is downloaded." if flags else ""
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_dataset_status(name: str) -> str:
+    """Where a dataset name can come from: "folder" (a path on disk), "cached" (in the local Hugging Face
+    caches), "hub" (the hub has it), "absent" (the hub answered that it does not), or "unknown" (offline,
+    or the hub could not be asked)."""
+    if Path(name).exists():
+        return "folder"
+    try:
+        from datasets import config as datasets_config
+        from huggingface_hub import constants
+
+        if (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").exists() or \
+                (Path(datasets_config.HF_DATASETS_CACHE) / name.replace("/", "___")).exists():
+            return "cached"
+    except ImportError:  # pragma: no cover
+        pass
+    if _offline():
+        return "unknown"
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.utils import RepositoryNotFoundError
+
+        HfApi().dataset_info(name, timeout=10)
+        return "hub"
+    except RepositoryNotFoundError:
+        return "absent"
+    except Exception:  # noqa: BLE001 - no network, rate limits, ...: nothing can be said
+        return "unknown"
 
 
 def load_image_dataset(

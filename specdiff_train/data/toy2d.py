@@ -32,7 +32,9 @@ def make_toy2d(name: str, num_samples: int, seed: int = 0) -> np.ndarray:
         t = 1.5 * np.pi * (1 + 2 * rng.random(num_samples))
         points = np.stack([t * np.cos(t), t * np.sin(t)], 1) / 5.0 + 0.05 * rng.standard_normal((num_samples, 2))
     else:
-        raise ValueError(f"data.name: unknown toy distribution {name!r}; choose one of {list(TOY2D)}")
+        from ..errors import suggest
+
+        raise ValueError(f"data.name: unknown toy distribution {name!r}.{suggest(name, TOY2D)} Choose one of {list(TOY2D)}")
     return points.astype(np.float32)
 
 

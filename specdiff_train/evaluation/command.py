@@ -102,6 +102,7 @@ class SpecDiffTrainer(Trainer):
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
                   batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples) -> dict:
         from ..models import load_target
+        from ..models.drafter import check_drafter_target
 
         if self.world_size > 1:
             self.strategy.setup_environment()  # the process group; each rank then samples its seeds
@@ -112,8 +113,10 @@ class SpecDiffTrainer(Trainer):
             model = load_target(ckpt_path)
         model = model.to(self.strategy.root_device).eval()
         shape = tuple(model.sample_shape)
-        methods = method_grid(resolve_drafters(drafters or ["free-x0", "free-eps", "frozen-eps"]),
-                              verifiers or ["block", "tokenwise"], windows or [3, 8])
+        resolved = resolve_drafters(drafters or ["free-x0", "free-eps", "frozen-eps"])
+        # Learned drafters are compared with the target they are used with (weight fingerprints).
+        notes = [note for make in resolved.values() if (note := check_drafter_target(make(), model))]
+        methods = method_grid(resolved, verifiers or ["block", "tokenwise"], windows or [3, 8])
         reference, extractor = None, None
         if datamodule is not None and hasattr(datamodule, "reference_samples"):
             reference = datamodule.reference_samples(num_samples, seed=seed)
@@ -129,6 +132,7 @@ class SpecDiffTrainer(Trainer):
             progress=_progress_enabled(), log=rank_zero_info,
         )
         report["config"]["ckpt_path"] = ckpt_path
+        report["warnings"] = notes
         if self.is_global_zero:
             out = Path(out_dir or Path(self.default_root_dir) / "evaluate")
             paths = write_report(report, out)
@@ -136,6 +140,8 @@ class SpecDiffTrainer(Trainer):
                 torch.save({f"{r['method']}@{r['num_steps']}": r["_samples"].cpu() for r in report["results"]},
                            out / "samples.pt")
             print(markdown_table(report))
+            for note in notes:
+                print(f"\nWARNING: {note}")
             print(f"\nreport: {paths['markdown']} (numbers in {paths['json'].name}, plots beside them)")
         self.strategy.barrier()
         return report

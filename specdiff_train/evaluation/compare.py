@@ -18,6 +18,7 @@ from ..speculative.sampler import CORRECTIONS, VERIFIER_NAMES
 from .metrics import two_sample_report
 
 NUM_TIME_BUCKETS = 10
+WARMUP_STEPS = 10  # sampling steps of the untimed warm-up run of each method
 
 
 def _world() -> tuple[int, int]:
@@ -160,6 +161,7 @@ def compare_methods(
     alpha: float = 0.01,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    warmup: bool = True,
 ) -> dict:
     """Run ancestral sampling and every method on the same seeds, for each num_steps.
 
@@ -172,6 +174,11 @@ def compare_methods(
     ancestral), the quality against the data, and the exactness check against the ancestral samples
     (permutation p-values; `exact_ok` is False when a p-value falls below `alpha`). Samples are kept
     under the private key `_samples` for plots.
+
+    With `warmup` (the default), every method first runs untimed on one batch of this rank's seeds for
+    `min(num_steps, WARMUP_STEPS)` steps, at the timed run's batch shapes: the first call of a code path
+    pays one-off costs (imports, kernel and allocator set-up) that would otherwise be charged to
+    whichever method runs first (in a fresh process, ancestral sampling took 20x its warm time).
     """
     seeds = list(seeds)
     quality = quality or Quality()
@@ -180,13 +187,18 @@ def compare_methods(
     shape = tuple(shape)
     results = []
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
+    rank, world = _world()
+    warm_seeds = seeds[rank::world][: batch_size or len(seeds)]
+
     for steps in num_steps:
-        def run_ancestral(shard):
+        def run_ancestral(shard, steps=steps, progress=progress):
             start = time.perf_counter()
             out = ancestral_sample(model, schedule, shape, num_steps=steps, seeds=shard, batch_size=batch_size,
                                    progress=progress)
             return out, dict(wall_clock_s=time.perf_counter() - start)
 
+        if warmup:
+            run_ancestral(warm_seeds, steps=min(steps, WARMUP_STEPS), progress=False)
         base, parts = sharded(run_ancestral, seeds)
         base_time = max(st["wall_clock_s"] for _, st in parts)
         base_feats = quality.features(base)
@@ -198,12 +210,14 @@ def compare_methods(
         if log:
             log(f"ancestral, {steps} steps: {base_time:.2f}s")
         for method in methods:
-            def run_method(shard, method=method):
+            def run_method(shard, method=method, steps=steps, progress=progress):
                 out = speculative_sample(model, schedule, shape, num_steps=steps, seeds=shard,
                                          drafter=method.drafter(), verifier=method.verifier, window=method.window,
                                          correction=method.correction, batch_size=batch_size, progress=progress)
                 return out.samples, out.stats
 
+            if warmup:
+                run_method(warm_seeds, steps=min(steps, WARMUP_STEPS), progress=False)
             samples, parts = sharded(run_method, seeds)
             stats = merge_stats(parts)
             feats = quality.features(samples)
@@ -228,5 +242,6 @@ def compare_methods(
                     f"{stats['wall_clock_s']:.2f}s")
     config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0], batch_size=batch_size,
                   alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
-                  schedule=schedule.config(), num_permutations=quality.num_permutations)
+                  schedule=schedule.config(), num_permutations=quality.num_permutations,
+                  warmup_steps=WARMUP_STEPS if warmup else 0)
     return dict(config=config, results=results)

@@ -40,28 +40,49 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def acceptance_plot(report: dict, path: Path) -> None:
-    import matplotlib
+LINESTYLES = {"block": "-", "tokenwise-reflection": "--", "tokenwise-residual": ":"}
+MARKERS = "osD^vP*X"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in report["results"]:
-        curve = r.get("acceptance_by_time")
-        if not curve:
-            continue
-        xs = [(i + 0.5) / len(curve) for i, v in enumerate(curve) if v is not None]
-        ys = [v for v in curve if v is not None]
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{r['method']} ({r['num_steps']} steps)")
-    ax.set_xlabel("diffusion time t / T")
-    ax.set_ylabel("acceptance")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6)
-    ax.set_title("Acceptance of drafted steps versus diffusion time")
+def acceptance_plot(report: dict, path: Path | None = None):
+    """Acceptance versus diffusion time: one panel per drafter; in a panel, a colour per window, a line
+    style per verifier (solid block, dashed token-wise reflection, dotted residual) and a marker per
+    num_steps; each legend sits below its panel, off the data. Returns the matplotlib Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = [r for r in report["results"] if r.get("acceptance_by_time")]
+    drafters = list(dict.fromkeys(r["method"].split("/")[0] for r in curves))
+    windows = sorted({r.get("window") for r in curves}, key=lambda w: (w is None, w))
+    steps = sorted({r["num_steps"] for r in curves})
+    ncols = min(3, max(1, len(drafters)))
+    nrows = max(1, -(-len(drafters) // ncols))
+    fig = Figure(figsize=(4.2 * ncols, 3.9 * nrows))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(max(1, len(drafters)))]
+    colours = [f"C{i % 10}" for i in range(len(windows))]
+    for ax, drafter in zip(axes, drafters):
+        for r in (r for r in curves if r["method"].split("/")[0] == drafter):
+            curve = r["acceptance_by_time"]
+            xs = [(i + 0.5) / len(curve) for i, v in enumerate(curve) if v is not None]
+            ys = [v for v in curve if v is not None]
+            verifier = r["method"].split("/")[1]
+            label = f"{verifier}, w{r.get('window')}" + (f", {r['num_steps']} steps" if len(steps) > 1 else "")
+            ax.plot(xs, ys, color=colours[windows.index(r.get("window"))], linestyle=LINESTYLES.get(verifier, "-."),
+                    marker=MARKERS[steps.index(r["num_steps"]) % len(MARKERS)], ms=3, lw=1.4, label=label)
+        ax.set_title(drafter, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("diffusion time t / T  (0 = data)", fontsize=8)
+        ax.set_ylabel("acceptance", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
+    fig.suptitle("Acceptance of drafted steps versus diffusion time", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -71,9 +92,11 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     public = dict(config=report["config"], results=[{k: v for k, v in r.items() if not k.startswith("_")}
                                                      for r in report["results"]])
     public["environment"] = dict(torch=torch.__version__, python=platform.python_version())
+    public["warnings"] = list(report.get("warnings", []))
     paths = dict(json=out_dir / "report.json", markdown=out_dir / "report.md", acceptance=out_dir / "acceptance.png")
     paths["json"].write_text(json.dumps(public, indent=2))
-    paths["markdown"].write_text("# Speculative sampling against ancestral sampling\n\n" + markdown_table(report) + "\n")
+    notes = "".join(f"\n**Warning**: {note}\n" for note in report.get("warnings", []))
+    paths["markdown"].write_text("# Speculative sampling against ancestral sampling\n\n" + markdown_table(report) + "\n" + notes)
     acceptance_plot(report, paths["acceptance"])
     # Samples: ancestral and the method with the fewest calls, at the first num_steps.
     first = report["results"][0]["num_steps"]

@@ -149,8 +149,13 @@ def read_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
             f"checkpoint {str(path)!r} holds Python objects that are not plain data, so it was not loaded "
             f"(torch.load weights_only=True refused it: {str(err).splitlines()[0]})"
         ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} could not be read as a torch file: {err}") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        first = str(err).split(". ")[0].strip() or type(err).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} could not be read as a torch file: it is damaged, truncated (an interrupted "
+            f"copy or save) or not a checkpoint (torch: {first}). Copy it again, or use another checkpoint (a "
+            "run's checkpoints/ folder keeps last.ckpt and the latest epoch=...-step=....ckpt)."
+        ) from err
     return ckpt
 
 

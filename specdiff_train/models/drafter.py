@@ -16,6 +16,7 @@ The maths is in the small functions at the top; the modules only wire them toget
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,8 @@ class FrozenTargetDistillation(LightningModule):
                              f"{type(module).__name__} (keep its constructor arguments as attributes of the same name)")
         self.save_hyperparameters(dict(
             _class_path=class_path(self), **{self.module_key: config}, target_ckpt=self.target_ckpt,
+            target_fingerprint=target_fingerprint(self.target),
+            target_step=(getattr(self.target, "checkpoint_info", None) or {}).get("global_step"),
             num_steps=self.plan.num_steps, objective=self.objective, trajectory_fraction=self.trajectory_fraction,
             schedule=self.schedule.config(), sample_shape=list(self.sample_shape), **extra,
         ))
@@ -423,6 +426,77 @@ class HeadDistillation(FrozenTargetDistillation):
                 if (offsets == j).any():
                     extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()
         return mismatch_loss(delta_sq, self.objective), delta_sq.detach(), k, extra
+
+
+# --- which target a drafter belongs to -----------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def target_fingerprint(target: torch.nn.Module) -> str:
+    """16 hex digits of sha256 over the target's weights (`state_dict`: names, shapes, values; floating
+    tensors as float32), so a full checkpoint and its slim export have the same fingerprint, and a
+    target from another step or run has another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(target.state_dict().items()):
+        t = tensor.detach().cpu()
+        t = (t.float() if t.is_floating_point() else t).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _recorded_target(hparams: dict) -> tuple[str | None, str]:
+    """(the fingerprint of the target a drafter was trained against, where it comes from)."""
+    if hparams.get("target_fingerprint"):
+        return hparams["target_fingerprint"], "recorded when the drafter was trained"
+    # Checkpoints written before fingerprints were recorded: the recorded target file, as it is now.
+    recorded = str(hparams.get("target_ckpt") or "")
+    for path in (Path(recorded), REPO_ROOT / recorded):
+        if recorded and path.is_file():
+            from .checkpoints import load_target
+
+            return target_fingerprint(load_target(path)), f"of {recorded} as it is now (the drafter predates recorded fingerprints)"
+    return None, f"its target file {recorded or '(none recorded)'} is gone"
+
+
+def drafter_target_warning(drafter_ckpt: str | Path, target: torch.nn.Module) -> str | None:
+    """A warning when the drafter checkpoint was trained against another target than `target` (its
+    weights' fingerprint differs from the recorded one), or when that cannot be checked; None when they match."""
+    hparams = read_checkpoint(drafter_ckpt).get("hyper_parameters") or {}
+    recorded, source = _recorded_target(hparams)
+    info = getattr(target, "checkpoint_info", None) or {}
+    used = f"{info.get('path', 'the target in use')}" + (f" (step {info['global_step']})" if info.get("global_step") is not None else "")
+    if recorded is None:
+        return (f"drafter {drafter_ckpt}: cannot check that it was trained against {used}: it records no weight "
+                f"fingerprint and {source}. If it was trained against another target, acceptance will be lower "
+                "than it was trained to give (sampling stays exact).")
+    actual = target_fingerprint(target)
+    if recorded == actual:
+        return None
+    step = f" at step {hparams['target_step']}" if hparams.get("target_step") is not None else ""
+    if info.get("path") and str(info["path"]) == str(hparams.get("target_ckpt")):
+        step += " (that file now holds other weights: a later save of the run overwrote it?)"
+    kind = "medusa" if isinstance(hparams.get("head"), dict) else "draftnet"
+    return (
+        f"drafter {drafter_ckpt} was trained against another target: {hparams.get('target_ckpt')}{step} (weights "
+        f"{recorded}, {source}), but is used with {used} (weights {actual}). Sampling stays exact, but acceptance "
+        "and speed-up will be lower than the drafter was trained to give. Train it for this target: `python "
+        f"train.py fit --config configs/drafter/<target>_{kind}.yaml --model.init_args.target_ckpt <this target's checkpoint>`."
+    )
+
+
+def check_drafter_target(drafter: Any, target: torch.nn.Module) -> str | None:
+    """`drafter_target_warning` for a drafter object that loaded a checkpoint (`.checkpoint`, as the learned
+    drafters); emits it as a warning (rank zero) and returns it. Drafters without a checkpoint: None."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    ckpt = getattr(drafter, "checkpoint", None)
+    if not ckpt:
+        return None
+    message = drafter_target_warning(ckpt, target)
+    if message:
+        rank_zero_warn(message)
+    return message
 
 
 # --- loading at sampling time -------------------------------------------------------------------
