@@ -1,5 +1,7 @@
 """Learned drafters (distilled draft networks, Medusa-like heads): the delta-matching loss weights,
 exactness of speculative sampling with them, training through the CLI, loading, draft cost, errors."""
+import warnings
+
 import pytest
 import torch
 
@@ -308,6 +310,14 @@ def test_drafter_checkpoints_are_checked_against_the_target_they_are_used_with(t
     assert "was trained against another target" in warning and str(target_path) in warning
     assert target_fingerprint(target) in warning and target_fingerprint(other) in warning
     assert "Sampling stays exact" in warning and "--model.init_args.target_ckpt" in warning
+
+    sample = lambda model: speculative_sample(model, model.schedule, (2,), num_steps=5, seeds=[0],  # noqa: E731
+                                              drafter=DraftNetworkDrafter(str(drafter_path)), window=2)
+    with pytest.warns(Warning, match="was trained against another target"):
+        sample(other)  # the Python API says it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sample(target)
 
     trainer = SpecDiffTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     report = trainer.evaluate(other, drafters=[DraftNetworkDrafter(str(drafter_path))], verifiers=["block"],

@@ -167,6 +167,17 @@ def _check_arguments(schedule, plan, drafter, verifier, window, correction):
         )
 
 
+def _check_trained_for(drafter: Drafter, model) -> None:
+    """Warn (once per drafter and target) when a learned drafter's checkpoint records another target:
+    sampling stays exact, but the acceptance is not what the drafter was trained to give."""
+    checked = drafter.__dict__.setdefault("_checked_targets", set())
+    if getattr(drafter, "checkpoint", None) and isinstance(model, torch.nn.Module) and id(model) not in checked:
+        from ..models.drafter import check_drafter_target
+
+        check_drafter_target(drafter, model)
+        checked.add(id(model))
+
+
 def _window(tables, n: torch.Tensor, L: int, sample_dims: int) -> DraftWindow:
     """Step indices of X_0..X_L for every chain (clamped: padding rows hold valid indices) and their
     timesteps and coefficients, gathered once for the round."""
@@ -278,6 +289,7 @@ def speculative_sample(
         verify, verifier_name = partial(verify_tokenwise, correction=correction), f"tokenwise-{correction}"
     W = min(window, S)  # no window is ever longer than the stochastic steps
 
+    _check_trained_for(drafter, model)
     tables = plan.tables(device, dtype)
     target = _CountingTarget(model, tables, capacity, device)
     all_slots = torch.arange(capacity, device=device)
