@@ -54,13 +54,13 @@ def log_residual_mass(log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     I(w, delta) = w Phi(a) - Phi(a - delta), a = delta / 2 + ln(w) / delta; -inf where delta = 0.
     """
     log_w, delta = torch.broadcast_tensors(log_w.double(), delta.double())
-    safe = delta > 0
-    dd = torch.where(safe, delta, 1.0)
+    no_mass = delta <= 0
+    dd = delta.masked_fill(no_mass, 1.0)
     a = dd / 2 + log_w / dd
     log_phi_a = torch.special.log_ndtr(a)
     inner = torch.special.log_ndtr(a - dd) - log_w - log_phi_a
     log_mass = log_w + log_phi_a + _log1mexp_fast(inner.clamp(max=0.0))
-    return torch.where(safe, log_mass, -torch.inf)
+    return log_mass.masked_fill(no_mass, -torch.inf)
 
 
 def _log_residual_tail(t: torch.Tensor, log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -185,17 +185,14 @@ def sample_weighted_residual(
     if delta is None:
         delta = d.norm(dim=-1)
     degenerate = delta < _DEGENERATE_DELTA
-    safe_delta = torch.where(degenerate, 1.0, delta)
-    e = d / safe_delta.unsqueeze(-1)
+    safe_delta = delta.masked_fill(degenerate, 1.0)
+    e = d / safe_delta.unsqueeze(-1)  # = d on degenerate rows
     xi = xi.double()
-    t = residual_projection(log_w.double().clamp(max=0.0), safe_delta, u,
-                            log_mass=None if log_mass is None else torch.where(degenerate, 0.0, log_mass))
-    s = std.double().unsqueeze(-1)
-    # y = mu_q + s (t e + xi - (xi.e) e): xi's component along e replaced by the residual's t
-    along = (t - (xi * e).sum(-1)).unsqueeze(-1)
-    y = mu_q.double() + s * torch.addcmul(xi, along, e)
-    fallback = mu_p.double() + s * xi
-    return torch.where(degenerate.unsqueeze(-1), fallback, y).to(mu_p.dtype)
+    t = residual_projection(log_w.double().clamp(max=0.0), safe_delta, u, log_mass=log_mass)
+    # y = mu_q + s (xi + (t - xi.e) e): xi's component along e replaced by the residual's t. Degenerate
+    # rows take mu_q + s (xi + d) = mu_p + s xi (the kernels coincide there).
+    along = (t - (xi * e).sum(-1)).masked_fill(degenerate, 1.0).unsqueeze(-1)
+    return (mu_q.double() + std.double().unsqueeze(-1) * torch.addcmul(xi, along, e)).to(mu_p.dtype)
 
 
 def sample_residual(mu_p, mu_q, std, xi, u) -> torch.Tensor:

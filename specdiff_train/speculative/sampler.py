@@ -304,11 +304,8 @@ def speculative_sample(
     samples = torch.zeros(num_seeds, *shape, device=device, dtype=dtype)
     calls_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
     rounds_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
-    drafted_at = torch.zeros(N, dtype=torch.int64, device=device)
-    accepted_at = torch.zeros(N, dtype=torch.int64, device=device)
-    accepted_total = torch.zeros((), dtype=torch.int64, device=device)
-    advanced_total = torch.zeros((), dtype=torch.int64, device=device)
-    totals = dict(draft_calls=0, chain_rounds=0, rounds=0)
+    transitions_at = torch.zeros(N, 2, dtype=torch.int64, device=device)  # per step: (drafted, accepted)
+    totals = dict(draft_calls=0, chain_rounds=0, rounds=0, advanced=0)
     queue = iter(range(num_seeds))
     live: list[int] = []
 
@@ -328,7 +325,7 @@ def speculative_sample(
 
     def next_lengths(rows, n):
         """Each chain's window for its next round (0: a plain target step)."""
-        return torch.where(drafter.ready(rows).to(device), (S - n).clamp(min=0, max=W), 0)
+        return (S - n).clamp(min=0, max=W) * drafter.ready(rows).to(device)
 
     admit(list(range(capacity)))
     bar = tqdm(total=num_seeds * N, disable=not progress, desc=f"speculative {verifier_name}", unit="step")
@@ -359,7 +356,7 @@ def speculative_sample(
 
         # Evaluate: ONE target call on rows X_0..X_L (X_{L'} only if a step follows it).
         j = arange(0, L + 1, device)
-        evaluated = (j <= lengths.unsqueeze(1)) & (n.unsqueeze(1) + j < N)
+        evaluated = j <= torch.minimum(lengths, (N - 1) - n).unsqueeze(1)  # in the window, and a step follows
         target.count(rows, None)
         out, features, x0, target_means = _evaluate(target, win, states, evaluated, drafter.wants_features, schedule)
         has_next = n + lengths < N
@@ -382,10 +379,8 @@ def speculative_sample(
                                            evaluated=evaluated, accepted=tau, denoised=x0, means=target_means))
 
         # Commit, and book-keeping on the device: per-step drafted and accepted transitions.
-        positions = win.steps[:, :L].reshape(-1)
-        drafted_at.index_add_(0, positions, (j[1:] <= lengths.unsqueeze(1)).reshape(-1).long())
-        accepted_at.index_add_(0, positions, (j[1:] <= tau.unsqueeze(1)).reshape(-1).long())
-        accepted_total += tau.sum()
+        drafted_accepted = j[1:, None] <= torch.stack([lengths, tau], 1).unsqueeze(1)  # (C, L, 2)
+        transitions_at.index_add_(0, win.steps[:, :L].reshape(-1), drafted_accepted.reshape(-1, 2).long())
         new_step = n + advanced
         if everyone:
             state.copy_(result.next_state.reshape(C, *shape))
@@ -401,9 +396,8 @@ def speculative_sample(
         # The round's one host read: did a chain finish, the next round's window, steps advanced.
         finished = new_step >= N
         lengths = next_lengths(rows, new_step)
-        advanced_sum = advanced.sum()
-        advanced_total += advanced_sum
-        any_finished, L, advanced_now = torch.stack([finished.any().long(), lengths.max(), advanced_sum]).tolist()
+        any_finished, L, advanced_now = torch.stack([finished.any().long(), lengths.max(), advanced.sum()]).tolist()
+        totals["advanced"] += advanced_now
         bar.update(advanced_now)
         if any_finished:
             done = rows[finished]
@@ -420,8 +414,8 @@ def speculative_sample(
     bar.close()
     elapsed = time.perf_counter() - start
 
-    drafted = int(drafted_at.sum())
-    accepted = int(accepted_total)
+    drafted_at, accepted_at = transitions_at.unbind(1)
+    drafted, accepted = transitions_at.sum(0).tolist()
     calls = calls_per_sample.double().mean().item()
     stats = dict(
         num_samples=num_seeds,
@@ -440,7 +434,7 @@ def speculative_sample(
         drafted_steps=drafted,
         acceptance_rate=accepted / drafted if drafted else float("nan"),
         mean_accepted_per_round=accepted / totals["chain_rounds"],
-        mean_steps_per_round=int(advanced_total) / totals["chain_rounds"],
+        mean_steps_per_round=totals["advanced"] / totals["chain_rounds"],
         drafted_per_step=drafted_at.tolist(),
         accepted_per_step=accepted_at.tolist(),
         wall_clock_s=elapsed,

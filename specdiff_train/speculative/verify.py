@@ -115,11 +115,14 @@ def reflection_instead_of_residual(mu_p, mu_q, std, log_w, xi, u, draft_noise, *
     return reflect(draft_noise, scaled_mean_difference(mu_p, mu_q, std), mu_p, std)
 
 
-def running_log_weights(log_ratio: torch.Tensor, log_w0: torch.Tensor) -> torch.Tensor:
+def running_log_weights(log_ratio: torch.Tensor, log_w0: torch.Tensor | None = None) -> torch.Tensor:
     """log w_i = min(0, log w_{i-1} + log_ratio_i), i = 1..L, without a loop (C, L+1 with log w_0).
 
     With S_i = log w_0 + sum_{j<=i} log_ratio_j, the recursion unrolls to S_i - max(0, S_1..S_i):
     a cumulative sum and a cumulative maximum."""
+    if log_w0 is None:  # w_0 = 1
+        S = log_ratio.cumsum(dim=1)
+        return torch.nn.functional.pad(S - S.cummax(dim=1).values.clamp(min=0.0), (1, 0))
     S = log_w0.unsqueeze(-1) + log_ratio.cumsum(dim=1)
     log_w = S - S.cummax(dim=1).values.clamp(min=0.0)
     return torch.cat([log_w0.unsqueeze(-1), log_w], dim=1)
@@ -128,7 +131,7 @@ def running_log_weights(log_ratio: torch.Tensor, log_w0: torch.Tensor) -> torch.
 def block_pass_probabilities(log_ratio, log_w0, delta, lengths):
     """h_i of block verification (Sun et al. 2024) and the running log weights log w_i.
 
-    log_ratio: (C, L) log P/Q at each draft; delta: (C, L) delta of the kernel at X_i, i = 0..L-1
+    log_ratio: (C, L) log P/Q at each draft; log_w0: (C,) or None for w_0 = 1; delta: (C, L) delta of the kernel at X_i, i = 0..L-1
     (h_i uses the one at X_i for step i+1, i < L'). Returns (h (C, L), log_w (C, L+1), log_rho (C, L)),
     log_rho[:, i] = log I(w_i, delta_i): the residual mass at X_i, what a correction at i draws from.
     """
@@ -137,7 +140,7 @@ def block_pass_probabilities(log_ratio, log_w0, delta, lengths):
     log_rho = log_residual_mass(log_w[:, :L], delta)
     lw, next_rho = log_w[:, 1:], torch.nn.functional.pad(log_rho[:, 1:], (0, 1), value=-torch.inf)
     # h = rho / (rho + 1 - w) = sigmoid(log rho - log(1 - w)); w = 1 gives 1 (also 0/0 -> 1).
-    inner = torch.where(lw < 0, torch.sigmoid(next_rho - torch.log(-torch.expm1(lw))), 1.0)
+    inner = torch.sigmoid(next_rho - torch.log(-torch.expm1(lw))).masked_fill(lw >= 0, 1.0)
     is_last = arange(1, L + 1, lengths.device) == lengths.unsqueeze(-1)
     h = torch.where(is_last, lw.exp(), inner)
     return h, log_w, log_rho
@@ -158,9 +161,9 @@ def verify_block(
     if L == 0:  # plain target steps only
         return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0])
     d, delta, log_ratio = _draft_statistics(noise, draft_means, target_means, stds)
-    h, log_w, log_rho = block_pass_probabilities(log_ratio, torch.zeros_like(log_ratio[:, 0]), delta, lengths)
+    h, log_w, log_rho = block_pass_probabilities(log_ratio, None, delta, lengths)
     passes = (accept_u < h) & _window_mask(lengths, L)
-    tau = torch.where(passes, arange(1, L + 1, lengths.device), 0).amax(dim=1)
+    tau = (passes * arange(1, L + 1, lengths.device)).amax(dim=1)
 
     rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the residual sits at X_tau
     if C >= COMPACT_MIN_CHAINS:  # many chains: draw only where a correction is needed (one host read)
