@@ -230,6 +230,66 @@ def _evaluate(target: _CountingTarget, window: DraftWindow, states, evaluated, w
     return unflat(out), unflat(features), unflat(x0), unflat(means)
 
 
+class _Chains:
+    """The chains in the sampler's slots: per-slot state on the device, the live slots on the host,
+    and the finished samples with their per-sample counters."""
+
+    def __init__(self, capacity: int, num_seeds: int, shape, device, dtype):
+        self.all_slots = torch.arange(capacity, device=device)
+        self.state = torch.zeros(capacity, *shape, device=device, dtype=dtype)
+        self.step = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.rounds = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.owner = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # index into seeds
+        self.samples = torch.zeros(num_seeds, *shape, device=device, dtype=dtype)
+        self.calls_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
+        self.rounds_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
+        self.live: list[int] = []
+
+    def rows(self) -> torch.Tensor:
+        """Index of the live slots: `all_slots` itself when every slot is live (no gathers then)."""
+        if len(self.live) == len(self.all_slots):
+            return self.all_slots
+        return torch.tensor(sorted(self.live), device=self.all_slots.device)
+
+    def pick(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return values if rows is self.all_slots else values[rows]
+
+    def admit(self, slots, seed_idx, x_T, slot_list) -> None:
+        self.state[slots] = x_T
+        self.step[slots], self.rounds[slots], self.owner[slots] = 0, 0, seed_idx
+        self.live.extend(slot_list)
+
+    def commit(self, rows, next_state, next_step) -> None:
+        if rows is self.all_slots:
+            self.state.copy_(next_state)
+            self.step.copy_(next_step)
+            self.rounds.add_(1)
+        else:
+            self.state[rows] = next_state.to(self.state.dtype)
+            self.step[rows] = next_step
+            self.rounds[rows] += 1
+
+    def retire(self, done: torch.Tensor, calls_per_slot: torch.Tensor) -> list[int]:
+        """Store the finished chains' samples and counters; free their slots."""
+        idx = self.owner[done]
+        self.samples[idx] = self.state[done]
+        self.calls_per_sample[idx] = calls_per_slot[done]
+        self.rounds_per_sample[idx] = self.rounds[done]
+        self.owner[done] = -1
+        done_list = done.tolist()
+        finished = set(done_list)
+        self.live[:] = [s for s in self.live if s not in finished]
+        return done_list
+
+
+def _record_transitions(transitions_at: torch.Tensor, window: DraftWindow, lengths, tau) -> None:
+    """Per step, the drafted and the accepted transitions of this round (for acceptance per diffusion time)."""
+    L = window.length
+    positions = arange(1, L + 1, lengths.device).unsqueeze(1)
+    drafted_accepted = positions <= torch.stack([lengths, tau], 1).unsqueeze(1)  # (C, L, 2)
+    transitions_at.index_add_(0, window.steps[:, :L].reshape(-1), drafted_accepted.reshape(-1, 2).long())
+
+
 @torch.no_grad()
 def speculative_sample(
     model: Denoiser,
@@ -292,36 +352,24 @@ def speculative_sample(
     _check_trained_for(drafter, model)
     tables = plan.tables(device, dtype)
     target = _CountingTarget(model, tables, capacity, device)
-    all_slots = torch.arange(capacity, device=device)
-    target.all_slots = all_slots
-    drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype, all_slots=all_slots))
+    chains = _Chains(capacity, num_seeds, shape, device, dtype)
+    target.all_slots = chains.all_slots
+    drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype, all_slots=chains.all_slots))
     noise = _RoundNoise(capacity, W, dim, device)
-
-    state = torch.zeros(capacity, *shape, device=device, dtype=dtype)
-    step = torch.zeros(capacity, dtype=torch.int64, device=device)
-    rounds = torch.zeros(capacity, dtype=torch.int64, device=device)
-    owner = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # index into seeds
-    samples = torch.zeros(num_seeds, *shape, device=device, dtype=dtype)
-    calls_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
-    rounds_per_sample = torch.zeros(num_seeds, dtype=torch.int64, device=device)
     transitions_at = torch.zeros(N, 2, dtype=torch.int64, device=device)  # per step: (drafted, accepted)
     totals = dict(draft_calls=0, chain_rounds=0, rounds=0, advanced=0)
     queue = iter(range(num_seeds))
-    live: list[int] = []
 
     def admit(slot_list: list[int]) -> None:
         taken = list(zip(slot_list, queue))
-        if not taken:
-            return
-        slot_idx = torch.tensor([s for s, _ in taken], device=device)
-        seed_idx = torch.tensor([i for _, i in taken], device=device)
-        state[slot_idx] = initial_noise(seeds_t[seed_idx], shape).to(dtype=dtype)
-        step[slot_idx], rounds[slot_idx], owner[slot_idx] = 0, 0, seed_idx
-        target.per_slot[slot_idx] = 0
-        noise.admit(slot_idx, seeds_t[seed_idx])
-        noise.fill(slot_idx, rounds[slot_idx], totals["rounds"], [s for s, _ in taken])
-        drafter.join(slot_idx)
-        live.extend(s for s, _ in taken)
+        if taken:
+            slots = torch.tensor([s for s, _ in taken], device=device)
+            seed_idx = torch.tensor([i for _, i in taken], device=device)
+            chains.admit(slots, seed_idx, initial_noise(seeds_t[seed_idx], shape).to(dtype=dtype), [s for s, _ in taken])
+            target.per_slot[slots] = 0
+            noise.admit(slots, seeds_t[seed_idx])
+            noise.fill(slots, chains.rounds[slots], totals["rounds"], [s for s, _ in taken])
+            drafter.join(slots)
 
     def next_lengths(rows, n):
         """Each chain's window for its next round (0: a plain target step)."""
@@ -330,25 +378,23 @@ def speculative_sample(
     admit(list(range(capacity)))
     bar = tqdm(total=num_seeds * N, disable=not progress, desc=f"speculative {verifier_name}", unit="step")
     start = time.perf_counter()
-    rows, lengths, L = all_slots, None, None
-    while live:
-        everyone = len(live) == capacity
+    lengths = None
+    while chains.live:
         if lengths is None:  # the set of live chains changed: recompute the windows (a host read)
-            rows = all_slots if everyone else torch.tensor(sorted(live), device=device)
-            lengths = next_lengths(rows, step if everyone else step[rows])
+            rows = chains.rows()
+            lengths = next_lengths(rows, chains.pick(chains.step, rows))
             L = int(lengths.max())
-        if totals["rounds"] >= min(noise.expires[s] for s in live):
-            noise.fill(rows, rounds if everyone else rounds[rows], totals["rounds"], live)
-        pick = (lambda t: t) if everyone else (lambda t: t[rows])  # noqa: E731
-        x, n, chain_rounds = pick(state), pick(step), pick(rounds)
-        C = len(live)
+        if totals["rounds"] >= min(noise.expires[s] for s in chains.live):
+            noise.fill(rows, chains.pick(chains.rounds, rows), totals["rounds"], chains.live)
+        x, n, chain_rounds = (chains.pick(t, rows) for t in (chains.state, chains.step, chains.rounds))
+        C = len(chains.live)
 
         # Draft
-        draft_noise, xi, accept_u, residual_u = noise.draw(rows, chain_rounds, everyone)
+        draft_noise, xi, accept_u, residual_u = noise.draw(rows, chain_rounds, rows is chains.all_slots)
         draft_noise, xi = draft_noise[:, :L].to(dtype).reshape(C, L, *shape), xi.to(dtype)
         win = _window(tables, n, L, len(shape))
         if L > 0:  # else every chain takes a plain target step (warm-up, or the chain's last step)
-            target.count_mask = lengths > 0
+            target.count_mask = lengths > 0  # a target call the drafter makes counts where it drafts
             drafter.start_round(rows, x, n)
             target.count_mask = None
         states, draft_means = _draft(drafter, rows, x, win, draft_noise, shape)
@@ -359,60 +405,37 @@ def speculative_sample(
         evaluated = j <= torch.minimum(lengths, (N - 1) - n).unsqueeze(1)  # in the window, and a step follows
         target.count(rows, None)
         out, features, x0, target_means = _evaluate(target, win, states, evaluated, drafter.wants_features, schedule)
-        has_next = n + lengths < N
 
         # Verify
         result = verify(
-            draft_noise.reshape(C, L, dim),
-            states.reshape(C, L + 1, dim),
-            draft_means.reshape(C, L, dim),
-            target_means.reshape(C, L + 1, dim),
-            tables.std[win.steps],
-            lengths,
-            has_next,
-            accept_u[:, :L],
-            xi,
-            residual_u,
+            draft_noise.reshape(C, L, dim), states.reshape(C, L + 1, dim), draft_means.reshape(C, L, dim),
+            target_means.reshape(C, L + 1, dim), tables.std[win.steps], lengths, n + lengths < N,
+            accept_u[:, :L], xi, residual_u,
         )
-        tau, advanced = result.accepted, result.advanced
-        drafter.observe(rows, Verification(states=states, steps=n, outputs=out, features=features,
-                                           evaluated=evaluated, accepted=tau, denoised=x0, means=target_means))
+        drafter.observe(rows, Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
+                                           accepted=result.accepted, denoised=x0, means=target_means))
 
-        # Commit, and book-keeping on the device: per-step drafted and accepted transitions.
-        drafted_accepted = j[1:, None] <= torch.stack([lengths, tau], 1).unsqueeze(1)  # (C, L, 2)
-        transitions_at.index_add_(0, win.steps[:, :L].reshape(-1), drafted_accepted.reshape(-1, 2).long())
-        new_step = n + advanced
-        if everyone:
-            state.copy_(result.next_state.reshape(C, *shape))
-            step.copy_(new_step)
-            rounds.add_(1)
-        else:
-            state[rows] = result.next_state.reshape(C, *shape).to(dtype)
-            step[rows] = new_step
-            rounds[rows] += 1
+        # Commit, with the book-keeping on the device
+        _record_transitions(transitions_at, win, lengths, result.accepted)
+        new_step = n + result.advanced
+        chains.commit(rows, result.next_state.reshape(C, *shape), new_step)
         totals["chain_rounds"] += C
         totals["rounds"] += 1
 
         # The round's one host read: did a chain finish, the next round's window, steps advanced.
         finished = new_step >= N
         lengths = next_lengths(rows, new_step)
-        any_finished, L, advanced_now = torch.stack([finished.any().long(), lengths.max(), advanced.sum()]).tolist()
-        totals["advanced"] += advanced_now
-        bar.update(advanced_now)
+        any_finished, L, advanced = torch.stack([finished.any().long(), lengths.max(), result.advanced.sum()]).tolist()
+        totals["advanced"] += advanced
+        bar.update(advanced)
         if any_finished:
-            done = rows[finished]
-            idx = owner[done]
-            samples[idx] = state[done]
-            calls_per_sample[idx] = target.per_slot[done]
-            rounds_per_sample[idx] = rounds[done]
-            owner[done] = -1
-            done_list = done.tolist()
-            live[:] = [s for s in live if s not in set(done_list)]
-            if refill or not live:
-                admit(done_list if refill else list(range(capacity)))
+            done = chains.retire(rows[finished], target.per_slot)
+            if refill or not chains.live:
+                admit(done if refill else list(range(capacity)))
             lengths = None
     bar.close()
     elapsed = time.perf_counter() - start
+    samples, calls_per_sample, rounds_per_sample = chains.samples, chains.calls_per_sample, chains.rounds_per_sample
 
     drafted_at, accepted_at = transitions_at.unbind(1)
     drafted, accepted = transitions_at.sum(0).tolist()

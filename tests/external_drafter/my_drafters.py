@@ -24,7 +24,7 @@ class DampedFreeDrafter(Drafter):
         return self.plan.transition_from_x0(x, k, x0)[0]
 
     def observe(self, slots, verification):       # what the batched target call computed this round
-        rows = torch.arange(len(slots))
+        rows = torch.arange(len(slots), device=slots.device)
         tau = verification.accepted
         t = self.plan.t(verification.steps + tau)
         self.eps[slots] = self.schedule.to_eps(verification.outputs[rows, tau], verification.states[rows, tau], t)
