@@ -20,8 +20,11 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_mean_difference(mu_p: torch.Tensor, mu_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """D = (mu_p - mu_q) / s, float64, (..., d); std broadcast over the last dim."""
-    return (mu_p.double() - mu_q.double()) / std.double().unsqueeze(-1)
+    """D = (mu_p - mu_q) / s, float64, (..., d); std broadcast over the last dim.
+
+    The difference is taken in the means' own dtype (exact to half an ulp of the difference), then
+    widened: the states themselves carry no more precision than that."""
+    return (mu_p - mu_q).double() / std.double().unsqueeze(-1)
 
 
 def log_density_ratio(z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

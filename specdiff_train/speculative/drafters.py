@@ -299,12 +299,12 @@ class FreeDrafter(FrozenOutputDrafter):
     def observe(self, slots, verification):
         v = verification
         usable = v.at_accepted(v.evaluated)  # the row at tau was evaluated (not past the chain's end)
-        x, k = v.at_accepted(v.states), v.steps + v.accepted
-        value = self._value_to_freeze(
-            v.at_accepted(v.outputs), x, k,
-            denoised=None if v.denoised is None else v.at_accepted(v.denoised),
-            mean=None if v.means is None else v.at_accepted(v.means),
-        )
+        if self.freeze == "x0" and v.denoised is not None:  # what the sampler already computed
+            value = v.at_accepted(v.denoised)
+        else:
+            x, k = v.at_accepted(v.states), v.steps + v.accepted
+            value = self._value_to_freeze(v.at_accepted(v.outputs), x, k,
+                                          mean=None if v.means is None else v.at_accepted(v.means))
         self.update(self.frozen, slots, value, usable)
         self.update(self.has_frozen, slots, usable | self.gather(self.has_frozen, slots))
 

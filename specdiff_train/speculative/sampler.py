@@ -57,8 +57,9 @@ class SpeculativeResult:
 class _CountingTarget:
     """Calls the target network and counts batched calls, rows and per-chain sequential calls.
 
-    A call counts for the chains in `slots` where `count_mask` (set by the sampler to the chains
-    that draft this round, for calls the drafter makes) is true; the verification call counts for all."""
+    `per_slot` counts the calls a drafter makes, for the chains in `slots` that draft this round
+    (`count_mask`, set by the sampler); each round's verification call is one more per chain, counted
+    by the chain's rounds."""
 
     def __init__(self, model: Denoiser, tables, capacity: int, device):
         self.model, self.tables = model, tables
@@ -69,14 +70,14 @@ class _CountingTarget:
         self.rows = 0
 
     def count(self, slots: torch.Tensor, mask: torch.Tensor | None) -> None:
-        add = 1 if mask is None else mask.long()
+        add = 1 if mask is None else mask
         if slots is self.all_slots:
             self.per_slot += add
         else:
             self.per_slot[slots] += add
 
     def __call__(self, x, k, slots, return_features: bool = False):
-        self.count(slots, self.count_mask)
+        self.count(slots, None if self.count_mask is None else self.count_mask > 0)  # where it drafts
         return self.evaluate(x, self.tables.timesteps[k], return_features)
 
     def evaluate(self, x, t, return_features: bool = False):
@@ -106,7 +107,7 @@ class _RoundNoise:
         self.window, self.numel = window, numel
         self.ahead = max(1, min(MAX_ROUNDS_AHEAD, max_elements // (capacity * (window + 1) * numel)))
         self.gaussians = torch.zeros(capacity, self.ahead, window + 1, numel, device=device)
-        self.uniforms = torch.zeros(capacity, self.ahead, 2, window, dtype=torch.float64, device=device)
+        self.uniforms = torch.zeros(capacity, self.ahead, window + 1, dtype=torch.float64, device=device)
         self.first_round = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.seed_keys = torch.zeros(capacity, dtype=torch.int64, device=device)
         positions = torch.arange(window + 1, device=device)
@@ -129,7 +130,8 @@ class _RoundNoise:
         g_keys = row_keys(keys[:, None, None], base | self._gauss_positions, self._gauss_streams, small_counters=True)
         u_keys = row_keys(keys[:, None, None], base, self._unif_streams, small_counters=True)
         self.gaussians[slots] = gaussian_from_words(words(g_keys, self._gauss_salts), self.numel)
-        self.uniforms[slots] = uniform_from_words(words(u_keys, self._unif_salts))
+        accept, residual = uniform_from_words(words(u_keys, self._unif_salts)).unbind(-2)
+        self.uniforms[slots] = torch.cat([accept, residual[..., :1]], dim=-1)  # W accept uniforms, 1 residual
         self.first_round[slots] = chain_rounds
         for slot in slot_list:
             self.expires[slot] = sampler_round + self.ahead
@@ -139,7 +141,7 @@ class _RoundNoise:
         offset = chain_rounds - (self.first_round if all_rows else self.first_round[rows])
         g = self.gaussians[rows, offset]
         u = self.uniforms[rows, offset]
-        return g[:, : self.window], g[:, self.window], u[:, 0], u[:, 1, 0]
+        return g[:, : self.window], g[:, self.window], u[:, : self.window], u[:, self.window]
 
 
 def _check_arguments(schedule, plan, drafter, verifier, window, correction):
@@ -273,7 +275,7 @@ class _Chains:
         """Store the finished chains' samples and counters; free their slots."""
         idx = self.owner[done]
         self.samples[idx] = self.state[done]
-        self.calls_per_sample[idx] = calls_per_slot[done]
+        self.calls_per_sample[idx] = self.rounds[done] + calls_per_slot[done]  # verification + drafter calls
         self.rounds_per_sample[idx] = self.rounds[done]
         self.owner[done] = -1
         done_list = done.tolist()
@@ -282,12 +284,32 @@ class _Chains:
         return done_list
 
 
-def _record_transitions(transitions_at: torch.Tensor, window: DraftWindow, lengths, tau) -> None:
-    """Per step, the drafted and the accepted transitions of this round (for acceptance per diffusion time)."""
-    L = window.length
-    positions = arange(1, L + 1, lengths.device).unsqueeze(1)
-    drafted_accepted = positions <= torch.stack([lengths, tau], 1).unsqueeze(1)  # (C, L, 2)
-    transitions_at.index_add_(0, window.steps[:, :L].reshape(-1), drafted_accepted.reshape(-1, 2).long())
+class _TransitionLog:
+    """Per step, how many transitions were drafted and accepted (acceptance per diffusion time).
+
+    A round only appends (step, window, tau) of its chains (one operation); the counts are made from
+    the log every `fold_every` rounds and at the end."""
+
+    def __init__(self, num_steps: int, device, fold_every: int = 256):
+        self.num_steps, self.fold_every = num_steps, fold_every
+        self.counts = torch.zeros(num_steps, 2, dtype=torch.int64, device=device)  # (drafted, accepted)
+        self.entries: list[torch.Tensor] = []
+
+    def append(self, steps, lengths, tau) -> None:
+        self.entries.append(torch.stack([steps, lengths, tau], 1))
+        if len(self.entries) >= self.fold_every:
+            self.fold()
+
+    def fold(self) -> None:
+        if not self.entries:
+            return
+        steps, lengths, tau = torch.cat(self.entries).unbind(1)
+        self.entries.clear()
+        L = int(lengths.max()) if len(lengths) else 0
+        offsets = torch.arange(L, device=steps.device)
+        at = (steps.unsqueeze(1) + offsets).clamp(max=self.num_steps - 1)  # step of each drafted transition
+        drafted_accepted = offsets.unsqueeze(1) < torch.stack([lengths, tau], 1).unsqueeze(1)  # (R, L, 2)
+        self.counts.index_add_(0, at.reshape(-1), drafted_accepted.reshape(-1, 2).long())
 
 
 @torch.no_grad()
@@ -343,10 +365,11 @@ def speculative_sample(
     capacity = min(batch_size or num_seeds, num_seeds)
     if callable(verifier):
         verify, verifier_name = verifier, getattr(verifier, "__name__", "custom")
-    elif verifier == "block":
-        verify, verifier_name = verify_block, "block"
+    elif verifier == "block":  # built-in verifiers leave the correction until a chain needs one
+        verify, verifier_name = partial(verify_block, defer_correction=True), "block"
     else:
-        verify, verifier_name = partial(verify_tokenwise, correction=correction), f"tokenwise-{correction}"
+        verify = partial(verify_tokenwise, correction=correction, defer_correction=True)
+        verifier_name = f"tokenwise-{correction}"
     W = min(window, S)  # no window is ever longer than the stochastic steps
 
     _check_trained_for(drafter, model)
@@ -356,7 +379,7 @@ def speculative_sample(
     target.all_slots = chains.all_slots
     drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype, all_slots=chains.all_slots))
     noise = _RoundNoise(capacity, W, dim, device)
-    transitions_at = torch.zeros(N, 2, dtype=torch.int64, device=device)  # per step: (drafted, accepted)
+    transitions = _TransitionLog(N, device)
     totals = dict(draft_calls=0, chain_rounds=0, rounds=0, advanced=0)
     queue = iter(range(num_seeds))
 
@@ -391,10 +414,12 @@ def speculative_sample(
 
         # Draft
         draft_noise, xi, accept_u, residual_u = noise.draw(rows, chain_rounds, rows is chains.all_slots)
-        draft_noise, xi = draft_noise[:, :L].to(dtype).reshape(C, L, *shape), xi.to(dtype)
+        if L < W:  # the end of the chains: a shorter window
+            draft_noise, accept_u = draft_noise[:, :L], accept_u[:, :L]
+        draft_noise, xi = draft_noise.to(dtype).reshape(C, L, *shape), xi.to(dtype)
         win = _window(tables, n, L, len(shape))
         if L > 0:  # else every chain takes a plain target step (warm-up, or the chain's last step)
-            target.count_mask = lengths > 0  # a target call the drafter makes counts where it drafts
+            target.count_mask = lengths  # a target call the drafter makes counts where it drafts (lengths > 0)
             drafter.start_round(rows, x, n)
             target.count_mask = None
         states, draft_means = _draft(drafter, rows, x, win, draft_noise, shape)
@@ -402,30 +427,35 @@ def speculative_sample(
 
         # Evaluate: ONE target call on rows X_0..X_L (X_{L'} only if a step follows it).
         j = arange(0, L + 1, device)
-        evaluated = j <= torch.minimum(lengths, (N - 1) - n).unsqueeze(1)  # in the window, and a step follows
-        target.count(rows, None)
+        room = (N - 1) - n  # steps that follow X_0
+        has_next = lengths <= room  # a step follows X_{L'}
+        evaluated = j <= torch.minimum(lengths, room).unsqueeze(1)  # in the window, and a step follows
         out, features, x0, target_means = _evaluate(target, win, states, evaluated, drafter.wants_features, schedule)
 
         # Verify
         result = verify(
             draft_noise.reshape(C, L, dim), states.reshape(C, L + 1, dim), draft_means.reshape(C, L, dim),
-            target_means.reshape(C, L + 1, dim), tables.std[win.steps], lengths, n + lengths < N,
-            accept_u[:, :L], xi, residual_u,
+            target_means.reshape(C, L + 1, dim), tables.std[win.steps], lengths, has_next,
+            accept_u, xi, residual_u,
         )
         drafter.observe(rows, Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
                                            accepted=result.accepted, denoised=x0, means=target_means))
 
-        # Commit, with the book-keeping on the device
-        _record_transitions(transitions_at, win, lengths, result.accepted)
+        # The round's one host read: did a chain stop short (then the correction is drawn), did a chain
+        # finish, the next round's window, steps advanced.
+        transitions.append(n, lengths, result.accepted)
         new_step = n + result.advanced
-        chains.commit(rows, result.next_state.reshape(C, *shape), new_step)
-        totals["chain_rounds"] += C
-        totals["rounds"] += 1
-
-        # The round's one host read: did a chain finish, the next round's window, steps advanced.
         finished = new_step >= N
         lengths = next_lengths(rows, new_step)
-        any_finished, L, advanced = torch.stack([finished.any().long(), lengths.max(), result.advanced.sum()]).tolist()
+        flags = [finished.sum(), lengths.max(), result.advanced.sum()]
+        if result.needs_correction is not None:
+            flags.append(result.needs_correction.sum())
+        any_finished, L, advanced, *needs = torch.stack(flags).tolist()
+
+        # Commit
+        chains.commit(rows, result.settle(bool(needs and needs[0])).reshape(C, *shape), new_step)
+        totals["chain_rounds"] += C
+        totals["rounds"] += 1
         totals["advanced"] += advanced
         bar.update(advanced)
         if any_finished:
@@ -437,8 +467,9 @@ def speculative_sample(
     elapsed = time.perf_counter() - start
     samples, calls_per_sample, rounds_per_sample = chains.samples, chains.calls_per_sample, chains.rounds_per_sample
 
-    drafted_at, accepted_at = transitions_at.unbind(1)
-    drafted, accepted = transitions_at.sum(0).tolist()
+    transitions.fold()
+    drafted_at, accepted_at = transitions.counts.unbind(1)
+    drafted, accepted = transitions.counts.sum(0).tolist()
     calls = calls_per_sample.double().mean().item()
     stats = dict(
         num_samples=num_seeds,

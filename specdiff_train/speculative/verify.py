@@ -38,8 +38,14 @@ COMPACT_MIN_CHAINS = 16  # from this many chains, corrections are drawn only for
 @dataclass
 class VerifyResult:
     accepted: torch.Tensor  # (C,) tau, drafts committed
-    next_state: torch.Tensor  # (C, d) the chain's state after this round
+    next_state: torch.Tensor | None  # (C, d) the chain's state after this round (None while deferred)
     advanced: torch.Tensor  # (C,) steps advanced: tau + 1 if a step followed X_tau, else tau
+    needs_correction: torch.Tensor | None = None  # (C,) chains that stopped short of their window
+    complete: Callable[[bool], torch.Tensor] | None = None  # deferred: complete(any_needs) -> next_state
+
+    def settle(self, any_needs_correction: bool) -> torch.Tensor:
+        """The next state; a deferred correction is computed only if some chain needs one."""
+        return self.next_state if self.complete is None else self.complete(any_needs_correction)
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -47,18 +53,29 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[arange(0, x.shape[0], x.device), index]
 
 
-def _finish(tau, lengths, has_next, states, target_means, stds, xi, correction_state):
+def _finish(tau, lengths, has_next, states, target_means, stds, xi, correction, defer: bool = False):
     """Assemble the round's outcome: bonus when all drafts passed and a step follows,
-    the last draft when all passed at the end of the chain, else the correction."""
+    the last draft when all passed at the end of the chain, else the correction.
+
+    `correction` is the corrected state per chain, or a function that computes it. With `defer`, the
+    next state is left to `VerifyResult.settle(any_needs_correction)`: the sampler reads whether any
+    chain stopped short with its one host read, and the correction is computed only then."""
     all_passed = tau == lengths
-    rows = arange(0, len(tau), tau.device)
-    bonus = torch.addcmul(target_means[rows, tau], stds[rows, tau].to(xi.dtype).unsqueeze(-1), xi)
-    state = torch.where(
-        (all_passed & has_next).unsqueeze(-1), bonus,
-        torch.where(all_passed.unsqueeze(-1), states[rows, tau], correction_state.to(bonus.dtype)),
-    )
     advanced = tau + (has_next | ~all_passed)
-    return VerifyResult(accepted=tau, next_state=state, advanced=advanced)
+
+    def next_state(any_needs_correction: bool = True) -> torch.Tensor:
+        rows = arange(0, len(tau), tau.device)
+        bonus = torch.addcmul(target_means[rows, tau], stds[rows, tau].to(xi.dtype).unsqueeze(-1), xi)
+        passed_state = torch.where(has_next.unsqueeze(-1), bonus, states[rows, tau])
+        if not any_needs_correction:  # every chain passed its whole window
+            return passed_state
+        fixed = correction() if callable(correction) else correction
+        return torch.where(all_passed.unsqueeze(-1), passed_state, fixed.to(bonus.dtype))
+
+    if defer:
+        return VerifyResult(accepted=tau, next_state=None, advanced=advanced, needs_correction=~all_passed,
+                            complete=next_state)
+    return VerifyResult(accepted=tau, next_state=next_state(), advanced=advanced)
 
 
 def _window_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -77,27 +94,30 @@ def _draft_statistics(noise, draft_means, target_means, stds):
 
 def verify_tokenwise(
     noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi, residual_u,
-    correction: str = "reflection",
+    correction: str = "reflection", defer_correction: bool = False,
 ) -> VerifyResult:
     """Accept X_i with prob min(1, P/Q) in order; at the first rejection correct with the
-    reflection maximal coupling (no extra randomness) or a fresh draw from (P - Q)_+."""
+    reflection maximal coupling (no extra randomness) or a fresh draw from (P - Q)_+.
+    `defer_correction`: see `_finish` (the sampler's way to skip corrections no chain needs)."""
     if correction not in ("reflection", "residual"):
         raise ValueError(f"correction: expected 'reflection' or 'residual', got {correction!r}")
     C, L = accept_u.shape
     if L == 0:  # plain target steps only: nothing to correct
-        return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0])
+        return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0],
+                       defer_correction)
     d, delta, log_ratio = _draft_statistics(noise, draft_means, target_means, stds)
     passed = (torch.log(accept_u) < log_ratio) & _window_mask(lengths, L)
     tau = passed.cumprod(dim=1).sum(dim=1)  # number of leading acceptances
 
-    rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the first rejected draft
-    mu_p, s, d_row = target_means[rows, row], stds[rows, row], d[rows, row]
-    if correction == "reflection":
-        fixed = reflect(noise[rows, row], d_row, mu_p, s)
-    else:
-        fixed = sample_weighted_residual(mu_p, draft_means[rows, row], s, torch.zeros_like(s), xi, residual_u,
-                                         d=d_row, delta=delta[rows, row])
-    return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
+    def fixed():
+        rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the first rejected draft
+        mu_p, s, d_row = target_means[rows, row], stds[rows, row], d[rows, row]
+        if correction == "reflection":
+            return reflect(noise[rows, row], d_row, mu_p, s)
+        return sample_weighted_residual(mu_p, draft_means[rows, row], s, torch.zeros_like(s), xi, residual_u,
+                                        d=d_row, delta=delta[rows, row])
+
+    return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed, defer_correction)
 
 
 ResidualSampler = Callable[..., torch.Tensor]
@@ -148,36 +168,41 @@ def block_pass_probabilities(log_ratio, log_w0, delta, lengths):
 
 def verify_block(
     noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi, residual_u,
-    correction: ResidualSampler = weighted_residual_correction,
+    correction: ResidualSampler = weighted_residual_correction, defer_correction: bool = False,
 ) -> VerifyResult:
     """Block verification: tau is the LAST index that passes; a partial acceptance is corrected by
     a fresh draw from the weighted residual (w_tau P - Q)_+ at X_tau (never by a reflection).
 
-    Every chain's correction is computed (and used where tau < L'), so that the round has a fixed
-    set of operations and no host read. `correction(mu_p, mu_q, std, log_w, xi, u, draft_noise,
+    At small batches every chain's correction is computed (and used where tau < L'), a fixed set of
+    operations with no host read; `defer_correction` leaves it until the sampler knows that some
+    chain needs one (see `_finish`). `correction(mu_p, mu_q, std, log_w, xi, u, draft_noise,
     **known)` is injectable so tests can show that a wrong correction is detected.
     """
     C, L = accept_u.shape
     if L == 0:  # plain target steps only
-        return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0])
+        return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0],
+                       defer_correction)
     d, delta, log_ratio = _draft_statistics(noise, draft_means, target_means, stds)
     h, log_w, log_rho = block_pass_probabilities(log_ratio, None, delta, lengths)
     passes = (accept_u < h) & _window_mask(lengths, L)
     tau = (passes * arange(1, L + 1, lengths.device)).amax(dim=1)
 
-    rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the residual sits at X_tau
-    if C >= COMPACT_MIN_CHAINS:  # many chains: draw only where a correction is needed (one host read)
-        rows = (tau < lengths).nonzero().squeeze(1)
-        row, tau_rows = row[rows], tau[rows]
-    else:
-        tau_rows = tau
-    fixed = correction(
-        target_means[rows, row], draft_means[rows, row], stds[rows, row], log_w[rows, tau_rows], xi[rows],
-        residual_u[rows], noise[rows, row], d=d[rows, row], delta=delta[rows, row], log_mass=log_rho[rows, row],
-    )
-    if C >= COMPACT_MIN_CHAINS:
-        fixed = target_means[:, 0].index_copy(0, rows, fixed.to(target_means.dtype))
-    return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed)
+    def fixed():
+        rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the residual sits at X_tau
+        if C >= COMPACT_MIN_CHAINS:  # many chains: draw only where a correction is needed (one host read)
+            rows = (tau < lengths).nonzero().squeeze(1)
+            row, tau_rows = row[rows], tau[rows]
+        else:
+            tau_rows = tau
+        drawn = correction(
+            target_means[rows, row], draft_means[rows, row], stds[rows, row], log_w[rows, tau_rows], xi[rows],
+            residual_u[rows], noise[rows, row], d=d[rows, row], delta=delta[rows, row], log_mass=log_rho[rows, row],
+        )
+        if C >= COMPACT_MIN_CHAINS:
+            return target_means[:, 0].index_copy(0, rows, drawn.to(target_means.dtype))
+        return drawn
+
+    return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed, defer_correction)
 
 
 VERIFIERS = {
