@@ -82,7 +82,13 @@ def call_time(model, rows: int, shape, device, repeats: int = 30) -> float:
 def run(name: str, target: _Target, args, device) -> list[dict]:
     target = target.to(device)
     schedule, shape = target.schedule, target.sample_shape
-    model = torch.compile(target, mode="reduce-overhead") if args.compile else target
+    model = target
+    if args.compile:
+        model = torch.compile(target, mode="reduce-overhead")
+        # every row count a round can evaluate (1 .. window + 1), compiled and captured before any timing
+        for n_rows in range(1, args.window + 2):
+            for _ in range(3):
+                call_time(model, n_rows, shape, device, repeats=1)
     rows = []
     for num_steps in args.num_steps:
         ancestral = ancestral_overhead(target, schedule, shape, num_steps=num_steps, seeds=[1])
