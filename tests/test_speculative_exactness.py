@@ -156,6 +156,7 @@ class WrongShapeDrafter(FreeDrafter):
         (dict(window=2.5), "window"),
         (dict(verifier="greedy"), "verifier"),
         (dict(correction="mirror", verifier="tokenwise"), "correction"),
+        (dict(correction="residual", verifier="block"), "applies to verifier='tokenwise' only"),
         (dict(num_steps=1), "stochastic sampler"),
         (dict(drafter=object()), "drafter"),
         (dict(drafter=WrongShapeDrafter()), "shape"),

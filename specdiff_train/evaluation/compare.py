@@ -213,7 +213,8 @@ def compare_methods(
             def run_method(shard, method=method, steps=steps, progress=progress):
                 out = speculative_sample(model, schedule, shape, num_steps=steps, seeds=shard,
                                          drafter=method.drafter(), verifier=method.verifier, window=method.window,
-                                         correction=method.correction, batch_size=batch_size, progress=progress)
+                                         correction=method.correction if method.verifier == "tokenwise" else None,
+                                         batch_size=batch_size, progress=progress)
                 return out.samples, out.stats
 
             if warmup:

@@ -149,7 +149,12 @@ def _check_arguments(schedule, plan, drafter, verifier, window, correction):
         raise TypeError(f"drafter: expected a specdiff_train.speculative.Drafter, got {type(drafter).__name__}")
     if not callable(verifier) and verifier not in VERIFIER_NAMES:
         raise ValueError(f"verifier: expected one of {VERIFIER_NAMES} or a verify function, got {verifier!r}")
-    if correction not in CORRECTIONS:
+    if correction is not None and verifier != "tokenwise":
+        raise ValueError(
+            f"correction: {correction!r} applies to verifier='tokenwise' only; block verification always corrects "
+            "with a fresh draw from the weighted residual (w P - Q)_+ (a custom verifier takes its own): drop `correction`"
+        )
+    if correction is not None and correction not in CORRECTIONS:
         raise ValueError(f"correction: expected one of {CORRECTIONS}, got {correction!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window: expected an int >= 1 (drafted steps per round), got {window!r}")
@@ -323,7 +328,7 @@ def speculative_sample(
     drafter: Drafter,
     verifier: str = "block",
     window: int = 8,
-    correction: str = "reflection",
+    correction: str | None = None,
     batch_size: int | None = None,
     refill: bool = True,
     device=None,
@@ -345,8 +350,8 @@ def speculative_sample(
         verifier: "block" (block verification, weighted residual) or "tokenwise"; or a function
             with the signature of `verify.verify_block` (for research on verification rules).
         window: drafted steps per round (>= 1); shrinks at the end of the chain.
-        correction: token-wise only: "reflection" (maximal coupling) or "residual" (fresh draw
-            from (P - Q)_+).
+        correction: token-wise only: "reflection" (maximal coupling, the default) or "residual"
+            (fresh draw from (P - Q)_+); refused with any other verifier.
         batch_size: chains evaluated together (default: all seeds).
         refill: when a chain finishes, start the next waiting seed in its slot (keeps the batch
             full); False runs the seeds in successive batches.
@@ -368,6 +373,7 @@ def speculative_sample(
     elif verifier == "block":  # built-in verifiers leave the correction until a chain needs one
         verify, verifier_name = partial(verify_block, defer_correction=True), "block"
     else:
+        correction = correction or "reflection"
         verify = partial(verify_tokenwise, correction=correction, defer_correction=True)
         verifier_name = f"tokenwise-{correction}"
     W = min(window, S)  # no window is ever longer than the stochastic steps
