@@ -14,7 +14,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def model_device_dtype(model, device=None, dtype=None):
-    """The device/dtype to sample on: explicit arguments win, else the model's first parameter."""
+    """The device and the network's input dtype: explicit arguments win, else the model's first parameter."""
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     dtype = dtype or (param.dtype if param is not None else torch.float32)
@@ -35,6 +35,15 @@ def step_noise_blocks(seeds: torch.Tensor, shape: Sequence[int], num_steps: int,
         steps = torch.arange(first, min(first + block, num_steps), device=seeds.device)
         z = gaussian_from_words(words(row_keys(keys[:, None], steps, stream, small_counters=True), salts), numel)
         yield from z.reshape(len(seeds), len(steps), *shape).unbind(1)
+
+
+def state_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the chain's states: float32 or better whatever the network computes in.
+
+    With a half-precision network (half weights or autocast) only the network's inputs and outputs
+    are rounded; the states, the drafts and the verification stay in float32, so a stored draft is
+    exactly mu_Q + s z, the value the accept test assumes."""
+    return torch.promote_types(model_dtype, torch.float32)
 
 
 def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
@@ -65,14 +74,16 @@ def ancestral_sample(
         num_steps: number of (respaced) sampling steps, at most `schedule.num_train_steps`.
         seeds: one int per sample; a sample depends only on its seed.
         batch_size: evaluate at most this many chains at once (default: all).
-        device, dtype: where to sample (default: the model's).
+        device, dtype: where to sample and the network's input dtype (default: the model's); the
+            chain's states are kept in float32 or better (`state_dtype`).
         progress: show a progress bar.
 
     Returns:
         Tensor (len(seeds), *shape), rows in the order of `seeds`.
     """
     plan = schedule.plan(num_steps)
-    device, dtype = model_device_dtype(model, device, dtype)
+    device, model_dtype = model_device_dtype(model, device, dtype)
+    dtype = state_dtype(model_dtype)
     seeds_t = as_seed_tensor(seeds, device=device)
     shape = tuple(int(s) for s in shape)
     batch_size = batch_size or len(seeds_t)
@@ -86,7 +97,7 @@ def ancestral_sample(
         timesteps = tables.timesteps[:, None].expand(plan.num_steps, len(chunk)).unbind(0)
         noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps)
         for k in range(plan.num_steps):
-            output = model(x, timesteps[k])
+            output = model(x.to(model_dtype), timesteps[k]).to(dtype)
             mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))
             x = torch.add(mean, next(noise).to(dtype), alpha=stds[k]) if stds[k] > 0 else mean
             bar.update(len(chunk))

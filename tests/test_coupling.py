@@ -42,7 +42,7 @@ def test_residual_mass_special_values():
     assert math.isfinite(tiny) and tiny < -400
 
 
-@pytest.mark.parametrize("w,delta", [(1.0, 0.05), (1.0, 2.0), (0.3, 0.5), (1e-6, 1.0), (0.9, 4.0)])
+@pytest.mark.parametrize("w,delta", [(1.0, 0.05), (1.0, 2.0), (0.3, 0.5), (1e-6, 1.0), (0.9, 4.0), (1.0, 2e-6), (1.0, 1e-4)])
 def test_residual_projection_has_the_residual_law(w, delta):
     n = 20000
     gen = torch.Generator().manual_seed(1)
@@ -59,14 +59,14 @@ def test_residual_inverse_cdf_matches_bisection_on_a_sweep():
     """The fixed-count root-find (grid bracket + 2 Newton steps) against bisection to float64 resolution,
     in the CDF: |G(t) - u| must be as small as the bisection's own error allows."""
     grid = [(lw, d, u) for lw in (0.0, -1e-12, -1e-6, -0.01, -0.7, -3.0, -14.0)
-            for d in (3.5e-4, 1e-3, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0, 40.0, 200.0)
+            for d in (1e-6, 1e-5, 3.5e-4, 1e-3, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0, 40.0, 200.0)
             for u in (2.0**-53, 1e-12, 1e-6, 0.01, 0.3, 0.5, 0.9, 0.999, 1 - 1e-9)]
     log_w, delta, u = (torch.tensor(c, dtype=torch.float64) for c in zip(*grid))
     log_mass = log_residual_mass(log_w, delta)
     usable = log_mass > -700  # else the residual is never selected (its mass underflows)
     cdf_error = lambda t: (torch.exp(_log_residual_tail(t, log_w, delta) - log_mass) - u).abs()[usable]  # noqa: E731
     fast, reference = cdf_error(residual_projection(log_w, delta, u)), cdf_error(residual_projection_bisection(log_w, delta, u))
-    assert usable.sum() > 0.8 * len(grid)
+    assert usable.sum() > 0.7 * len(grid)
     assert fast.max() < 2e-8, fast.max()  # a CDF error of 2e-8: invisible to any feasible sample size
     assert fast.median() < 1e-13  # (the bisection itself reaches ~1.3e-8 at worst: G is evaluated in float64)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from specdiff_train.diffusion import DDPMSchedule
+from specdiff_train.sampling import ancestral_sample
 from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample
 from specdiff_train.speculative.drafters import training_free_drafters
 from specdiff_train.speculative.verify import reflection_instead_of_residual, verify_block, verify_tokenwise
@@ -172,3 +173,37 @@ def test_bad_input_gets_a_clear_error(chain, kwargs, match):
 def test_drafter_options_are_validated():
     with pytest.raises(ValueError, match="freeze"):
         FreeDrafter(freeze="score")
+
+
+class BFloat16Denoiser(torch.nn.Module):
+    """The closed-form denoiser as a bfloat16 network: bf16 weights (the sampler then feeds it bf16
+    inputs) and a bf16 output."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16), requires_grad=False)
+        self.base = base
+
+    def forward(self, x, t):
+        assert x.dtype == torch.bfloat16, "the network is called in its own dtype"
+        return (self.base(x.float(), t) * self.scale.float()).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("verifier", list(VERIFIERS))
+def test_half_precision_target_keeps_float32_states_and_the_target_law(chain, verifier):
+    """Only the network's inputs and outputs are rounded: drafts, verification and samples stay float32,
+    and speculative sampling has the law of ancestral sampling with the same bf16 network (other seeds)."""
+    from scipy import stats
+
+    schedule, model, *_ = chain
+    half = BFloat16Denoiser(model)
+    spec = speculative_sample(half, schedule, (2,), num_steps=NUM_STEPS, seeds=range(NUM_SAMPLES), window=8,
+                              drafter=FreeDrafter("x0"), batch_size=2500, **VERIFIERS[verifier]).samples
+    reference = ancestral_sample(half, schedule, (2,), num_steps=NUM_STEPS, batch_size=2500,
+                                 seeds=range(10 * NUM_SAMPLES, 11 * NUM_SAMPLES))
+    assert spec.dtype == reference.dtype == torch.float32
+    for j in range(2):
+        assert stats.ks_2samp(spec[:, j].numpy(), reference[:, j].numpy()).pvalue > 1e-4
+        z = (spec[:, j].mean() - reference[:, j].mean()) / (spec[:, j].var() / NUM_SAMPLES * 2).sqrt()
+        assert abs(z) < 4.5
+

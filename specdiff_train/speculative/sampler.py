@@ -35,7 +35,7 @@ from ..noise import (
     uniform_salts,
     words,
 )
-from ..sampling import Denoiser, initial_noise, model_device_dtype
+from ..sampling import Denoiser, initial_noise, model_device_dtype, state_dtype
 from ._aranges import arange
 from .drafters import DraftContext, Drafter, DraftStep, DraftWindow, Verification
 from .verify import verify_block, verify_tokenwise
@@ -61,8 +61,9 @@ class _CountingTarget:
     (`count_mask`, set by the sampler); each round's verification call is one more per chain, counted
     by the chain's rounds."""
 
-    def __init__(self, model: Denoiser, tables, capacity: int, device):
+    def __init__(self, model: Denoiser, tables, capacity: int, device, model_dtype, dtype):
         self.model, self.tables = model, tables
+        self.model_dtype, self.dtype = model_dtype, dtype  # the network's inputs; the states and outputs
         self.per_slot = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.all_slots: torch.Tensor | None = None
         self.count_mask: torch.Tensor | None = None
@@ -83,15 +84,17 @@ class _CountingTarget:
     def evaluate(self, x, t, return_features: bool = False):
         self.batches += 1
         self.rows += len(x)
+        x = x.to(self.model_dtype)
         if not return_features:
-            return self.model(x, t)
+            return self.model(x, t).to(self.dtype)
         try:
-            return self.model(x, t, return_features=True)
+            out, features = self.model(x, t, return_features=True)
         except TypeError as err:
             raise TypeError(
                 "the drafter needs the target's features, but the model does not accept "
                 "`return_features=True`; use a target network that exposes its features"
             ) from err
+        return out.to(self.dtype), features.to(self.dtype)
 
 
 class _RoundNoise:
@@ -355,7 +358,8 @@ def speculative_sample(
         batch_size: chains evaluated together (default: all seeds).
         refill: when a chain finishes, start the next waiting seed in its slot (keeps the batch
             full); False runs the seeds in successive batches.
-        device, dtype: where to sample (default: the model's).
+        device, dtype: where to sample and the network's input dtype (default: the model's); states,
+            drafts and the verification stay in float32 or better (`sampling.state_dtype`).
         progress: show a progress bar over committed steps.
 
     Returns:
@@ -363,7 +367,8 @@ def speculative_sample(
     """
     plan = schedule.plan(num_steps)
     _check_arguments(schedule, plan, drafter, verifier, window, correction)
-    device, dtype = model_device_dtype(model, device, dtype)
+    device, model_dtype = model_device_dtype(model, device, dtype)
+    dtype = state_dtype(model_dtype)  # states, drafts and verification: float32 or better
     seeds_t = as_seed_tensor(seeds, device=device)
     shape = tuple(int(s) for s in shape)
     num_seeds, N, S, dim = len(seeds_t), plan.num_steps, plan.num_stochastic_steps, math.prod(shape)
@@ -380,7 +385,7 @@ def speculative_sample(
 
     _check_trained_for(drafter, model)
     tables = plan.tables(device, dtype)
-    target = _CountingTarget(model, tables, capacity, device)
+    target = _CountingTarget(model, tables, capacity, device, model_dtype, dtype)
     chains = _Chains(capacity, num_seeds, shape, device, dtype)
     target.all_slots = chains.all_slots
     drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype, all_slots=chains.all_slots))
