@@ -72,7 +72,8 @@ def ancestral_sample(
         schedule: the noise schedule the model was trained with.
         shape: one sample's shape, e.g. (2,) or (1, 8, 8).
         num_steps: number of (respaced) sampling steps, at most `schedule.num_train_steps`.
-        seeds: one int per sample; a sample depends only on its seed.
+        seeds: one int per sample; a sample's noise depends only on its seed (the sample itself also
+            on how the network rounds in a batch: equal in law always, bit-identical for batch-invariant networks).
         batch_size: evaluate at most this many chains at once (default: all).
         device, dtype: where to sample and the network's input dtype (default: the model's); the
             chain's states are kept in float32 or better (`state_dtype`).

@@ -53,3 +53,14 @@ def test_an_unimportable_drafter_package_says_how_to_make_it_importable(tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert "drafters: cannot import 'my_drafters.DampedFreeDrafter': No module named 'my_drafters'" in last
     assert "pip install -e" in last and "PYTHONPATH" in last
+
+
+def test_readme_example_is_the_tested_file():
+    """The README's drafter example is the code these tests load, line for line."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("# my_package/drafters.py\n") + len("# my_package/drafters.py\n")
+    example = readme[start:readme.index("```", start)].strip()
+    tested = (ROOT / "tests" / "external_drafter" / "my_drafters.py").read_text()
+    body = tested[tested.index("import torch"):].strip()
+    assert example == body
+

@@ -4,7 +4,8 @@ Each round, every live chain drafts up to `window` steps with the drafter, the t
 chains' drafted states in ONE batched call (rows = chains x window states, each at its own
 timestep), and the verifier keeps a prefix and draws one more state from the target's law. Chains
 that finish leave; waiting seeds take their slots so the batch stays full. All randomness is keyed
-by (seed, round of that chain, position), so a sample depends only on its seed.
+by (seed, round of that chain, position), so a sample's noise depends only on its seed (the sample is
+bit-identical across batch sizes when the network's outputs do not depend on the batch; equal in law always).
 
 A round is a fixed set of whole-tensor operations with static shapes, padded to the round's longest
 window: draft (`_draft`), evaluate (`_evaluate`), verify, commit (`_commit`). The host reads one
@@ -348,7 +349,7 @@ def speculative_sample(
         schedule: the target's schedule.
         shape: one sample's shape.
         num_steps: sampling steps (respaced), as for `ancestral_sample`.
-        seeds: one int per sample; a sample depends only on its seed.
+        seeds: one int per sample; a sample's noise depends only on its seed.
         drafter: a `Drafter` (e.g. `FreeDrafter()`, `FrozenTargetDrafter(freeze="eps")`).
         verifier: "block" (block verification, weighted residual) or "tokenwise"; or a function
             with the signature of `verify.verify_block` (for research on verification rules).
