@@ -20,7 +20,7 @@ def test_evaluate_command_writes_the_report(tmp_path):
         "evaluate", "--config", "configs/target/toy2d.yaml", "--config", "configs/eval/toy2d.yaml",
         "--ckpt_path", ROOT / "checkpoints" / "toy2d" / "target.ckpt", "--trainer.logger", "false",
         "--drafters", "[free-x0]", "--verifiers", "[block, tokenwise]", "--windows", "[4]", "--num_steps", "[50]",
-        "--num_samples", "300", "--num_permutations", "50", "--out_dir", out,
+        "--num_samples", "300", "--num_permutations", "100", "--out_dir", out,
     )
     assert "| 50 | free-x0/block/w4 |" in proc.stdout  # the table is printed
     report = json.loads((out / "report.json").read_text())
@@ -91,7 +91,7 @@ def test_callback_in_a_tiny_fit_logs_and_writes_reports(tmp_path, devices):
         "--model.init_args.val_num_samples", "16", "--data.init_args.num_samples", "2000",
         "--trainer.callbacks+", "specdiff_train.evaluation.SpeculativeEvaluation",
         "--trainer.callbacks.init_args.num_samples", "64", "--trainer.callbacks.init_args.num_steps", "[20]",
-        "--trainer.callbacks.init_args.every_n_epochs", "1", "--trainer.callbacks.init_args.num_permutations", "20",
+        "--trainer.callbacks.init_args.every_n_epochs", "1", "--trainer.callbacks.init_args.num_permutations", "100",
     )
     reports = sorted(tmp_path.rglob("speculative/*/report.json"))
     tags = {p.parent.name for p in reports}
@@ -110,7 +110,7 @@ def test_two_processes_give_the_same_samples_and_report(tmp_path):
     common = ["evaluate", "--config", "configs/target/toy2d.yaml", "--ckpt_path",
               ROOT / "checkpoints" / "toy2d" / "target.ckpt", "--trainer.logger", "false", "--drafters", "[free-x0]",
               "--verifiers", "[block]", "--windows", "[4]", "--num_steps", "[30]", "--num_samples", "201",
-              "--num_permutations", "50", "--save_samples", "true", "--trainer.accelerator", "cpu"]
+              "--num_permutations", "100", "--save_samples", "true", "--trainer.accelerator", "cpu"]
     run_train(*common, "--out_dir", tmp_path / "one")
     run_train(*common, "--out_dir", tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     one, two = (torch.load(tmp_path / d / "samples.pt") for d in ("one", "two"))
@@ -166,3 +166,84 @@ def test_acceptance_plot_has_a_panel_per_drafter_and_legends_off_the_data(tmp_pa
         styles = {(line.get_color(), line.get_linestyle()) for line in ax.lines}
         assert len(styles) == len(ax.lines) == 4  # every curve of a panel has its own colour x line style
         assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
+SHIPPED_EVAL = sorted((ROOT / "configs" / "eval").glob("*.yaml"))
+
+
+def _shipped_settings(path):
+    import inspect
+
+    import yaml
+
+    from specdiff_train.evaluation.command import SpecDiffTrainer
+
+    config = yaml.safe_load(path.read_text())
+    defaults = {k: p.default for k, p in inspect.signature(SpecDiffTrainer.evaluate).parameters.items()}
+    return {k: config.get(k, defaults[k]) for k in ("alpha", "num_permutations", "num_samples", "num_steps", "windows")}
+
+
+@pytest.mark.parametrize("path", SHIPPED_EVAL, ids=lambda p: p.stem)
+def test_shipped_eval_settings_flag_a_biased_sampler(path):
+    """At each shipped config's alpha, permutation count, sample count, steps and windows, the exactness
+    check flags a sampler that accepts every draft, and passes the exact one."""
+    s = _shipped_settings(path)
+    schedule, model = _chain()
+    methods = [Method(FreeDrafter, verifier, w, label="free-eps") for w in s["windows"]
+               for verifier in ("block", never_rejects)]
+    report = compare_methods(model, schedule, (2,), methods, num_steps=s["num_steps"], seeds=range(s["num_samples"]),
+                             quality=Quality(num_permutations=s["num_permutations"]), alpha=s["alpha"], warmup=False)
+    rows = [r for r in report["results"] if r["method"] != "ancestral"]
+    assert len(rows) == len(methods) * len(s["num_steps"])
+    for row in rows:
+        p = min(row["vs_ancestral"]["energy_p_value"], row["vs_ancestral"]["mmd_p_value"])
+        assert row["exact_ok"] == ("never_rejects" not in row["method"]), (row["method"], p)
+
+
+@pytest.mark.parametrize("alpha, minimum", [(0.01, 100), (0.05, 20), (0.1, 10), (0.3, 3)])
+def test_a_permutation_count_that_cannot_reach_alpha_is_refused(alpha, minimum, tmp_path):
+    from specdiff_train.evaluation import SpeculativeEvaluation
+    from specdiff_train.evaluation.command import SpecDiffTrainer
+    from specdiff_train.evaluation.compare import min_permutations
+
+    assert min_permutations(alpha) == minimum and 1 / (1 + minimum) < alpha <= 1 / minimum
+    schedule, model = _chain()
+    methods = method_grid(resolve_drafters(["free-eps"]), ["block"], [4])
+    refused = f"num_permutations: {minimum - 1} permutations cannot flag .* alpha={alpha}.* use at least {minimum}"
+    with pytest.raises(ValueError, match=refused):
+        compare_methods(model, schedule, (2,), methods, num_steps=[5], seeds=range(8),
+                        quality=Quality(num_permutations=minimum - 1), alpha=alpha)
+    with pytest.raises(ValueError, match="SpeculativeEvaluation." + refused):
+        SpeculativeEvaluation(num_permutations=minimum - 1, alpha=alpha)
+    trainer = SpecDiffTrainer(logger=False, accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=refused):
+        trainer.evaluate(model, num_permutations=minimum - 1, alpha=alpha, out_dir=str(tmp_path))
+    SpeculativeEvaluation(num_permutations=minimum, alpha=alpha)  # the minimum itself is accepted
+    with pytest.raises(ValueError, match="alpha: .* in \\(0, 1\\)"):
+        min_permutations(1.5)
+
+
+def test_exactness_reference_comes_from_other_seeds(monkeypatch):
+    """The ancestral reference of the exactness test is sampled from seeds disjoint from the methods'
+    (samples sharing x_T with them would be coupled and the test conservative); the ancestral row
+    (wall-clock, quality) keeps the methods' seeds."""
+    import specdiff_train.evaluation.compare as compare
+
+    calls = []
+    real = compare.ancestral_sample
+
+    def recording(*args, seeds, **kwargs):
+        calls.append(list(seeds))
+        return real(*args, seeds=seeds, **kwargs)
+
+    monkeypatch.setattr(compare, "ancestral_sample", recording)
+    schedule, model = _chain()
+    seeds = range(10, 74)
+    report = compare_methods(model, schedule, (2,), method_grid(resolve_drafters(["free-eps"]), ["block"], [4]),
+                             num_steps=[10], seeds=seeds, quality=Quality(num_permutations=100), warmup=False)
+    assert calls[0] == list(seeds)
+    reference = calls[1]
+    assert len(reference) == len(seeds) and not set(reference) & set(seeds)
+    assert report["config"]["exactness_first_seed"] == reference[0] == 74
+    exact = report["results"][1]["vs_ancestral"]
+    assert exact["energy_p_value"] >= 0.01 and report["results"][1]["exact_ok"]

@@ -34,7 +34,7 @@ def test_external_drafter_by_class_path_in_evaluate(tmp_path, monkeypatch):
     config = tmp_path / "eval.yaml"
     config.write_text(
         "drafters:\n  - free-x0\n  - class_path: my_drafters.DampedFreeDrafter\n    init_args: {damping: 0.95}\n"
-        "verifiers: [block]\nwindows: [4]\nnum_steps: [30]\nnum_samples: 200\nnum_permutations: 20\n"
+        "verifiers: [block]\nwindows: [4]\nnum_steps: [30]\nnum_samples: 200\nnum_permutations: 100\n"
     )
     proc = run_train("evaluate", "--config", "configs/target/toy2d.yaml", "--config", config,
                      "--ckpt_path", ROOT / "checkpoints" / "toy2d" / "target.ckpt", "--trainer.logger", "false",

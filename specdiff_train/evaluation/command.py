@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..speculative import Drafter
 from ..speculative.drafters import training_free_drafters
-from .compare import Quality, compare_methods, method_grid
+from .compare import Quality, check_permutations, compare_methods, method_grid
 from .reporting import markdown_table, write_report
 
 DIGITS_FEATURES = Path(__file__).resolve().parents[2] / "checkpoints" / "digits_features.pt"
@@ -82,14 +82,17 @@ class SpecDiffTrainer(Trainer):
             batch_size: chains sampled together.
             seed: first seed.
             out_dir: where the report goes (default: <trainer.default_root_dir>/evaluate).
-            alpha: exactness check level: a method whose speculative-vs-ancestral p-value falls below it is flagged.
-            num_permutations: permutations of the two-sample tests.
+            alpha: exactness check level: a method whose p-value against ancestral samples (drawn from
+                seeds disjoint from the methods', above them) falls below it is flagged.
+            num_permutations: permutations of the two-sample tests; at least the count whose smallest
+                p-value 1/(1 + num_permutations) is below alpha (100 for alpha 0.01), else refused.
             feature_net: feature network for image metrics (default: the shipped digits network for 8x8 images).
             save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
 
         With `--trainer.devices N --trainer.strategy ddp`, the seeds are split across the N processes
         and gathered; the report equals the single-process one.
         """
+        check_permutations(num_permutations, alpha)  # before any sampling (and before DDP starts the ranks)
         options = dict(
             ckpt_path=ckpt_path, drafters=drafters, verifiers=verifiers, windows=windows, num_steps=num_steps,
             num_samples=num_samples, batch_size=batch_size, seed=seed, out_dir=out_dir, alpha=alpha,

@@ -5,6 +5,7 @@ Pure PyTorch (no Lightning): the evaluate command, the demo and the benchmark-li
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,35 @@ class Method:
         return f"{self.label}/{verifier}/w{self.window}"
 
 
+def min_permutations(alpha: float) -> int:
+    """The fewest permutations P whose smallest possible p-value, 1 / (1 + P), falls below `alpha`:
+    with fewer, no method can ever be flagged at that level."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha: the exactness check level must be in (0, 1), got {alpha}")
+    count = max(1, math.floor(1 / alpha) - 2)
+    while 1 / (1 + count) >= alpha:
+        count += 1
+    return count
+
+
+def check_permutations(num_permutations: int, alpha: float, field: str = "num_permutations") -> None:
+    """Refuse a permutation count that cannot reach `alpha` (ValueError naming `field`, the value and the minimum)."""
+    need = min_permutations(alpha)
+    if num_permutations < need:
+        smallest = 1 / (1 + max(num_permutations, 0))
+        raise ValueError(
+            f"{field}: {num_permutations} permutations cannot flag a biased method at alpha={alpha} (the smallest "
+            f"p-value is 1/(1 + {num_permutations}) = {smallest:.3g}, not below alpha); use at least {need}"
+        )
+
+
+def exactness_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds for the ancestral reference of the exactness test: as many as `seeds`, all above them, so
+    the reference shares no x_T (or noise) with the samples it is compared with."""
+    start = max(seeds) + 1
+    return list(range(start, start + len(seeds)))
+
+
 def method_grid(drafters: dict[str, Callable[[], Drafter]], verifiers: Sequence[str], windows: Sequence[int]) -> list[Method]:
     """The cross product drafter x verifier x window ("tokenwise-residual" selects that correction)."""
     methods = []
@@ -163,7 +193,8 @@ def compare_methods(
     log: Callable[[str], None] | None = None,
     warmup: bool = True,
 ) -> dict:
-    """Run ancestral sampling and every method on the same seeds, for each num_steps.
+    """Run ancestral sampling and every method on the same seeds, for each num_steps; the exactness
+    test compares each method with ancestral samples from other seeds (`exactness_seeds`).
 
     Under torch.distributed (e.g. Lightning DDP), each rank samples seeds[rank::world] and the parts
     are gathered on every rank, so every rank returns the same full report.
@@ -171,9 +202,11 @@ def compare_methods(
     Returns a dict: `config`, and `results`, a list with one entry per (num_steps, method) holding
     the costs (sequential target calls per sample, speedup, acceptance overall and per diffusion-time
     bucket, mean accepted per round, target rows, draft calls, wall-clock and its ratio to
-    ancestral), the quality against the data, and the exactness check against the ancestral samples
-    (permutation p-values; `exact_ok` is False when a p-value falls below `alpha`). Samples are kept
-    under the private key `_samples` for plots.
+    ancestral), the quality against the data, and the exactness check (permutation p-values; `exact_ok`
+    is False when a p-value falls below `alpha`). That check's reference is a second, untimed ancestral
+    run on seeds disjoint from the methods' (`exactness_seeds`): samples sharing x_T with the method's
+    would be coupled to them and make the test conservative. A permutation count that cannot reach
+    `alpha` is refused (`check_permutations`). Samples are kept under the private key `_samples` for plots.
 
     With `warmup` (the default), every method first runs untimed on one batch of this rank's seeds for
     `min(num_steps, WARMUP_STEPS)` steps, at the timed run's batch shapes: the first call of a code path
@@ -184,6 +217,8 @@ def compare_methods(
     quality = quality or Quality()
     if len(seeds) < 2:
         raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
+    check_permutations(quality.num_permutations, alpha)
+    reference_seeds = exactness_seeds(seeds)
     shape = tuple(shape)
     results = []
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
@@ -202,6 +237,9 @@ def compare_methods(
         base, parts = sharded(run_ancestral, seeds)
         base_time = max(st["wall_clock_s"] for _, st in parts)
         base_feats = quality.features(base)
+        # The exactness reference: ancestral samples from other seeds (untimed; split over ranks alike).
+        exact_ref, _ = sharded(lambda shard: run_ancestral(shard, progress=False), reference_seeds)
+        exact_ref_feats = quality.features(exact_ref)
         entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
                      wall_clock_s=base_time, wall_clock_ratio=1.0, _samples=base)
         if reference_feats is not None:
@@ -222,7 +260,7 @@ def compare_methods(
             samples, parts = sharded(run_method, seeds)
             stats = merge_stats(parts)
             feats = quality.features(samples)
-            exactness = quality.against(feats, base_feats, samples, base)
+            exactness = quality.against(feats, exact_ref_feats, samples, exact_ref)
             entry = dict(
                 method=method.name, num_steps=steps, drafter=stats["drafter"], verifier=stats["verifier"],
                 window=method.window,
@@ -241,7 +279,8 @@ def compare_methods(
             if log:
                 log(f"{method.name}, {steps} steps: {stats['target_calls_per_sample']:.1f} calls/sample, "
                     f"{stats['wall_clock_s']:.2f}s")
-    config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0], batch_size=batch_size,
+    config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
+                  exactness_first_seed=reference_seeds[0], batch_size=batch_size,
                   alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
                   schedule=schedule.config(), num_permutations=quality.num_permutations,
                   warmup_steps=WARMUP_STEPS if warmup else 0)

@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
 from .command import resolve_drafters
-from .compare import Quality, compare_methods, method_grid
+from .compare import Quality, check_permutations, compare_methods, method_grid
 from .reporting import write_report
 
 
@@ -59,7 +59,10 @@ class SpeculativeEvaluation(Callback):
         num_samples: seeds 0..num_samples-1 (fixed across epochs, so numbers are comparable).
         batch_size: chains sampled together (default: all).
         every_n_epochs: evaluation period in epochs (0: only at the end of fit).
-        num_permutations: permutations of the exactness test.
+        num_permutations: permutations of the exactness test; at least the count whose smallest p-value
+            1/(1 + num_permutations) is below alpha (100 for alpha 0.01), else refused.
+        alpha: exactness check level (a method whose p-value against ancestral samples from other seeds
+            falls below it is flagged, `exact_ok` False).
     """
 
     def __init__(
@@ -72,11 +75,14 @@ class SpeculativeEvaluation(Callback):
         batch_size: int | None = None,
         every_n_epochs: int = 1,
         num_permutations: int = 100,
+        alpha: float = 0.01,
     ):
         if num_samples < 2:
             raise ValueError(f"SpeculativeEvaluation.num_samples: the two-sample tests need >= 2, got {num_samples}")
         if every_n_epochs < 0:
             raise ValueError(f"SpeculativeEvaluation.every_n_epochs: expected >= 0, got {every_n_epochs}")
+        check_permutations(num_permutations, alpha, "SpeculativeEvaluation.num_permutations")
+        self.alpha = alpha
         self.methods = method_grid(resolve_drafters(drafters or ["free-x0", "free-eps"]), verifiers or ["block"],
                                    windows or [8])
         self.num_steps = num_steps or [50]
@@ -96,7 +102,8 @@ class SpeculativeEvaluation(Callback):
         try:
             report = compare_methods(model, model.schedule, tuple(model.sample_shape), self.methods,
                                      num_steps=self.num_steps, seeds=range(self.num_samples),
-                                     batch_size=self.batch_size, quality=Quality(reference, None, self.num_permutations))
+                                     batch_size=self.batch_size, quality=Quality(reference, None, self.num_permutations),
+                                     alpha=self.alpha)
         finally:
             model.train(was_training)
         self.last_report = report

@@ -16,7 +16,6 @@ The maths is in the small functions at the top; the modules only wire them toget
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,17 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from ..diffusion import DDPMSchedule, SamplingPlan
 from .checkpoints import build_module, class_path, module_config, read_checkpoint, state_dict_mismatch
+# Loading and the target check live in checkpoints.py (the sampling side uses them without this module);
+# re-exported here, where they were first defined.
+from .checkpoints import (  # noqa: F401
+    REPO_ROOT,
+    check_drafter_target,
+    drafter_target_warning,
+    load_draft_network,
+    load_drafter,
+    target_fingerprint,
+)
+from ..nets.heads import medusa_x0
 from .target import TargetDiffusion
 
 MODES = ("distill", "data")
@@ -398,8 +408,6 @@ class HeadDistillation(FrozenTargetDistillation):
         self.record_hparams(max_offset=int(head.max_offset))
 
     def losses(self, x0, gen):
-        from ..speculative.learned import medusa_x0
-
         plan, S, K = self.plan, self.plan.num_stochastic_steps, int(self.head.max_offset)
         x_m, m, _ = self.start_states(x0, gen, S - 1)  # at least one draftable step after the anchor
         with torch.no_grad():
@@ -426,107 +434,6 @@ class HeadDistillation(FrozenTargetDistillation):
                 if (offsets == j).any():
                     extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()
         return mismatch_loss(delta_sq, self.objective), delta_sq.detach(), k, extra
-
-
-# --- which target a drafter belongs to -----------------------------------------------------------------
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def target_fingerprint(target: torch.nn.Module) -> str:
-    """16 hex digits of sha256 over the target's weights (`state_dict`: names, shapes, values; floating
-    tensors as float32), so a full checkpoint and its slim export have the same fingerprint, and a
-    target from another step or run has another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(target.state_dict().items()):
-        t = tensor.detach().cpu()
-        t = (t.float() if t.is_floating_point() else t).contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _recorded_target(hparams: dict) -> tuple[str | None, str]:
-    """(the fingerprint of the target a drafter was trained against, where it comes from)."""
-    if hparams.get("target_fingerprint"):
-        return hparams["target_fingerprint"], "recorded when the drafter was trained"
-    # Checkpoints written before fingerprints were recorded: the recorded target file, as it is now.
-    recorded = str(hparams.get("target_ckpt") or "")
-    for path in (Path(recorded), REPO_ROOT / recorded):
-        if recorded and path.is_file():
-            from .checkpoints import load_target
-
-            return target_fingerprint(load_target(path)), f"of {recorded} as it is now (the drafter predates recorded fingerprints)"
-    return None, f"its target file {recorded or '(none recorded)'} is gone"
-
-
-def drafter_target_warning(drafter_ckpt: str | Path, target: torch.nn.Module) -> str | None:
-    """A warning when the drafter checkpoint was trained against another target than `target` (its
-    weights' fingerprint differs from the recorded one), or when that cannot be checked; None when they match."""
-    hparams = read_checkpoint(drafter_ckpt).get("hyper_parameters") or {}
-    recorded, source = _recorded_target(hparams)
-    info = getattr(target, "checkpoint_info", None) or {}
-    used = f"{info.get('path', 'the target in use')}" + (f" (step {info['global_step']})" if info.get("global_step") is not None else "")
-    if recorded is None:
-        return (f"drafter {drafter_ckpt}: cannot check that it was trained against {used}: it records no weight "
-                f"fingerprint and {source}. If it was trained against another target, acceptance will be lower "
-                "than it was trained to give (sampling stays exact).")
-    actual = target_fingerprint(target)
-    if recorded == actual:
-        return None
-    step = f" at step {hparams['target_step']}" if hparams.get("target_step") is not None else ""
-    if info.get("path") and str(info["path"]) == str(hparams.get("target_ckpt")):
-        step += " (that file now holds other weights: a later save of the run overwrote it?)"
-    kind = "medusa" if isinstance(hparams.get("head"), dict) else "draftnet"
-    return (
-        f"drafter {drafter_ckpt} was trained against another target: {hparams.get('target_ckpt')}{step} (weights "
-        f"{recorded}, {source}), but is used with {used} (weights {actual}). Sampling stays exact, but acceptance "
-        "and speed-up will be lower than the drafter was trained to give. Train it for this target: `python "
-        f"train.py fit --config configs/drafter/<target>_{kind}.yaml --model.init_args.target_ckpt <this target's checkpoint>`."
-    )
-
-
-def check_drafter_target(drafter: Any, target: torch.nn.Module) -> str | None:
-    """`drafter_target_warning` for a drafter object that loaded a checkpoint (`.checkpoint`, as the learned
-    drafters); emits it as a warning (rank zero) and returns it. Drafters without a checkpoint: None."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-    ckpt = getattr(drafter, "checkpoint", None)
-    if not ckpt:
-        return None
-    message = drafter_target_warning(ckpt, target)
-    if message:
-        rank_zero_warn(message)
-    return message
-
-
-# --- loading at sampling time -------------------------------------------------------------------
-def load_drafter(ckpt_path: str | Path, module_key: str, map_location="cpu") -> tuple[torch.nn.Module, dict]:
-    """(the trained module in eval mode, frozen; the checkpoint's hyperparameters) from a checkpoint of
-    `DraftDistillation` (module_key "net") or `HeadDistillation` ("head"), full or slim."""
-    ckpt = read_checkpoint(ckpt_path, map_location)
-    hparams: dict[str, Any] = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    kinds = {"net": ("draft-network", "toy2d_draftnet"), "head": ("drafter-heads", "toy2d_medusa")}
-    what, config = kinds[module_key]
-    if "target_ckpt" not in hparams or not isinstance(hparams.get(module_key), dict):
-        found = hparams.get("_class_path") or ("a drafter of another kind" if "target_ckpt" in hparams
-                                               else "no drafter hyperparameters")
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a {what} checkpoint ({found}); train one with "
-                         f"`python train.py fit --config configs/drafter/{config}.yaml`")
-    module = build_module(hparams[module_key])
-    prefix = f"{module_key}."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    problems = state_dict_mismatch(state, module.state_dict())
-    if problems:
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} does not fit the {module_key} it records: " + "; ".join(problems))
-    module.load_state_dict(state)
-    module.eval().requires_grad_(False)
-    return module, hparams
-
-
-def load_draft_network(ckpt_path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, DDPMSchedule, tuple, int]:
-    """(net in eval mode, its schedule, sample_shape, num_steps) from a DraftDistillation checkpoint."""
-    net, hparams = load_drafter(ckpt_path, "net", map_location)
-    return net, DDPMSchedule(**hparams["schedule"]), tuple(hparams["sample_shape"]), int(hparams["num_steps"])
 
 
 def export_slim_drafter(ckpt_path: str | Path, out_path: str | Path) -> Path:

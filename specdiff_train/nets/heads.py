@@ -5,13 +5,16 @@ anyway by the verification), the drafted state x_j at step j = m + offset and it
 returns a correction to the anchor's x0 estimate:  x0_Q(x_j) = x0_target(x_m) + head(...).
 One head serves every offset (it is conditioned on the offset). The output layer starts at zero, so
 an untrained head drafts exactly like the Free Drafter freezing x0; training can only add to that.
-How the inputs are built and the correction used is in `specdiff_train.speculative.learned`.
+How the inputs are built and the correction used: `medusa_x0` below (used by the drafter's training,
+`specdiff_train.models.drafter`, and at sampling time, `specdiff_train.speculative.learned`).
 
 Both heads: `forward(features, inputs, t, offset)` with `inputs` the stacked per-state tensors
 (B, num_inputs * C, ...) shaped like the state with `num_inputs` times the channels, t (B,) train
 timesteps of x_j, offset (B,) >= 1; attributes `feature_dim`, `sample_shape`, `max_offset`.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +23,9 @@ from torch.nn import functional as F
 from .embedding import TimestepEmbedding
 from .mlp import ResidualBlock
 from .unet import ResBlock, group_norm
+
+if TYPE_CHECKING:
+    from ..diffusion import DDPMSchedule
 
 #: per-state tensors a head receives, stacked along the channel axis: the drafted state x_j, the eps
 #: it implies with the anchor's x0, the anchor's x0 and the anchor state x_m.
@@ -112,3 +118,12 @@ class ConvHead(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         return self.out(F.silu(self.out_norm(h)))
+
+
+def medusa_x0(head, schedule: "DDPMSchedule", features, anchor_state, anchor_x0, x, t, offset) -> torch.Tensor:
+    """The heads' x0 estimate at drafted states x (train timesteps t, `offset` steps after the anchor):
+    the anchor's x0 plus the head's correction. The head also sees the eps that the anchor's x0
+    implies at (x, t), i.e. what the Free Drafter (x0) would use."""
+    eps_free = schedule.to_eps(anchor_x0, x, t, prediction="x0")
+    inputs = torch.cat([x, eps_free, anchor_x0, anchor_state], dim=1)
+    return anchor_x0 + head(features, inputs, t, offset)

@@ -1,5 +1,5 @@
 """Learned drafters used at sampling time: a distilled draft network, and Medusa-like heads on the
-target's features. Both load from the checkpoints written by `specdiff_train.models.drafter`
+target's features. Both load (via `specdiff_train.models.checkpoints`) the checkpoints written by `specdiff_train.models.drafter`
 (configs/drafter/*.yaml) without the YAML, and refuse a target with another schedule or shape.
 `relative_draft_cost` measures what one draft call costs next to one target call.
 """
@@ -11,17 +11,10 @@ import time
 import torch
 
 from ..diffusion import DDPMSchedule, denoise, step_mean
+from ..models.checkpoints import load_draft_network, load_drafter
+from ..nets.heads import medusa_x0  # noqa: F401 (re-exported: its home was here)
 from ..sampling import model_device_dtype
 from .drafters import DraftContext, Drafter, Verification, overrides
-
-
-def medusa_x0(head, schedule: DDPMSchedule, features, anchor_state, anchor_x0, x, t, offset) -> torch.Tensor:
-    """The heads' x0 estimate at drafted states x (train timesteps t, `offset` steps after the anchor):
-    the anchor's x0 plus the head's correction. The head also sees the eps that the anchor's x0
-    implies at (x, t), i.e. what the Free Drafter (x0) would use."""
-    eps_free = schedule.to_eps(anchor_x0, x, t, prediction="x0")
-    inputs = torch.cat([x, eps_free, anchor_x0, anchor_state], dim=1)
-    return anchor_x0 + head(features, inputs, t, offset)
 
 
 class LearnedDrafter(Drafter):
@@ -62,8 +55,6 @@ class DraftNetworkDrafter(LearnedDrafter):
     """
 
     def __init__(self, checkpoint: str):
-        from ..models.drafter import load_draft_network
-
         self.checkpoint = str(checkpoint)
         net, schedule, shape, _ = load_draft_network(checkpoint)
         self._set(net, schedule, shape)
@@ -111,8 +102,6 @@ class MedusaDrafter(LearnedDrafter):
     wants_features = True
 
     def __init__(self, checkpoint: str):
-        from ..models.drafter import load_drafter
-
         self.checkpoint = str(checkpoint)
         head, hparams = load_drafter(checkpoint, "head")
         self._set(head, DDPMSchedule(**hparams["schedule"]), hparams["sample_shape"])
