@@ -14,6 +14,8 @@ target = load_target("checkpoints/toy2d/target.ckpt")
 for drafter in (spec.DraftNetworkDrafter("checkpoints/toy2d/draftnet.ckpt"),
                 spec.MedusaDrafter("checkpoints/toy2d/medusa.ckpt")):
     assert check_drafter_target(drafter, target) is None, drafter
+    spec.speculative_sample(target, target.schedule, target.sample_shape, num_steps=10, seeds=[0], drafter=drafter,
+                            window=3)  # sampling with a learned drafter (its target check included)
 print(sorted(m for m in sys.modules if m.startswith("specdiff_train.models")))
 """
 

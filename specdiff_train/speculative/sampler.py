@@ -183,7 +183,7 @@ def _check_trained_for(drafter: Drafter, model) -> None:
     sampling stays exact, but the acceptance is not what the drafter was trained to give."""
     checked = drafter.__dict__.setdefault("_checked_targets", set())
     if getattr(drafter, "checkpoint", None) and isinstance(model, torch.nn.Module) and id(model) not in checked:
-        from ..models.drafter import check_drafter_target
+        from ..models.checkpoints import check_drafter_target
 
         check_drafter_target(drafter, model)
         checked.add(id(model))
