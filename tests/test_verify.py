@@ -1,6 +1,7 @@
 """Verifier-level properties on identical drafts."""
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -242,3 +243,44 @@ def test_wrong_block_corrections_fail_the_weighted_residual_law(wrong):
     window, result, _ = _block_round(L, correction=wrong)
     pit, orth, w = _residual_pit(window, result, L)
     assert stats.kstest(pit, "uniform").pvalue < 1e-6
+
+
+def _window_law(window, L):
+    """P(tau = i | drafts), i = 0..L, recomputed from ALGORITHMS.md 3 with scipy (not with
+    `block_pass_probabilities`): w_i = min(1, w_{i-1} P/Q(X_i)), rho_i = I(w_i, delta_{i+1}) from the
+    plain (not log-space) closed form, h_i = rho_i / (rho_i + 1 - w_i) for i < L, h_L = w_L;
+    tau is the last passing index."""
+    noise, states, draft_means, target_means, _ = window
+    log_ratio = _log_ratios(states, draft_means, target_means).numpy()
+    delta = ((target_means[:, :L] - draft_means) / AR_STD).norm(dim=-1).numpy()  # delta of step i+1 at X_i
+    n = len(log_ratio)
+    w, h = np.ones(n), []
+    for i in range(1, L + 1):
+        w = np.minimum(1.0, w * np.exp(log_ratio[:, i - 1]))
+        if i < L:
+            dl = delta[:, i]
+            a = dl / 2 + np.log(w) / dl
+            rho = w * ndtr(a) - ndtr(a - dl)
+            h.append(np.where(w >= 1, 1.0, rho / (rho + 1 - w)))
+        else:
+            h.append(w)
+    h = np.stack(h, 1)
+    law = np.zeros((n, L + 1))
+    for i in range(L + 1):
+        later = np.prod(1 - h[:, i:], axis=1)  # every index after i fails
+        law[:, i] = later if i == 0 else h[:, i - 1] * later
+    return law
+
+
+@pytest.mark.parametrize("L", [2, 3])
+def test_block_window_law_matches_an_independent_closed_form(L):
+    n = 20000
+    window, result, _ = _block_round(L, n=n)
+    law = _window_law(window, L)
+    np.testing.assert_allclose(law.sum(1), 1.0, atol=1e-12)
+    counts = np.bincount(result.accepted.numpy(), minlength=L + 1)
+    expected = law.sum(0)  # sum of per-round probabilities: a Poisson-binomial count per tau
+    sd = np.sqrt((law * (1 - law)).sum(0))
+    z = np.abs(counts - expected) / sd
+    assert (z < 4.5).all(), (counts, expected, z)
+    assert (expected[1:L] > 0.05 * n).all()  # partial acceptances (w < 1 at tau) are common
