@@ -86,7 +86,12 @@ class TransitionRecorder:
 
     def _step_index(self, stds: torch.Tensor) -> torch.Tensor:
         table = self.plan.std.to(stds.device, torch.float64)
-        return (stds[:, :1].double() - table).abs().argmin(dim=1)
+        if len(table.unique()) != len(table):
+            raise ValueError("TransitionRecorder: the plan's step stds are not distinct; steps cannot be told apart")
+        k = (stds[:, :1].double() - table).abs().argmin(dim=1)
+        if not torch.equal(table[k], stds[:, 0].double()):
+            raise ValueError("TransitionRecorder: a round's std is not one of the plan's (another plan?)")
+        return k
 
     def __call__(self, noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi,
                  residual_u, **kwargs):
