@@ -33,14 +33,16 @@ class GaussianDataDenoiser(torch.nn.Module):
         return out
 
 
-def closed_form_marginal(schedule: DDPMSchedule, num_steps: int, mean: torch.Tensor, var: float):
-    """Per-coordinate (mean, variance) of the ancestral sampler's output for data ~ N(mean, var I),
-    starting from x_T ~ N(0, I). Requires clip_denoised=False (clipping makes the chain non-linear)."""
+def closed_form_marginals(schedule: DDPMSchedule, num_steps: int, mean: torch.Tensor, var: float):
+    """Per-coordinate (mean, variance) of the ancestral chain's state after each step, for data
+    ~ N(mean, var I) and x_T ~ N(0, I): two (num_steps, *mean.shape) float64 tensors, row k the state
+    after step k (row num_steps - 1 the output). Requires clip_denoised=False."""
     if schedule.clip_denoised:
         raise ValueError("closed_form_marginal: clip_denoised must be False for a linear-Gaussian chain")
     plan = schedule.plan(num_steps)
     mean = torch.as_tensor(mean, dtype=torch.float64)
     mu, variance = torch.zeros_like(mean), torch.ones_like(mean)
+    means, variances = [], []
     for k in range(num_steps):
         abar = schedule.alphas_cumprod[int(plan.timesteps[k])]
         gain = (1 - abar).sqrt() / (abar * var + 1 - abar)  # eps_hat = gain (x - sqrt(abar) m)
@@ -49,7 +51,104 @@ def closed_form_marginal(schedule: DDPMSchedule, num_steps: int, mean: torch.Ten
         slope = plan.coef_x0[k] * x0_slope + plan.coef_xt[k]
         mu = slope * mu + plan.coef_x0[k] * x0_offset
         variance = slope**2 * variance + plan.std[k] ** 2
-    return mu, variance
+        means.append(mu)
+        variances.append(variance)
+    return torch.stack(means), torch.stack(variances)
+
+
+def closed_form_marginal(schedule: DDPMSchedule, num_steps: int, mean: torch.Tensor, var: float):
+    """Per-coordinate (mean, variance) of the ancestral sampler's output for data ~ N(mean, var I),
+    starting from x_T ~ N(0, I). Requires clip_denoised=False (clipping makes the chain non-linear)."""
+    means, variances = closed_form_marginals(schedule, num_steps, mean, var)
+    return means[-1], variances[-1]
+
+
+class TransitionRecorder:
+    """A verify function (signature of `verify.verify_block`) that runs `verify` and records every
+    transition the chains take in the round, so that a test sees the whole path, not only the output.
+
+    The reverse chain forgets its early states (with data variance 0.05 the output depends on the
+    state after step 0 with a gain of ~0.001), so output-only tests have no power at early steps. Every
+    chain passes every step once, in exactly one round: X_j -> X_{j+1} for j < tau, then X_tau -> the
+    round's next state. Per step k this records the state after step k and, for stochastic steps, the
+    standardised increment z = (Y_{k+1} - mu_P(k, Y_k)) / s_k, which must be N(0, I) for an exact
+    sampler. The step index is read from the round's stds (strictly decreasing along the plan).
+
+    `perturb(args) -> args` (optional) rewrites the verifier's inputs before `verify` sees them, for
+    wrong rules that change the drafts; the recorded transitions are those of the rewritten inputs.
+    """
+
+    __name__ = "recorded"
+
+    def __init__(self, verify, plan, perturb=None):
+        self.verify, self.plan, self.perturb = verify, plan, perturb
+        self.steps, self.after, self.z = [], [], []
+
+    def _step_index(self, stds: torch.Tensor) -> torch.Tensor:
+        table = self.plan.std.to(stds.device, torch.float64)
+        if len(table.unique()) != len(table):
+            raise ValueError("TransitionRecorder: the plan's step stds are not distinct; steps cannot be told apart")
+        k = (stds[:, :1].double() - table).abs().argmin(dim=1)
+        if not torch.equal(table[k], stds[:, 0].double()):
+            raise ValueError("TransitionRecorder: a round's std is not one of the plan's (another plan?)")
+        return k
+
+    def __call__(self, noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi,
+                 residual_u, **kwargs):
+        args = dict(noise=noise, states=states, draft_means=draft_means, target_means=target_means, stds=stds,
+                    lengths=lengths, has_next=has_next, accept_u=accept_u, xi=xi, residual_u=residual_u)
+        if self.perturb is not None:
+            args = self.perturb(args)
+        result = self.verify(**args, **kwargs)
+        next_state = result.settle(True)
+        states, target_means, stds = args["states"], args["target_means"], args["stds"]
+        tau, advanced = result.accepted, result.advanced
+        n = self._step_index(stds)
+        L = accept_u.shape[1]
+        for j in range(L + 1):
+            rows = (j < advanced).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            if j < L:
+                after = torch.where((j < tau[rows]).unsqueeze(-1), states[rows, j + 1], next_state[rows])
+            else:
+                after = next_state[rows]
+            s = stds[rows, j].double().unsqueeze(-1)
+            z = (after.double() - target_means[rows, j].double()) / s.clamp(min=1e-300)
+            self.steps.append((n[rows] + j).cpu())
+            self.after.append(after.double().cpu())
+            self.z.append(torch.where(s > 0, z, torch.nan).cpu())
+        return type(result)(accepted=tau, next_state=next_state, advanced=advanced)
+
+    def by_step(self):
+        """(steps (M,), states after the step (M, d), z (M, d), NaN at deterministic steps)."""
+        return torch.cat(self.steps), torch.cat(self.after), torch.cat(self.z)
+
+
+def path_test(recorder: TransitionRecorder, means: torch.Tensor, variances: torch.Tensor) -> dict:
+    """`marginal_test` of every step's recorded states against the closed-form marginals (`means`,
+    `variances` from `closed_form_marginals`) and of every stochastic step's standardised increments
+    against N(0, I). Returns the worst statistics over steps and the step where each is attained."""
+    steps, after, z = recorder.by_step()
+    worst = dict(mean_z=(0.0, None), var_z=(0.0, None), ks_p=(1.0, None), inc_mean_z=(0.0, None),
+                 inc_var_z=(0.0, None), inc_ks_p=(1.0, None))
+    counts = []
+    for k in range(len(means)):
+        rows = steps == k
+        counts.append(int(rows.sum()))
+        checks = {"": marginal_test(after[rows], means[k], variances[k])}
+        if not torch.isnan(z[rows]).any():
+            zero = torch.zeros(z.shape[1], dtype=torch.float64)
+            checks["inc_"] = marginal_test(z[rows], zero, torch.ones_like(zero))
+        for prefix, report in checks.items():
+            for key, value in report.items():
+                name = prefix + key
+                if (value < worst[name][0]) if key == "ks_p" else (value > worst[name][0]):
+                    worst[name] = (value, k)
+    out = {key: value for key, (value, _) in worst.items()}
+    out.update({f"{key}_step": step for key, (_, step) in worst.items()})
+    out["samples_per_step"] = (min(counts), max(counts))
+    return out
 
 
 def marginal_test(samples: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> dict:
