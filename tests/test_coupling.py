@@ -71,6 +71,27 @@ def test_residual_inverse_cdf_matches_bisection_on_a_sweep():
     assert fast.median() < 1e-13  # (the bisection itself reaches ~1.3e-8 at worst: G is evaluated in float64)
 
 
+@pytest.mark.parametrize("delta", [2e-6, 1e-4])
+def test_weighted_residual_sampler_is_exact_for_tiny_mean_differences(delta):
+    """Down to delta = 1e-6 the draw is the residual's, not a fallback draw from P (which would put the
+    coordinate along e at N(delta, 1) instead of the residual's law on t > c)."""
+    n, d = 20000, 3
+    gen = torch.Generator().manual_seed(3)
+    mu_q = torch.zeros(n, d, dtype=torch.float64)
+    mu_p = mu_q.clone()
+    mu_p[:, 0] = delta * 0.5
+    std = torch.full((n,), 0.5, dtype=torch.float64)
+    y = sample_weighted_residual(mu_p, mu_q, std, torch.zeros(n, dtype=torch.float64),
+                                 torch.randn(n, d, generator=gen, dtype=torch.float64),
+                                 torch.rand(n, generator=gen, dtype=torch.float64))
+    t = (y[:, 0] / 0.5).numpy()
+    c = delta / 2
+    mass = stats.norm.sf(c - delta) - stats.norm.sf(c)
+    cdf = lambda s: 1 - (stats.norm.sf(np.maximum(s, c) - delta) - stats.norm.sf(np.maximum(s, c))) / mass
+    assert (t >= c - 1e-9).all()
+    assert stats.kstest(t, cdf).pvalue > 1e-3
+
+
 def test_weighted_residual_sampler_projects_correctly():
     n, d = 20000, 5
     gen = torch.Generator().manual_seed(2)
