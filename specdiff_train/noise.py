@@ -112,13 +112,13 @@ def _bits(seeds, counters, stream, numel: int, lane: int) -> torch.Tensor:
 
 
 def gaussian_salts(numel: int, device=None) -> torch.Tensor:
-    """Element salts of a `numel`-dimensional standard normal draw (for `gaussian_from_keys`)."""
+    """Element salts of a `numel`-dimensional standard normal draw (for `words` -> `gaussian_from_words`)."""
     half = (numel + 1) // 2
     return element_salts(torch.arange(2 * half, device=device, dtype=torch.int64) * 2)
 
 
 def uniform_salts(numel: int, device=None) -> torch.Tensor:
-    """Element salts of `numel` uniforms (for `uniform_from_keys`): both words of each number."""
+    """Element salts of `numel` uniforms (for `words` -> `uniform_from_words`): both words of each number."""
     return element_salts(torch.arange(2 * numel, device=device, dtype=torch.int64))
 
 

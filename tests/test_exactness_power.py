@@ -16,8 +16,6 @@ from functools import lru_cache, partial
 
 import pytest
 import torch
-from scipy import stats
-from scipy.special import ndtr
 
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.speculative import speculative_sample

@@ -24,7 +24,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
 from ..diffusion import DDPMSchedule, SamplingPlan
-from .checkpoints import build_module, class_path, module_config, read_checkpoint, state_dict_mismatch
+from .checkpoints import class_path, module_config, read_checkpoint
 # Loading and the target check live in checkpoints.py (the sampling side uses them without this module);
 # re-exported here, where they were first defined.
 from .checkpoints import (  # noqa: F401

@@ -18,8 +18,10 @@ def flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x."""
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x <= 0, to an absolute error of ~1e-16: all that a sum of logs needs (the
+    result is added to other logs, so its absolute error is a relative error of the product), in
+    three operations instead of a two-branch `where`."""
+    return torch.log(-torch.expm1(x))
 
 
 def scaled_mean_difference(mu_p: torch.Tensor, mu_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -30,10 +32,13 @@ def scaled_mean_difference(mu_p: torch.Tensor, mu_q: torch.Tensor, std: torch.Te
     return (mu_p - mu_q).double() / std.double().unsqueeze(-1)
 
 
-def log_density_ratio(z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """log P(X)/Q(X) at the draft X = mu_q + s z: z.D - |D|^2 / 2 (last dim summed)."""
+def log_density_ratio(z: torch.Tensor, d: torch.Tensor, delta_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """log P(X)/Q(X) at the draft X = mu_q + s z: z.D - |D|^2 / 2 (last dim summed); `delta_sq` = |D|^2
+    when already computed."""
     d = d.double()
-    return (z.double() * d).sum(-1) - 0.5 * (d * d).sum(-1)
+    if delta_sq is None:
+        delta_sq = (d * d).sum(-1)
+    return (z.double() * d).sum(-1) - 0.5 * delta_sq
 
 
 def one_step_acceptance(delta: torch.Tensor) -> torch.Tensor:
@@ -65,7 +70,7 @@ def log_residual_mass(log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     a = dd / 2 + log_w / dd
     log_phi_a = torch.special.log_ndtr(a)
     inner = torch.special.log_ndtr(a - dd) - log_w - log_phi_a
-    log_mass = log_w + log_phi_a + _log1mexp_fast(inner.clamp(max=0.0))
+    log_mass = log_w + log_phi_a + log1mexp(inner.clamp(max=0.0))
     return log_mass.masked_fill(no_mass, -torch.inf)
 
 
@@ -73,12 +78,7 @@ def _log_residual_tail(t: torch.Tensor, log_w: torch.Tensor, delta: torch.Tensor
     """log of the residual's unnormalised tail mass beyond t (t >= c): w Phibar(t - delta) - Phibar(t)."""
     log_p = log_w + torch.special.log_ndtr(delta - t)
     log_q = torch.special.log_ndtr(-t)
-    return log_p + _log1mexp_fast((log_q - log_p).clamp(max=0.0))
-
-
-def _log1mexp_fast(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0 to an absolute error of ~1e-16 (all that a sum of logs needs)."""
-    return torch.log(-torch.expm1(x))
+    return log_p + log1mexp((log_q - log_p).clamp(max=0.0))
 
 
 _LOG_SQRT_2PI = 0.9189385332046727
@@ -135,7 +135,7 @@ def residual_projection(
         h = _log_residual_tail(t, log_w, delta)
         y = delta * s
         # log density: log phi(t) + log(e^y - 1), y = delta s
-        log_density = torch.log(-torch.expm1(-y)) + torch.addcmul(y - _LOG_SQRT_2PI, t, t, value=-0.5)
+        log_density = log1mexp(-y) + torch.addcmul(y - _LOG_SQRT_2PI, t, t, value=-0.5)
         s = torch.addcmul(s, h - target, torch.exp(h - log_density)).clamp(s_lo, s_hi)
     # No residual mass in float64 (I underflows: such a residual is never selected): any finite point.
     return c + torch.nan_to_num(s, nan=0.0, posinf=0.0)

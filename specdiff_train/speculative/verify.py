@@ -25,6 +25,8 @@ import torch
 
 from ._aranges import arange
 from .coupling import (
+    log1mexp,
+    log_density_ratio,
     log_residual_mass,
     reflect,
     sample_weighted_residual,
@@ -46,11 +48,6 @@ class VerifyResult:
     def settle(self, any_needs_correction: bool) -> torch.Tensor:
         """The next state; a deferred correction is computed only if some chain needs one."""
         return self.next_state if self.complete is None else self.complete(any_needs_correction)
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[c, index[c]] for a (C, L, ...) tensor."""
-    return x[arange(0, x.shape[0], x.device), index]
 
 
 def _finish(tau, lengths, has_next, states, target_means, stds, xi, correction, defer: bool = False):
@@ -88,8 +85,7 @@ def _draft_statistics(noise, draft_means, target_means, stds):
     L = noise.shape[1]
     d = scaled_mean_difference(target_means[:, :L], draft_means, stds[:, :L])
     delta_sq = (d * d).sum(-1)
-    log_ratio = (d * noise.double()).sum(-1) - 0.5 * delta_sq
-    return d, delta_sq.sqrt(), log_ratio
+    return d, delta_sq.sqrt(), log_density_ratio(noise, d, delta_sq)
 
 
 def verify_tokenwise(
@@ -140,11 +136,12 @@ def running_log_weights(log_ratio: torch.Tensor, log_w0: torch.Tensor | None = N
 
     With S_i = log w_0 + sum_{j<=i} log_ratio_j, the recursion unrolls to S_i - max(0, S_1..S_i):
     a cumulative sum and a cumulative maximum."""
-    if log_w0 is None:  # w_0 = 1
-        S = log_ratio.cumsum(dim=1)
-        return torch.nn.functional.pad(S - S.cummax(dim=1).values.clamp(min=0.0), (1, 0))
-    S = log_w0.unsqueeze(-1) + log_ratio.cumsum(dim=1)
+    S = log_ratio.cumsum(dim=1)
+    if log_w0 is not None:
+        S = S + log_w0.unsqueeze(-1)
     log_w = S - S.cummax(dim=1).values.clamp(min=0.0)
+    if log_w0 is None:  # w_0 = 1
+        return torch.nn.functional.pad(log_w, (1, 0))
     return torch.cat([log_w0.unsqueeze(-1), log_w], dim=1)
 
 
@@ -160,7 +157,7 @@ def block_pass_probabilities(log_ratio, log_w0, delta, lengths):
     log_rho = log_residual_mass(log_w[:, :L], delta)
     lw, next_rho = log_w[:, 1:], torch.nn.functional.pad(log_rho[:, 1:], (0, 1), value=-torch.inf)
     # h = rho / (rho + 1 - w) = sigmoid(log rho - log(1 - w)); w = 1 gives 1 (also 0/0 -> 1).
-    inner = torch.sigmoid(next_rho - torch.log(-torch.expm1(lw))).masked_fill(lw >= 0, 1.0)
+    inner = torch.sigmoid(next_rho - log1mexp(lw)).masked_fill(lw >= 0, 1.0)
     is_last = arange(1, L + 1, lengths.device) == lengths.unsqueeze(-1)
     h = torch.where(is_last, lw.exp(), inner)
     return h, log_w, log_rho
