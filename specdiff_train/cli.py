@@ -76,6 +76,10 @@ class SpecDiffCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_ALIASES:
             return
+        if pipeline_ckpt_path(str(ckpt_path), subcommand):  # a diffusers pipeline: the model is a DiffusersTarget
+            model = {"class_path": DIFFUSERS_TARGET, "init_args": {"pretrained": str(ckpt_path)}}
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+            return
         ckpt = checked_checkpoint(ckpt_path, getattr(self, "_configured_model", None), subcommand)
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -130,6 +134,28 @@ DRAFTER_KINDS = {  # hyperparameter key of the trained module -> (what it is, th
     "net": ("a draft-network checkpoint", "specdiff_train.speculative.DraftNetworkDrafter"),
     "head": ("a Medusa-heads checkpoint", "specdiff_train.speculative.MedusaDrafter"),
 }
+
+
+DIFFUSERS_TARGET = "specdiff_train.models.DiffusersTarget"
+
+
+def pipeline_ckpt_path(ckpt_path: str, subcommand: str) -> bool:
+    """True when `--ckpt_path` names a diffusers pipeline (a folder or a hub id) given to `evaluate`; a
+    ValueError for the other verbs (a pipeline is no training checkpoint)."""
+    from .models.diffusers_target import is_pipeline_source
+
+    if not is_pipeline_source(ckpt_path):
+        return False
+    if subcommand != "evaluate":
+        if not Path(ckpt_path).is_dir():
+            return False  # owner/name-like but missing: reported as a missing checkpoint file
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a diffusers pipeline (a folder or hub id), not a checkpoint written by "
+            f"training, so `{subcommand}` cannot use it. Evaluate it with `python train.py evaluate --ckpt_path "
+            f"{ckpt_path} --config configs/eval/ddpm_cifar10.yaml`, or train drafters for it with "
+            f"--model.init_args.target_ckpt {ckpt_path}"
+        )
+    return True
 
 
 def checked_checkpoint(ckpt_path: str, configured: dict | None, subcommand: str) -> dict:
