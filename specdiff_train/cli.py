@@ -65,7 +65,7 @@ class SpecDiffCLI(LightningCLI):
     # checkpoint. A network or schedule that differs from the checkpoint's would silently be dropped:
     # refuse it instead, naming what differs.
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, with_pipeline_model(args))
         self._configured_model = self._model_config()
 
     def _parse_ckpt_path(self) -> None:
@@ -137,6 +137,24 @@ DRAFTER_KINDS = {  # hyperparameter key of the trained module -> (what it is, th
 
 
 DIFFUSERS_TARGET = "specdiff_train.models.DiffusersTarget"
+
+
+def with_pipeline_model(args: ArgsType) -> ArgsType:
+    """`evaluate --ckpt_path <diffusers pipeline>` needs no target config: the model is that pipeline's
+    `DiffusersTarget` (appended as `--model`, so it also replaces a model set by a config, as a checkpoint's
+    hyperparameters do). Other command lines are returned unchanged."""
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if not argv or argv[0] != "evaluate":
+        return args
+    ckpt_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            ckpt_path = argv[i + 1]
+        elif arg.startswith("--ckpt_path="):
+            ckpt_path = arg.split("=", 1)[1]
+    if ckpt_path is None or not pipeline_ckpt_path(ckpt_path, "evaluate"):
+        return args
+    return [*argv, f"--model={DIFFUSERS_TARGET}", f"--model.init_args.pretrained={ckpt_path}"]
 
 
 def pipeline_ckpt_path(ckpt_path: str, subcommand: str) -> bool:
