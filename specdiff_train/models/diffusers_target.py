@@ -108,7 +108,7 @@ def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = "sche
             "with DDPMScheduler.from_config(scheduler.config)"
         )
     cfg = {**_defaults(_diffusers().DDPMScheduler), **{k: v for k, v in config.items() if not k.startswith("_")}}
-    if cfg["variance_type"] != "fixed_small":
+    if cfg.get("variance_type", "fixed_small") != "fixed_small":
         learned = str(cfg["variance_type"]).startswith("learned")
         raise ValueError(
             f"{where}.variance_type: {cfg['variance_type']!r} is not supported; the sampler's step variance is the "
@@ -117,13 +117,13 @@ def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = "sche
                ". To sample this UNet with the posterior variance, set \"variance_type\": \"fixed_small\" in "
                "scheduler/scheduler_config.json (another sampler of the same model)")
         )
-    if cfg["thresholding"]:
+    if cfg.get("thresholding"):
         raise ValueError(f"{where}.thresholding: true is not supported (dynamic thresholding is a per-sample "
                          "quantile map the sampler does not apply); set it to false, or use clip_sample")
-    if cfg["rescale_betas_zero_snr"]:
+    if cfg.get("rescale_betas_zero_snr"):
         raise ValueError(f"{where}.rescale_betas_zero_snr: true is not supported (zero terminal SNR); the sampler's "
                          "schedules are linear, scaled_linear and squaredcos_cap_v2 betas as named")
-    if cfg["trained_betas"] is not None:
+    if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where}.trained_betas: explicit betas are not supported; the sampler's schedules are "
                          f"named ({', '.join(BETA_SCHEDULES)})")
     if cfg["beta_schedule"] not in BETA_SCHEDULES:
@@ -138,7 +138,7 @@ def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = "sche
         clip_denoised=bool(cfg["clip_sample"]),
         beta_start=float(cfg["beta_start"]),
         beta_end=float(cfg["beta_end"]),
-        clip_range=float(cfg["clip_sample_range"]),
+        clip_range=float(cfg.get("clip_sample_range", 1.0)),
     )
 
 
