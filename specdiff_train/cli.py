@@ -65,7 +65,7 @@ class SpecDiffCLI(LightningCLI):
     # checkpoint. A network or schedule that differs from the checkpoint's would silently be dropped:
     # refuse it instead, naming what differs.
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, with_pipeline_model(args))
         self._configured_model = self._model_config()
 
     def _parse_ckpt_path(self) -> None:
@@ -75,6 +75,10 @@ class SpecDiffCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_ALIASES:
+            return
+        if pipeline_ckpt_path(str(ckpt_path), subcommand):  # a diffusers pipeline: the model is a DiffusersTarget
+            model = {"class_path": DIFFUSERS_TARGET, "init_args": {"pretrained": str(ckpt_path)}}
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
             return
         ckpt = checked_checkpoint(ckpt_path, getattr(self, "_configured_model", None), subcommand)
         hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -130,6 +134,46 @@ DRAFTER_KINDS = {  # hyperparameter key of the trained module -> (what it is, th
     "net": ("a draft-network checkpoint", "specdiff_train.speculative.DraftNetworkDrafter"),
     "head": ("a Medusa-heads checkpoint", "specdiff_train.speculative.MedusaDrafter"),
 }
+
+
+DIFFUSERS_TARGET = "specdiff_train.models.DiffusersTarget"
+
+
+def with_pipeline_model(args: ArgsType) -> ArgsType:
+    """`evaluate --ckpt_path <diffusers pipeline>` needs no target config: the model is that pipeline's
+    `DiffusersTarget` (appended as `--model`, so it also replaces a model set by a config, as a checkpoint's
+    hyperparameters do). Other command lines are returned unchanged."""
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if not argv or argv[0] != "evaluate":
+        return args
+    ckpt_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            ckpt_path = argv[i + 1]
+        elif arg.startswith("--ckpt_path="):
+            ckpt_path = arg.split("=", 1)[1]
+    if ckpt_path is None or not pipeline_ckpt_path(ckpt_path, "evaluate"):
+        return args
+    return [*argv, f"--model={DIFFUSERS_TARGET}", f"--model.init_args.pretrained={ckpt_path}"]
+
+
+def pipeline_ckpt_path(ckpt_path: str, subcommand: str) -> bool:
+    """True when `--ckpt_path` names a diffusers pipeline (a folder or a hub id) given to `evaluate`; a
+    ValueError for the other verbs (a pipeline is no training checkpoint)."""
+    from .models.diffusers_target import is_pipeline_source
+
+    if not is_pipeline_source(ckpt_path):
+        return False
+    if subcommand != "evaluate":
+        if not Path(ckpt_path).is_dir():
+            return False  # owner/name-like but missing: reported as a missing checkpoint file
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a diffusers pipeline (a folder or hub id), not a checkpoint written by "
+            f"training, so `{subcommand}` cannot use it. Evaluate it with `python train.py evaluate --ckpt_path "
+            f"{ckpt_path} --config configs/eval/ddpm_cifar10.yaml`, or train drafters for it with "
+            f"--model.init_args.target_ckpt {ckpt_path}"
+        )
+    return True
 
 
 def checked_checkpoint(ckpt_path: str, configured: dict | None, subcommand: str) -> dict:

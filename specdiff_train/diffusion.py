@@ -14,12 +14,17 @@ from typing import NamedTuple
 import torch
 
 PREDICTIONS = ("eps", "x0", "v")
-BETA_SCHEDULES = ("linear", "cosine")
+BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
 
 
 def linear_betas(num_train_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     # Computed in float32 and widened, exactly as diffusers does, so both schedules coincide.
     return torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float32).double()
+
+
+def scaled_linear_betas(num_train_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Linear in sqrt(beta) (diffusers' "scaled_linear", latent diffusion's schedule), in float32 as diffusers."""
+    return (torch.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=torch.float32) ** 2).double()
 
 
 def cosine_betas(num_train_steps: int, max_beta: float = 0.999, s: float = 0.008) -> torch.Tensor:
@@ -45,7 +50,8 @@ class DDPMSchedule:
 
     Args:
         num_train_steps: number of training diffusion steps T; timesteps are 0..T-1.
-        beta_schedule: "linear" (beta_start..beta_end) or "cosine".
+        beta_schedule: "linear" (beta_start..beta_end), "scaled_linear" (sqrt(beta) linear from
+            sqrt(beta_start) to sqrt(beta_end)) or "cosine" (diffusers' "squaredcos_cap_v2").
         prediction: what the network predicts: "eps", "x0" or "v".
         clip_denoised: clip the x0 estimate to [-clip_range, clip_range] before each step.
         beta_start: first beta of the linear schedule.
@@ -69,7 +75,7 @@ class DDPMSchedule:
             raise ValueError(f"schedule.beta_schedule: expected one of {BETA_SCHEDULES}, got {beta_schedule!r}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"schedule.prediction: expected one of {PREDICTIONS}, got {prediction!r}")
-        if beta_schedule == "linear" and not (0 < beta_start <= beta_end < 1):
+        if beta_schedule in ("linear", "scaled_linear") and not (0 < beta_start <= beta_end < 1):
             raise ValueError(
                 f"schedule.beta_start/beta_end: expected 0 < beta_start <= beta_end < 1, "
                 f"got beta_start={beta_start}, beta_end={beta_end}"
@@ -85,6 +91,8 @@ class DDPMSchedule:
         self.clip_range = float(clip_range)
         if beta_schedule == "linear":
             betas = linear_betas(num_train_steps, beta_start, beta_end)
+        elif beta_schedule == "scaled_linear":
+            betas = scaled_linear_betas(num_train_steps, beta_start, beta_end)
         else:
             betas = cosine_betas(num_train_steps)
         self.betas = betas  # float64, (T,)

@@ -109,3 +109,18 @@ def find_one(root: Path, pattern: str) -> Path:
     found = sorted(Path(root).rglob(pattern))
     assert found, f"no {pattern} under {root}: {sorted(p.relative_to(root) for p in Path(root).rglob('*'))}"
     return found[-1]
+
+
+def save_tiny_pipeline(folder, *, in_channels: int = 1, sample_size: int = 8, block_out_channels=(8, 16),
+                       seed: int = 0, unet_kwargs: dict | None = None, **scheduler_kwargs) -> Path:
+    """A randomly initialised diffusers `UNet2DModel` (a few 10k parameters, one attention level) and a
+    `DDPMScheduler` (`scheduler_kwargs`), written by `DDPMPipeline.save_pretrained` to `folder`."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                       block_out_channels=tuple(block_out_channels), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8, **(unet_kwargs or {}))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_kwargs)).save_pretrained(str(folder))
+    return Path(folder)

@@ -14,7 +14,7 @@ PRED_NAMES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 def reference_scheduler(schedule: DDPMSchedule, num_steps: int):
     sched = diffusers.DDPMScheduler(
         num_train_timesteps=schedule.num_train_steps,
-        beta_schedule="linear" if schedule.beta_schedule == "linear" else "squaredcos_cap_v2",
+        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(schedule.beta_schedule, schedule.beta_schedule),
         beta_start=schedule.beta_start,
         beta_end=schedule.beta_end,
         prediction_type=PRED_NAMES[schedule.prediction],
@@ -32,7 +32,7 @@ def reference_scheduler(schedule: DDPMSchedule, num_steps: int):
     return sched
 
 
-@pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("beta_schedule", ["linear", "cosine", "scaled_linear"])
 def test_betas_match_diffusers(beta_schedule):
     ours = DDPMSchedule(1000, beta_schedule=beta_schedule)
     ref = reference_scheduler(ours, 1000)
@@ -42,7 +42,7 @@ def test_betas_match_diffusers(beta_schedule):
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 @pytest.mark.parametrize("num_steps", [1000, 100, 7])
-@pytest.mark.parametrize("beta_schedule,clip", [("linear", False), ("cosine", True)])
+@pytest.mark.parametrize("beta_schedule,clip", [("linear", False), ("cosine", True), ("scaled_linear", False)])
 def test_ancestral_step_matches_diffusers(prediction, num_steps, beta_schedule, clip):
     schedule = DDPMSchedule(1000, beta_schedule=beta_schedule, prediction=prediction, clip_denoised=clip)
     plan = schedule.plan(num_steps)

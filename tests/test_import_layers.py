@@ -40,3 +40,26 @@ def test_moved_names_stay_importable_from_their_old_homes():
     assert drafter.drafter_target_warning is checkpoints.drafter_target_warning
     assert learned.medusa_x0 is medusa_x0
     assert DraftDistillation is drafter.DraftDistillation and HeadDistillation is drafter.HeadDistillation
+
+
+NO_DIFFUSERS = """
+import sys
+import specdiff_train, specdiff_train.cli, specdiff_train.models, specdiff_train.speculative as spec
+from specdiff_train.models import load_target
+from specdiff_train.models.drafter import frozen_target
+from specdiff_train.sampling import ancestral_sample
+
+target = load_target("checkpoints/toy2d/target.ckpt")
+frozen_target("checkpoints/toy2d/target.ckpt")
+ancestral_sample(target, target.schedule, target.sample_shape, num_steps=5, seeds=[0])
+spec.speculative_sample(target, target.schedule, target.sample_shape, num_steps=5, seeds=[0],
+                        drafter=spec.MedusaDrafter("checkpoints/toy2d/medusa.ckpt"), window=3)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "accelerate")))
+"""
+
+
+def test_diffusers_is_imported_only_for_diffusers_targets():
+    """diffusers is an optional extra: the package, the CLI and sampling our own targets never import it."""
+    proc = subprocess.run([sys.executable, "-c", NO_DIFFUSERS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

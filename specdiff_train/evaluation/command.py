@@ -72,7 +72,8 @@ class SpecDiffTrainer(Trainer):
         Args:
             model: the target (from the config; its weights come from `ckpt_path`).
             datamodule: the data, for quality against reference samples (optional).
-            ckpt_path: target checkpoint to evaluate (EMA weights are used).
+            ckpt_path: target checkpoint to evaluate (EMA weights are used), or a diffusers DDPMPipeline
+                folder or hub id (the model is then that pipeline's `DiffusersTarget`; no target config needed).
             drafters: training-free drafter names (free-eps, free-x0, free-increment, frozen-eps,
                 frozen-x0, frozen-increment) or drafters by class_path (default: free-x0, free-eps, frozen-eps).
             verifiers: "block", "tokenwise" (reflection) and/or "tokenwise-residual" (default: block, tokenwise).
@@ -112,7 +113,7 @@ class SpecDiffTrainer(Trainer):
         if datamodule is not None and hasattr(datamodule, "prepare_data") and self.is_global_zero:
             datamodule.prepare_data()  # dataset caches are written once
         self.strategy.barrier()
-        if ckpt_path is not None:
+        if ckpt_path is not None and str(ckpt_path) != getattr(model, "pretrained", None):  # a pipeline: loaded already
             model = load_target(ckpt_path)
         model = model.to(self.strategy.root_device).eval()
         shape = tuple(model.sample_shape)

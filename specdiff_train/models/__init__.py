@@ -1,10 +1,11 @@
-"""LightningModules: the target diffusion model, drafter training (draft networks, heads), and checkpoint loading.
+"""LightningModules: the target diffusion model (ours, or a diffusers DDPM pipeline), drafter training (draft networks, heads), and checkpoint loading.
 
 The drafter-training modules (`DraftDistillation`, `HeadDistillation`, `export_slim_drafter`) are
 imported on first use, so that the sampling side, which reads checkpoints through
 `specdiff_train.models.checkpoints`, never imports `specdiff_train.models.drafter`.
 """
 from .checkpoints import check_drafter_target, export_slim_checkpoint, load_draft_network, load_drafter, load_target
+from .diffusers_target import DiffusersTarget
 from .target import TargetDiffusion
 
 _DRAFTER_TRAINING = ("DraftDistillation", "HeadDistillation", "export_slim_drafter")
@@ -23,6 +24,7 @@ def __dir__():
 
 
 __all__ = [
+    "DiffusersTarget",
     "DraftDistillation",
     "HeadDistillation",
     "TargetDiffusion",

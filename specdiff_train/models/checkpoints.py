@@ -230,10 +230,13 @@ def build_target(hparams: Mapping, cls=None, where: str = "checkpoint") -> "Targ
 
 
 def load_target(ckpt_path: str | Path, map_location="cpu", *, ema: bool = True) -> "TargetDiffusion":
-    """Load a target diffusion model from a full Lightning checkpoint or a slim one.
+    """Load a target diffusion model from a full Lightning checkpoint or a slim one, or a diffusers
+    DDPM pipeline (`models/diffusers_target.py`, needs `pip install -e ".[diffusers]"`).
 
     Args:
-        ckpt_path: a `.ckpt` written by training (`last.ckpt`, ...) or by `export_slim_checkpoint`.
+        ckpt_path: a `.ckpt` written by training (`last.ckpt`, ...) or by `export_slim_checkpoint`; or a
+            folder written by `DDPMPipeline.save_pretrained`, or a hub id (`google/ddpm-cifar10-32`):
+            a `DiffusersTarget` (`ema` does not apply).
         map_location: where to put the weights.
         ema: return the EMA weights when the checkpoint has them (the default); False returns the raw
             training weights (only full checkpoints trained with `EMAWeightAveraging` keep both).
@@ -242,6 +245,12 @@ def load_target(ckpt_path: str | Path, map_location="cpu", *, ema: bool = True) 
         The module in eval mode with `requires_grad=False`; `model(x, t)` is the sampler contract, and
         `model.checkpoint_info` says which weights were loaded.
     """
+    from .diffusers_target import is_pipeline_source
+
+    if is_pipeline_source(ckpt_path):  # a diffusers DDPMPipeline folder or hub id (imports diffusers only then)
+        from .diffusers_target import load_pipeline_target
+
+        return load_pipeline_target(ckpt_path, map_location)
     where = str(ckpt_path)
     ckpt = read_checkpoint(ckpt_path, map_location)
     cls = target_class(ckpt, where)

@@ -130,14 +130,18 @@ def target_rollout(target, plan: SamplingPlan, x: torch.Tensor, k: torch.Tensor,
 
 # --- the shared module --------------------------------------------------------------------------
 def frozen_target(target_ckpt: str) -> TargetDiffusion:
-    """The target from `target_ckpt`: EMA weights, eval mode, requires_grad False."""
+    """The target from `target_ckpt` (a checkpoint file: EMA weights; or a diffusers DDPM pipeline folder
+    or hub id), eval mode, requires_grad False."""
     from .checkpoints import load_target
+    from .diffusers_target import is_pipeline_source
 
+    if is_pipeline_source(target_ckpt):
+        return load_target(target_ckpt)
     if not Path(target_ckpt).is_file():
         raise FileNotFoundError(
             f"model.init_args.target_ckpt: no file at {target_ckpt}; train a target first, e.g. "
             "`python train.py fit --config configs/target/toy2d.yaml` (then pass its last.ckpt), "
-            "or use the shipped checkpoints/toy2d/target.ckpt"
+            "or use the shipped checkpoints/toy2d/target.ckpt (or a diffusers DDPMPipeline folder or hub id)"
         )
     hparams = read_checkpoint(target_ckpt).get("hyper_parameters") or {}
     if "target_ckpt" in hparams:
@@ -166,7 +170,8 @@ class FrozenTargetDistillation(LightningModule):
     saved module) and implement `losses(x0, generator) -> (loss, delta_sq, steps, extra_logs)`.
 
     Args:
-        target_ckpt: the target checkpoint (frozen, EMA weights).
+        target_ckpt: the target checkpoint (frozen, EMA weights), or a diffusers DDPMPipeline folder or
+            hub id (recorded as given, with the weights' fingerprint).
         num_steps: the sampler the drafter is for (respaced steps); training uses its steps.
         objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
         trajectory_fraction: share of each batch whose states come from the target's own sampling

@@ -1,0 +1,298 @@
+"""diffusers DDPM pipelines as targets (models/diffusers_target.py), offline, on tiny randomly initialised
+`UNet2DModel` + `DDPMScheduler` pipelines saved to temporary folders: the outputs are the UNet's, the
+schedule the scheduler's, one ancestral step `DDPMScheduler.step`; speculative sampling is exact on them
+(per-step tests, and a closed-form chain through a pipeline); drafters train against them through the CLI,
+and evaluate reports on them; everything the sampler cannot reproduce is refused, naming the setting."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import find_one, run_train, save_tiny_pipeline
+from specdiff_train.diffusion import DDPMSchedule
+from specdiff_train.models import DiffusersTarget, HeadDistillation, load_target
+from specdiff_train.models.checkpoints import check_drafter_target, target_fingerprint
+from specdiff_train.models.drafter import export_slim_drafter
+from specdiff_train.nets.heads import ConvHead
+from specdiff_train.sampling import ancestral_sample
+from specdiff_train.speculative import FrozenTargetDrafter, MedusaDrafter, speculative_sample
+from specdiff_train.speculative.verify import verify_block
+from specdiff_train.testing import TransitionRecorder, marginal_test, path_test
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny", clip_sample=True)
+
+
+@pytest.fixture(scope="module")
+def target(pipeline):
+    return load_target(pipeline)
+
+
+def reference_unet(folder):
+    return diffusers.UNet2DModel.from_pretrained(str(folder), subfolder="unet").eval()
+
+
+# --- the target behaves like ours --------------------------------------------------------------------
+@torch.no_grad()
+def test_outputs_and_features_are_the_unets(pipeline, target):
+    assert isinstance(target, DiffusersTarget) and not target.training
+    assert not any(p.requires_grad for p in target.parameters())
+    assert target.sample_shape == (1, 8, 8) and target.net.feature_dim == 8
+    assert target.checkpoint_info["path"] == str(pipeline)
+    unet = reference_unet(pipeline)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(5, 1, 8, 8, generator=gen), torch.tensor([0, 1, 250, 500, 999])
+    expected = unet(x, t).sample
+    assert torch.equal(target(x, t), expected)
+    seen = []  # the features, read independently: the input of the UNet's output norm
+    handle = unet.conv_norm_out.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    unet(x, t)
+    handle.remove()
+    out, features = target(x, t, return_features=True)
+    assert torch.equal(out, expected) and torch.equal(features, seen[0]) and features.shape == (5, 8, 8, 8)
+    assert not target.net.unet.up_blocks[-1]._forward_hooks  # the hook is removed after the pass
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_schedule_is_the_schedulers(tmp_path, beta_schedule, prediction_type):
+    options = dict(num_train_timesteps=500, beta_schedule=beta_schedule, prediction_type=prediction_type,
+                   beta_start=0.00085, beta_end=0.012, clip_sample=prediction_type == "sample", clip_sample_range=1.5)
+    folder = save_tiny_pipeline(tmp_path / "p", **options)
+    schedule = load_target(folder).schedule
+    ref = diffusers.DDPMScheduler(**options)
+    assert schedule.num_train_steps == 500
+    assert schedule.prediction == {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[prediction_type]
+    assert schedule.clip_denoised == options["clip_sample"] and schedule.clip_range == 1.5
+    torch.testing.assert_close(schedule.betas, ref.betas.double(), rtol=0, atol=0)
+    torch.testing.assert_close(schedule.alphas_cumprod, ref.alphas_cumprod.double(), rtol=1e-5, atol=0)  # ref: float32
+
+
+@pytest.mark.parametrize("prediction_type,clip", [("epsilon", True), ("v_prediction", False), ("sample", True)])
+@pytest.mark.parametrize("num_steps", [1000, 50])
+@torch.no_grad()
+def test_one_ancestral_step_is_ddpm_scheduler_step(tmp_path, prediction_type, clip, num_steps):
+    """Every step of the plan, from states at that step, with the pipeline's own UNet output: our mean
+    plus our std times the noise diffusers draws equals `DDPMScheduler.step`'s prev_sample."""
+    folder = save_tiny_pipeline(tmp_path / "p", prediction_type=prediction_type, clip_sample=clip)
+    target = load_target(folder)
+    scheduler = diffusers.DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    scheduler.set_timesteps(num_steps)
+    plan = target.schedule.plan(num_steps)
+    assert torch.equal(plan.timesteps, scheduler.timesteps.long())
+    gen = torch.Generator().manual_seed(1)
+    k = torch.arange(num_steps)
+    x = 2 * torch.randn(num_steps, *target.sample_shape, generator=gen)
+    output = target(x, plan.t(k))
+    mean, std = plan.transition(x, k, output)
+    for i in range(0, num_steps, max(1, num_steps // 25)):
+        t = int(plan.timesteps[i])
+        step = scheduler.step(output[i:i + 1], t, x[i:i + 1], generator=torch.Generator().manual_seed(i)).prev_sample
+        noise = torch.randn(1, *target.sample_shape, generator=torch.Generator().manual_seed(i))
+        ours = mean[i:i + 1] + (std[i] * noise if t > 0 else 0)
+        torch.testing.assert_close(ours, step, rtol=1e-5, atol=1e-5)
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+class OnePixelBiasedDrafter(FrozenTargetDrafter):
+    """The frozen-target draft pushed one std off at one pixel: rejections are common, so a wrong
+    correction would show in the transitions' law."""
+
+    def propose(self, slots, x, k):
+        mean = super().propose(slots, x, k).clone()
+        mean.view(len(mean), -1)[:, 0] += self.plan.std_at(k).to(mean.dtype)
+        return mean
+
+
+def random_heads(feature_dim: int = 8) -> ConvHead:
+    torch.manual_seed(0)
+    head = ConvHead(in_channels=1, image_size=8, feature_dim=feature_dim, hidden=8, depth=1, time_embed_dim=8,
+                    max_offset=4)
+    torch.nn.init.normal_(head.out.weight, std=0.05)  # a fresh head drafts as the Free Drafter: make it differ
+    return head
+
+
+def assert_increments_standard_normal(recorder, num_samples):
+    steps, _, z = recorder.by_step()
+    assert len(steps) == num_samples * recorder.plan.num_steps  # every chain, every step, once
+    for k in range(recorder.plan.num_stochastic_steps):
+        rows = z[steps == k]
+        report = marginal_test(rows, torch.zeros(rows.shape[1], dtype=torch.float64), torch.ones(rows.shape[1], dtype=torch.float64))
+        assert report["mean_z"] < 4.8 and report["var_z"] < 4.8 and report["ks_p"] > 1e-5, (k, report)
+
+
+@torch.no_grad()
+def test_ancestral_and_speculative_sampling_are_exact_on_the_pipeline(target):
+    """Ancestral samples are the chain's; speculative sampling with Medusa heads on the UNet's features:
+    every transition of every chain is the target's ancestral step (standardised increments N(0, I))."""
+    schedule, shape, num_steps, n = target.schedule, target.sample_shape, 10, 1500
+    samples = ancestral_sample(target, schedule, shape, num_steps=num_steps, seeds=range(8))
+    assert samples.shape == (8, *shape) and torch.isfinite(samples).all()
+    drafter = MedusaDrafter.from_head(random_heads(), schedule, shape)
+    recorder = TransitionRecorder(verify_block, schedule.plan(num_steps))
+    result = speculative_sample(target, schedule, shape, num_steps=num_steps, seeds=range(n), drafter=drafter,
+                                window=4, verifier=recorder, batch_size=n)
+    assert result.samples.shape == (n, *shape) and torch.isfinite(result.samples).all()
+    assert 0 < result.stats["acceptance_rate"] < 1 and result.stats["target_calls_per_sample"] < num_steps
+    assert_increments_standard_normal(recorder, n)
+
+
+@torch.no_grad()
+def test_closed_form_chain_through_a_pipeline(tmp_path):
+    """A pipeline whose UNet outputs eps = 0 (conv_out zeroed; no clipping): the ancestral chain is linear-
+    Gaussian with known marginals, x_{k+1} ~ N(a_k x_k, s_k^2), a_k = coef_x0 / sqrt(abar) + coef_xt. Every
+    step's states (and increments) of speculative sampling with a biased drafter are tested against them."""
+    folder = save_tiny_pipeline(tmp_path / "p", clip_sample=False)
+    unet = diffusers.UNet2DModel.from_pretrained(str(folder), subfolder="unet")
+    torch.nn.init.zeros_(unet.conv_out.weight), torch.nn.init.zeros_(unet.conv_out.bias)
+    unet.save_pretrained(str(folder / "unet"))
+    target = load_target(folder)
+    num_steps, n, plan = 10, 3000, target.schedule.plan(10)
+    abar = target.schedule.alphas_cumprod[plan.timesteps]
+    slope = plan.coef_x0 / abar.sqrt() + plan.coef_xt
+    variance, variances = torch.tensor(1.0, dtype=torch.float64), []
+    for k in range(num_steps):
+        variance = slope[k] ** 2 * variance + plan.std[k] ** 2
+        variances.append(variance)
+    d = 64
+    means, variances = torch.zeros(num_steps, d, dtype=torch.float64), torch.stack(variances)[:, None].expand(-1, d)
+    recorder = TransitionRecorder(verify_block, plan)
+    speculative_sample(target, target.schedule, target.sample_shape, num_steps=num_steps, seeds=range(n),
+                       drafter=OnePixelBiasedDrafter(), window=4, verifier=recorder, batch_size=n)
+    recorder.after = [a.reshape(len(a), -1) for a in recorder.after]
+    recorder.z = [z.reshape(len(z), -1) for z in recorder.z]
+    report = path_test(recorder, means, variances)
+    assert report["samples_per_step"] == (n, n), report
+    for key in ("mean_z", "var_z", "inc_mean_z", "inc_var_z"):
+        assert report[key] < 4.8, report
+    assert report["ks_p"] > 1e-5 and report["inc_ks_p"] > 1e-5, report
+
+
+# --- drafters against a pipeline -----------------------------------------------------------------------
+def test_heads_train_against_a_pipeline_and_record_it(pipeline, target):
+    module = HeadDistillation(random_heads(), str(pipeline), num_steps=20)
+    assert module.hparams["target_ckpt"] == str(pipeline)
+    assert module.hparams["target_fingerprint"] == target_fingerprint(target)
+    assert module.hparams["schedule"] == target.schedule.config()
+    with pytest.raises(ValueError, match="feature_dim 8"):
+        HeadDistillation(ConvHead(feature_dim=32), str(pipeline))
+    loss, delta_sq, steps, _ = module.losses(torch.zeros(4, 1, 8, 8), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss.requires_grad and delta_sq.shape == steps.shape
+
+
+def test_fit_heads_then_evaluate_through_the_cli(pipeline, target, tmp_path):
+    """`fit` trains heads against the pipeline folder (digits data fit its 1x8x8 UNet), the checkpoint records
+    it, and `evaluate --ckpt_path <pipeline>` reports them with no target config and no fingerprint warning."""
+    run_train("fit", "--config", "configs/drafter/digits_medusa.yaml", "--model.init_args.target_ckpt", pipeline,
+              "--model.init_args.num_steps", "20", "--model.init_args.head.init_args.feature_dim", "8",
+              "--model.init_args.head.init_args.hidden", "8", "--model.init_args.trajectory_chains", "8",
+              "--data.init_args.batch_size", "8", "--trainer.default_root_dir", tmp_path / "fit",
+              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false")
+    heads = export_slim_drafter(find_one(tmp_path / "fit", "last.ckpt"), tmp_path / "medusa.ckpt")
+    hparams = torch.load(heads, weights_only=True)["hyper_parameters"]
+    assert hparams["target_ckpt"] == str(pipeline) and hparams["target_fingerprint"] == target_fingerprint(target)
+    drafter = MedusaDrafter(str(heads))
+    assert check_drafter_target(drafter, target) is None
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "drafters:\n  - free-x0\n  - class_path: specdiff_train.speculative.MedusaDrafter\n"
+        f"    init_args: {{checkpoint: {heads}}}\n"
+        "verifiers: [block]\nwindows: [4]\nnum_steps: [20]\nnum_samples: 200\nbatch_size: 200\nnum_permutations: 100\n"
+    )
+    out = tmp_path / "report"
+    proc = run_train("evaluate", "--ckpt_path", pipeline, "--config", config, "--trainer.logger", "false",
+                     "--out_dir", out)
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"ancestral", "free-x0/block/w4", "medusa/block/w4"}, proc.stdout
+    assert report["config"]["ckpt_path"] == str(pipeline) and report["warnings"] == []
+    assert all(r["exact_ok"] for name, r in rows.items() if name != "ancestral")
+    assert rows["medusa/block/w4"]["target_calls_per_sample"] < 20
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+def _edit(folder, part: str, **changes):
+    path = folder / part
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+SCHEDULER = "scheduler/scheduler_config.json"
+UNET = "unet/config.json"
+REFUSALS = {
+    "ddim": (SCHEDULER, {"_class_name": "DDIMScheduler"}, r"_class_name: 'DDIMScheduler' is not DDPM's ancestral"),
+    "fixed_large": (SCHEDULER, {"variance_type": "fixed_large"}, r"variance_type: 'fixed_large'.*fixed_small"),
+    "learned": (SCHEDULER, {"variance_type": "learned_range"}, r"variance_type: 'learned_range'.*own variance"),
+    "thresholding": (SCHEDULER, {"thresholding": True}, r"thresholding: true is not supported"),
+    "zero_snr": (SCHEDULER, {"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr"),
+    "trained_betas": (SCHEDULER, {"trained_betas": [0.1] * 1000}, r"trained_betas"),
+    "sigmoid": (SCHEDULER, {"beta_schedule": "sigmoid"}, r"beta_schedule: 'sigmoid' is not supported"),
+    "class_conditional": (UNET, {"num_class_embeds": 10}, r"class-conditional UNet"),
+    "text_conditional": (UNET, {"_class_name": "UNet2DConditionModel"}, r"UNet2DConditionModel.*text-conditional"),
+    "fourier": (UNET, {"time_embedding_type": "fourier"}, r"time_embedding_type: 'fourier'"),
+    "learned_variance_unet": (UNET, {"out_channels": 2}, r"out_channels: 2 != in_channels 1"),
+    "steps_differ": (UNET, {"num_train_timesteps": 500}, r"num_train_timesteps: 500 != the scheduler's"),
+    "pipeline_class": ("model_index.json", {"_class_name": "LDMPipeline"}, r"_class_name 'LDMPipeline' is not a DDPM"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_what_the_sampler_cannot_reproduce_is_refused(pipeline, tmp_path, case):
+    part, changes, message = REFUSALS[case]
+    folder = tmp_path / "p"
+    shutil.copytree(pipeline, folder)
+    _edit(folder, part, **changes)
+    with pytest.raises(ValueError, match=message) as err:
+        load_target(folder)
+    assert "\n" not in str(err.value)  # one line
+
+
+def test_folders_that_are_not_pipelines_are_refused(pipeline, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a diffusers pipeline \\(no model_index.json\\)"):
+        load_target(tmp_path / "empty")
+    for part, what in (("scheduler", "scheduler config"), ("unet", "UNet config")):
+        folder = tmp_path / f"no_{part}"
+        shutil.copytree(pipeline, folder)
+        shutil.rmtree(folder / part)
+        with pytest.raises(ValueError, match=f"has no {what}"):
+            load_target(folder)
+
+
+def test_respacing_settings_are_the_samplers_own(pipeline, tmp_path):
+    """timestep_spacing / steps_offset say how a pipeline respaces its steps, not what the model learned:
+    accepted, and the schedule is the same."""
+    folder = tmp_path / "p"
+    shutil.copytree(pipeline, folder)
+    _edit(folder, SCHEDULER, timestep_spacing="trailing", steps_offset=1)
+    assert load_target(folder).schedule == load_target(pipeline).schedule
+
+
+def test_a_hub_id_offline_says_the_network_is_needed_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="needs the network once.*HF_HUB_OFFLINE"):
+        load_target("specdiff-tests/no-such-pipeline")
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a missing checkpoint file is not a hub id
+        load_target("checkpoints/no-such.ckpt")
+
+
+def test_other_verbs_refuse_a_pipeline_as_ckpt_path(pipeline):
+    from specdiff_train.cli import pipeline_ckpt_path
+
+    assert pipeline_ckpt_path(str(pipeline), "evaluate")
+    with pytest.raises(ValueError, match="diffusers pipeline.*`fit` cannot use it.*target_ckpt"):
+        pipeline_ckpt_path(str(pipeline), "fit")
+    assert not pipeline_ckpt_path("checkpoints/toy2d/target.ckpt", "fit")
+
+
+def test_the_sample_shape_from_the_data_must_fit(pipeline):
+    with pytest.raises(ValueError, match=r"model.sample_shape.*\(3, 32, 32\).*\(1, 8, 8\)"):
+        DiffusersTarget(str(pipeline), sample_shape=(3, 32, 32))
