@@ -185,6 +185,35 @@ def test_heads_train_against_a_pipeline_and_record_it(pipeline, target):
     assert torch.isfinite(loss) and loss.requires_grad and delta_sq.shape == steps.shape
 
 
+def test_a_draft_network_learns_a_clipping_pipeline(pipeline, target, tmp_path):
+    """google/ddpm-cifar10-32 clips x0 (clip_sample: true): a draft network trains against such a pipeline,
+    and a few steps on fixed states cut its delta^2 (the loss compares x0 as the sampler uses it)."""
+    from specdiff_train.models import DraftDistillation
+    from specdiff_train.nets import UNet
+
+    assert target.schedule.clip_denoised
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1,), num_res_blocks=1,
+               attention_levels=(), num_heads=1)
+    module = DraftDistillation(net, str(pipeline), num_steps=20)
+    assert module.hparams["target_ckpt"] == str(pipeline)
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=3e-3)
+    x0 = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mean_delta_sq = []
+    for _ in range(40):
+        loss, delta_sq, _, _ = module.losses(x0, torch.Generator().manual_seed(2))  # the same states each step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        mean_delta_sq.append(delta_sq.mean().item())
+    assert mean_delta_sq[-1] < 0.5 * mean_delta_sq[0], mean_delta_sq
+
+    x0_pipeline = save_tiny_pipeline(tmp_path / "x0", prediction_type="sample")  # distillation takes any prediction
+    assert DraftDistillation(net, str(x0_pipeline)).schedule.prediction == "x0"
+    with pytest.raises(ValueError, match="mode: 'data' trains the draft net with the eps loss"):
+        DraftDistillation(net, str(x0_pipeline), mode="data")
+
+
 def test_fit_heads_then_evaluate_through_the_cli(pipeline, target, tmp_path):
     """`fit` trains heads against the pipeline folder (digits data fit its 1x8x8 UNet), the checkpoint records
     it, and `evaluate --ckpt_path <pipeline>` reports them with no target config and no fingerprint warning."""

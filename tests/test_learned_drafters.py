@@ -11,6 +11,7 @@ from specdiff_train.models import HeadDistillation, TargetDiffusion, load_target
 from specdiff_train.models.drafter import (
     acceptance,
     delta_sq_weight,
+    draft_delta_sq,
     export_slim_drafter,
     load_draft_network,
     mismatch_loss,
@@ -90,6 +91,31 @@ def test_x0_loss_weight_is_the_transitions_delta_squared(prediction):
     x0_diff = plan.schedule.to_x0(out_p, x, t) - plan.schedule.to_x0(out_q, x, t)
     torch.testing.assert_close(x0_delta_sq_weight(plan, k) * x0_diff.pow(2).sum(1),
                                ((mu_p - mu_q) / std[:, None]).pow(2).sum(1))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_draft_loss_is_the_transitions_delta_squared(prediction, clip):
+    """The draft network's loss is delta^2 of the transition for every prediction type; with clipping it
+    equals it where the draft's x0 is in range and bounds it from above elsewhere (the draft is not clipped
+    in the loss so that it keeps gradients)."""
+    plan = DDPMSchedule(1000, prediction=prediction, clip_denoised=clip, clip_range=1.5).plan(50)
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randint(0, plan.num_stochastic_steps, (256,), generator=gen)
+    x, out_p, out_q = torch.randn(3, 256, 2, generator=gen, dtype=torch.float64)
+    mu_p, std = plan.transition(x, k, out_p)
+    mu_q, _ = plan.transition(x, k, out_q)
+    true_delta_sq = ((mu_p - mu_q) / std[:, None]).pow(2).sum(1)
+    loss = draft_delta_sq(plan, k, x, out_p, out_q)
+    if not clip:
+        torch.testing.assert_close(loss, true_delta_sq)
+        return
+    x0_q = plan.schedule.to_x0(out_q, x, plan.t(k))
+    inside = (x0_q.abs() <= 1.5).all(1)
+    assert 0 < inside.sum() < len(k)  # both cases occur
+    torch.testing.assert_close(loss[inside], true_delta_sq[inside])
+    assert (loss[~inside] >= true_delta_sq[~inside] * (1 - 1e-9)).all()
+    assert (loss[~inside] > true_delta_sq[~inside] * 1.01).any()  # the bound is not the value there
 
 
 def test_tv_objective_is_the_mean_rejection_probability():

@@ -6,8 +6,8 @@ eval mode, frozen, kept out of the state dict and the optimizer), draws the stat
 delta and the acceptance 2 Phi(-delta/2) per diffusion time at validation.
 
 - `DraftDistillation` trains a small draft network with the target's schedule: its loss is the
-  transition's own delta^2, `delta_sq_weight * |eps_target - eps_draft|^2`, so minimising it
-  maximises the acceptance of each drafted step.
+  transition's own delta^2 (`draft_delta_sq`: on eps for an eps target without clipping, on x0
+  otherwise), so minimising it maximises the acceptance of each drafted step.
 - `HeadDistillation` trains Medusa-like heads (`nets/heads.py`) on the target's features: from an
   anchor state it rolls the target's own ancestral chain `max_offset` steps forward and fits the
   heads' x0 at each later state to the target's, again with the delta^2 weight of each step.
@@ -61,6 +61,26 @@ def delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
     (they differ by up to 2x near t = 0); the tests check ours against the transition itself."""
     abar = plan.schedule.alphas_cumprod[plan.timesteps[k.cpu()]].to(k.device)
     return x0_delta_sq_weight(plan, k) * (1 - abar) / abar
+
+
+def draft_delta_sq(plan: SamplingPlan, k: torch.Tensor, x: torch.Tensor, target_output: torch.Tensor,
+                   draft_output: torch.Tensor) -> torch.Tensor:
+    """delta^2 of step k's transition between the target's and a draft network's outputs at the same
+    states x, per row, for any prediction type, the distillation loss of draft networks.
+
+    Eps prediction without clipping compares eps (`delta_sq_weight`: no cancellation of x / sqrt(abar) at
+    high noise). Otherwise x0 is compared (`x0_delta_sq_weight`): the target's as the sampler uses it
+    (clipped when the schedule clips), the draft's unclipped, so the loss has gradients where the draft
+    leaves the range; clipping is 1-Lipschitz and the target's x0 lies in the range, so the value bounds
+    the transition's delta^2 from above and equals it wherever the draft's x0 is in the range."""
+    schedule = plan.schedule
+    if schedule.prediction == "eps" and not schedule.clip_denoised:
+        sq = (target_output - draft_output).pow(2).flatten(1).sum(1)
+        return delta_sq_weight(plan, k).to(sq.dtype) * sq
+    t = plan.t(k)
+    gap = schedule.denoised(target_output, x, t) - schedule.to_x0(draft_output, x, t)
+    sq = gap.pow(2).flatten(1).sum(1)
+    return x0_delta_sq_weight(plan, k).to(sq.dtype) * sq
 
 
 def acceptance(delta: torch.Tensor) -> torch.Tensor:
@@ -341,9 +361,9 @@ class DraftDistillation(FrozenTargetDistillation):
                              "to train on the target's trajectories")
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
                          trajectory_refresh, optimizer, sample_shape)
-        if self.schedule.prediction != "eps" or self.schedule.clip_denoised:
-            raise ValueError("DraftDistillation: the delta-matching loss is written for eps prediction without "
-                             "clipping; the target uses " + repr(self.schedule))
+        if mode == "data" and self.schedule.prediction != "eps":
+            raise ValueError(f"model.init_args.mode: 'data' trains the draft net with the eps loss, but the target "
+                             f"predicts {self.schedule.prediction!r}; use mode: distill (any prediction type)")
         check_drafter_module(net, self.target, "net", "Size the draft net for the target's data and schedule.")
         self.net, self.mode = net, mode
         self.record_hparams(mode=mode)
@@ -354,12 +374,11 @@ class DraftDistillation(FrozenTargetDistillation):
     def losses(self, x0, gen):
         x_t, k, noise = self.start_states(x0, gen, self.plan.num_stochastic_steps, use_pool=self.mode == "distill")
         t = self.plan.t(k)
-        eps_draft = self.net(x_t, t)
+        draft = self.net(x_t, t)
         with torch.no_grad():
-            eps_target = self.target(x_t, t)
-        sq = (eps_target - eps_draft).pow(2).flatten(1).sum(1)
-        delta_sq = delta_sq_weight(self.plan, k).to(sq.dtype) * sq  # the transition's mismatch, per sample
-        loss = mismatch_loss(delta_sq, self.objective) if self.mode == "distill" else (noise - eps_draft).pow(2).mean()
+            target = self.target(x_t, t)
+        delta_sq = draft_delta_sq(self.plan, k, x_t, target, draft)  # the transition's mismatch, per sample
+        loss = mismatch_loss(delta_sq, self.objective) if self.mode == "distill" else (noise - draft).pow(2).mean()
         return loss, delta_sq.detach(), k, {}
 
 
@@ -427,7 +446,7 @@ class HeadDistillation(FrozenTargetDistillation):
         anchor_state, anchor_x0 = rep(x_m), rep(anchor_x0)
         t = plan.t(k)
         x0_head = medusa_x0(self.head, self.schedule, rep(features), anchor_state, anchor_x0, x, t, offsets)
-        x0_target = self.schedule.to_x0(out, x, t)
+        x0_target = self.schedule.denoised(out, x, t)  # as the sampler uses it (clipped when the schedule clips)
         weight = x0_delta_sq_weight(plan, k).to(x.dtype)
         delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
         extra = {}
