@@ -313,6 +313,19 @@ def test_a_hub_id_offline_says_the_network_is_needed_once(monkeypatch):
         load_target("checkpoints/no-such.ckpt")
 
 
+def test_a_hub_id_loads_through_the_hub_download(pipeline, target, monkeypatch):
+    """With a network, a hub id is fetched by `DiffusionPipeline.download` (here: returns the tiny folder) and the
+    target and the drafters trained against it record the hub id, not the cache folder."""
+    asked = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", lambda repo_id, **kw: asked.append(repo_id) or str(pipeline))
+    hub_target = load_target("google/ddpm-cifar10-32")
+    assert asked == ["google/ddpm-cifar10-32"] and isinstance(hub_target, DiffusersTarget)
+    assert hub_target.checkpoint_info["path"] == "google/ddpm-cifar10-32"
+    assert target_fingerprint(hub_target) == target_fingerprint(target)
+    module = HeadDistillation(random_heads(), "google/ddpm-cifar10-32", num_steps=20)
+    assert module.hparams["target_ckpt"] == "google/ddpm-cifar10-32"
+
+
 def test_other_verbs_refuse_a_pipeline_as_ckpt_path(pipeline):
     from specdiff_train.cli import pipeline_ckpt_path
 
