@@ -104,13 +104,6 @@ def words(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
     return _hash32_unmasked(keys.unsqueeze(-1) ^ salts)
 
 
-def _bits(seeds, counters, stream, numel: int, lane: int) -> torch.Tensor:
-    """(B, numel) independent 32-bit words for each row."""
-    keys = _row_keys(seeds, counters, stream)
-    idx = torch.arange(numel, device=keys.device, dtype=torch.int64) * 2 + lane
-    return words(keys, element_salts(idx))
-
-
 def gaussian_salts(numel: int, device=None) -> torch.Tensor:
     """Element salts of a `numel`-dimensional standard normal draw (for `words` -> `gaussian_from_words`)."""
     half = (numel + 1) // 2

@@ -3,7 +3,7 @@
 At batch 1 a GPU is launch-bound, so these deterministic counts predict wall-clock; they are held
 here so that a change that adds per-round work fails CI. The bounds are the goals of the fast-rounds
 issue (block: 250 operators, 2 syncs per round; ancestral: 30 operators per step, held tighter here);
-measured today (digits target, batch 1, 100 steps, seed 1): block 249.7 ops / 1.45 syncs per round,
+measured today (digits target, batch 1, 100 steps, seed 1): block 249.65 ops / 1.45 syncs per round,
 token-wise 154 / 1.4, ancestral 10.5 ops / 0 syncs per step.
 """
 import pytest

@@ -120,7 +120,6 @@ class _RoundNoise:
         self._unif_streams = torch.tensor([int(Stream.ACCEPT), int(Stream.RESIDUAL_U)], device=device)
         self._gauss_salts = gaussian_salts(numel, device)
         self._unif_salts = uniform_salts(window, device)
-        self._rows = torch.arange(capacity, device=device)
         self.expires: dict[int, int] = {}  # slot -> the sampler round at which its draws run out
 
     def admit(self, slots: torch.Tensor, seeds: torch.Tensor) -> None:
