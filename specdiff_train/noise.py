@@ -17,6 +17,10 @@ import torch
 
 _MASK32 = 0xFFFFFFFF
 
+# Noise values a sampler draws ahead in one batched hash (bounds the memory of the buffer and of the
+# hash's temporaries). Smaller buffers refill more often and give the same numbers.
+NOISE_BUFFER_ELEMENTS = 1 << 22
+
 
 class Stream(IntEnum):
     """Purposes of random draws; distinct streams never share numbers."""
@@ -156,6 +160,13 @@ def gaussian(seeds, counters, stream: int, shape, *, dtype=torch.float32) -> tor
     keys = _row_keys(seeds, counters, stream)
     z = gaussian_from_words(words(keys, gaussian_salts(numel, keys.device)), numel, dtype)
     return z.reshape(len(keys), *shape)
+
+
+def check_noise_buffer(noise_buffer) -> int:
+    """Validate a sampler's `noise_buffer` (noise values drawn ahead at once)."""
+    if isinstance(noise_buffer, bool) or not isinstance(noise_buffer, int) or noise_buffer < 1:
+        raise ValueError(f"noise_buffer: expected an int >= 1 (noise values drawn ahead at once), got {noise_buffer!r}")
+    return noise_buffer
 
 
 def as_seed_tensor(seeds, device=None) -> torch.Tensor:

@@ -8,7 +8,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DDPMSchedule, denoise, step_mean
-from .noise import Stream, as_seed_tensor, gaussian, gaussian_from_words, gaussian_salts, row_keys, seed_keys, words
+from .noise import (
+    NOISE_BUFFER_ELEMENTS,
+    Stream,
+    as_seed_tensor,
+    check_noise_buffer,
+    gaussian,
+    gaussian_from_words,
+    gaussian_salts,
+    row_keys,
+    seed_keys,
+    words,
+)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,11 +32,8 @@ def model_device_dtype(model, device=None, dtype=None):
     return device, dtype
 
 
-NOISE_BLOCK_ELEMENTS = 1 << 22  # noise values drawn in one go (bounds the hash's temporaries)
-
-
 def step_noise_blocks(seeds: torch.Tensor, shape: Sequence[int], num_steps: int, stream: int = Stream.STEP,
-                      max_elements: int = NOISE_BLOCK_ELEMENTS):
+                      max_elements: int = NOISE_BUFFER_ELEMENTS):
     """Yield the per-step noise `gaussian(seeds, k, stream, shape)` for k = 0, 1, ..., drawing many
     steps in one batched hash (the same numbers, a few operators per step instead of ~150)."""
     numel = math.prod(shape)
@@ -63,6 +71,7 @@ def ancestral_sample(
     device=None,
     dtype=None,
     progress: bool = False,
+    noise_buffer: int = NOISE_BUFFER_ELEMENTS,
 ) -> torch.Tensor:
     """Draw one sample per seed with the DDPM ancestral sampler.
 
@@ -78,11 +87,14 @@ def ancestral_sample(
         device, dtype: where to sample and the network's input dtype (default: the model's); the
             chain's states are kept in float32 or better (`state_dtype`).
         progress: show a progress bar.
+        noise_buffer: step noise values drawn ahead in one batched hash (a memory bound); any size
+            gives the same samples.
 
     Returns:
         Tensor (len(seeds), *shape), rows in the order of `seeds`.
     """
     plan = schedule.plan(num_steps)
+    check_noise_buffer(noise_buffer)
     device, model_dtype = model_device_dtype(model, device, dtype)
     dtype = state_dtype(model_dtype)
     seeds_t = as_seed_tensor(seeds, device=device)
@@ -96,7 +108,7 @@ def ancestral_sample(
     for chunk in seeds_t.split(batch_size):
         x = initial_noise(chunk, shape).to(dtype=dtype)
         timesteps = tables.timesteps[:, None].expand(plan.num_steps, len(chunk)).unbind(0)
-        noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps)
+        noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps, max_elements=noise_buffer)
         for k in range(plan.num_steps):
             output = model(x.to(model_dtype), timesteps[k]).to(dtype)
             mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))

@@ -78,10 +78,30 @@ def test_speculative_sampling_is_exact(chain, verifier, drafter, window):
 
 
 def test_plain_ancestral_law_matches_closed_form(chain):
-    from specdiff_train.sampling import ancestral_sample
-
     schedule, model, mean, var = chain
     assert_exact(ancestral_sample(model, schedule, (2,), num_steps=NUM_STEPS, seeds=range(NUM_SAMPLES)), mean, var)
+
+
+@pytest.mark.parametrize("drafter", ["free-x0", "frozen-eps", "biased"])
+@pytest.mark.parametrize("verifier", list(VERIFIERS))
+def test_exact_when_noise_is_refilled_every_round(chain, verifier, drafter):
+    """The default buffer holds 64 rounds, more than these chains need, so the runs above never refill;
+    here every chain refills every round and chains are admitted mid-run (10^4 seeds through 2500 slots)."""
+    schedule, model, mean, var = chain
+    one_round = 2500 * (3 + 1) * 2  # slots x (window + 1) x sample size
+    result = speculative_sample(
+        model, schedule, (2,), num_steps=NUM_STEPS, seeds=range(NUM_SAMPLES), drafter=DRAFTERS[drafter](), window=3,
+        batch_size=2500, noise_buffer=one_round, **VERIFIERS[verifier],
+    )
+    assert result.stats["rounds_per_sample"] > 6  # several refills per chain
+    assert_exact(result.samples, mean, var)
+
+
+def test_plain_ancestral_law_with_noise_drawn_one_step_at_a_time(chain):
+    schedule, model, mean, var = chain
+    samples = ancestral_sample(model, schedule, (2,), num_steps=NUM_STEPS, seeds=range(NUM_SAMPLES), batch_size=2500,
+                               noise_buffer=1)
+    assert_exact(samples, mean, var)
 
 
 def _biased_run(chain, verifier):

@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from ..diffusion import DDPMSchedule, StepCoefficients, denoise, step_mean
 from ..noise import (
+    NOISE_BUFFER_ELEMENTS,
     Stream,
     as_seed_tensor,
+    check_noise_buffer,
     gaussian_from_words,
     gaussian_salts,
     row_keys,
@@ -44,7 +46,6 @@ from .verify import verify_block, verify_tokenwise
 VERIFIER_NAMES = ("block", "tokenwise")
 CORRECTIONS = ("reflection", "residual")
 _MAX_WINDOW = 1 << 15  # positions in a round share a 16-bit field of the noise counter
-NOISE_BUFFER_ELEMENTS = 1 << 22  # noise values drawn ahead per refill (bounds memory)
 MAX_ROUNDS_AHEAD = 64
 COMPACT_MIN_ROWS = 64  # from this many padded rows a round evaluates only the rows it needs (one host read)
 
@@ -337,6 +338,7 @@ def speculative_sample(
     device=None,
     dtype=None,
     progress: bool = False,
+    noise_buffer: int = NOISE_BUFFER_ELEMENTS,
 ) -> SpeculativeResult:
     """Exact speculative sampling of the DDPM ancestral sampler.
 
@@ -361,12 +363,15 @@ def speculative_sample(
         device, dtype: where to sample and the network's input dtype (default: the model's); states,
             drafts and the verification stay in float32 or better (`sampling.state_dtype`).
         progress: show a progress bar over committed steps.
+        noise_buffer: noise values drawn ahead per refill (a memory bound: at most `MAX_ROUNDS_AHEAD`
+            rounds, at least one); any size gives the same samples.
 
     Returns:
         `SpeculativeResult(samples, stats)`; `stats` holds the cost counters (ALGORITHMS.md 6).
     """
     plan = schedule.plan(num_steps)
     _check_arguments(schedule, plan, drafter, verifier, window, correction)
+    check_noise_buffer(noise_buffer)
     device, model_dtype = model_device_dtype(model, device, dtype)
     dtype = state_dtype(model_dtype)  # states, drafts and verification: float32 or better
     seeds_t = as_seed_tensor(seeds, device=device)
@@ -389,7 +394,7 @@ def speculative_sample(
     chains = _Chains(capacity, num_seeds, shape, device, dtype)
     target.all_slots = chains.all_slots
     drafter.bind(DraftContext(target, schedule, plan, shape, capacity, device, dtype, all_slots=chains.all_slots))
-    noise = _RoundNoise(capacity, W, dim, device)
+    noise = _RoundNoise(capacity, W, dim, device, max_elements=noise_buffer)
     transitions = _TransitionLog(N, device)
     totals = dict(draft_calls=0, chain_rounds=0, rounds=0, advanced=0)
     queue = iter(range(num_seeds))
