@@ -47,6 +47,23 @@ def _is_host_transfer(func, args, kwargs) -> bool:
     return args[0].device.type == "cpu" and args[1].device.type != "cpu"
 
 
+def _to_literal_cpu(args, kwargs) -> bool:
+    """`.to("cpu", ...)` or `.to(device="cpu")`: a host copy by intent. A `torch.device` is not
+    counted: on a CPU run `.to(device)` is the sampler's ordinary placement (see OverheadCounter)."""
+    device = kwargs.get("device", args[0] if args else None)
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
+# Tensor methods that hand the host a copy but dispatch no operator for a tensor already on the CPU,
+# with when a call is one (all their calls, or `.to` to the literal "cpu").
+_HOST_READS = {
+    "tolist": lambda args, kwargs: True,
+    "numpy": lambda args, kwargs: True,
+    "cpu": lambda args, kwargs: True,
+    "to": _to_literal_cpu,
+}
+
+
 def _has_bool_index(func, args) -> bool:
     """`x[mask]` with a boolean mask: its output size depends on the data (a nonzero inside)."""
     if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
@@ -62,8 +79,16 @@ class OverheadCounter(TorchDispatchMode):
 
     Attributes after the `with` block: `ops` (operators outside the networks), `syncs` (host syncs,
     anywhere), `network_ops`, `by_op` (a `Counter` of the operators outside the networks) and
-    `sync_ops` (a `Counter` of the syncing operators). `Tensor.tolist()` and `Tensor.numpy()` read the
-    host copy without dispatching an operator on a CPU; they are counted as syncs too.
+    `sync_ops` (a `Counter` of the syncing operators).
+
+    Device-to-host copies: on an accelerator they dispatch `_to_copy`/`copy_` to the CPU and are
+    counted there. On a CPU-only run, where the counts are held by tests, they dispatch nothing, so
+    the methods that mean "give me the host copy" are counted by name when their tensor is already
+    on the CPU: `Tensor.tolist()`, `Tensor.numpy()`, `Tensor.cpu()`, and `Tensor.to(...)` whose
+    device is the literal string "cpu" (`.to("cpu")`, `.to(device="cpu")`). Not counted on a CPU
+    run (a limit): `.to(torch.device("cpu"))` and `.to(device)` with a device variable, because the
+    sampler's own `.to(device)` (host-to-device on an accelerator, no sync) looks exactly the same
+    there; a copy to the host written that way is only seen by a count on an accelerator.
     """
 
     def __init__(self, networks: Iterable[torch.nn.Module] = ()):
@@ -90,10 +115,9 @@ class OverheadCounter(TorchDispatchMode):
         for net in self.networks:
             self._handles.append(net.register_forward_pre_hook(self._enter_network))
             self._handles.append(net.register_forward_hook(self._leave_network, always_call=True))
-        for name in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, name)
-            self._patched[name] = original
-            setattr(torch.Tensor, name, self._counting_read(name, original))
+        for name, reads_host in _HOST_READS.items():
+            self._patched[name] = torch.Tensor.__dict__.get(name)  # None: inherited from the C base
+            setattr(torch.Tensor, name, self._counting_read(name, getattr(torch.Tensor, name), reads_host))
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -101,16 +125,21 @@ class OverheadCounter(TorchDispatchMode):
             handle.remove()
         self._handles.clear()
         for name, original in self._patched.items():
-            setattr(torch.Tensor, name, original)
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
         self._patched.clear()
         return super().__exit__(*exc)
 
-    def _counting_read(self, name, original):
+    def _counting_read(self, name, original, reads_host):
         counter = self
 
         def read(tensor, *args, **kwargs):
-            counter.syncs += 1
-            counter.sync_ops[f"Tensor.{name}"] += 1
+            # A tensor on an accelerator dispatches its copy to the host, counted by the dispatch hook.
+            if tensor.device.type == "cpu" and reads_host(args, kwargs):
+                counter.syncs += 1
+                counter.sync_ops[f"Tensor.{name}"] += 1
             return original(tensor, *args, **kwargs)
 
         return read
