@@ -1,6 +1,7 @@
 """The evaluate command, its report, and the exactness check that must flag a biased sampler."""
 import json
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -49,16 +50,27 @@ def never_rejects(noise, states, draft_means, target_means, stds, lengths, has_n
                             torch.zeros_like(accept_u), xi, residual_u)
 
 
+def smallest_p(row) -> float:
+    return min(row["vs_ancestral"]["energy_p_value"], row["vs_ancestral"]["mmd_p_value"])
+
+
+# A flagged sampler must sit well below alpha, not one permutation away from it: at most one relabelling of
+# 1000 reaches its statistic (p <= 0.002 = alpha / 5). An exact sampler's p is uniform under the null (the
+# calibration is tested in test_metrics.py); it is reported in the assertion messages and must stay above
+# that margin, which a correct sampler misses with probability 0.002.
+MARGIN = 0.2
+
+
 def test_exactness_check_flags_a_biased_sampler_and_passes_an_exact_one():
     schedule, model = _chain()
     methods = [Method(FreeDrafter, "block", 8, label="free-eps"),
                Method(FreeDrafter, never_rejects, 8, label="free-eps")]
     report = compare_methods(model, schedule, (2,), methods, num_steps=[20], seeds=range(2000),
-                             quality=Quality(num_permutations=200), alpha=0.01)
+                             quality=Quality(num_permutations=1000), alpha=0.01)
     exact, biased = report["results"][1], report["results"][2]
     assert biased["method"] == "free-eps/never_rejects/w8"
-    assert exact["exact_ok"] and exact["vs_ancestral"]["energy_p_value"] > 0.01
-    assert not biased["exact_ok"] and biased["vs_ancestral"]["energy_p_value"] < 0.01
+    assert exact["exact_ok"] and smallest_p(exact) > MARGIN * 0.01, exact["vs_ancestral"]
+    assert not biased["exact_ok"] and smallest_p(biased) <= MARGIN * 0.01, biased["vs_ancestral"]
 
 
 def test_method_and_drafter_errors_name_the_field():
@@ -186,18 +198,25 @@ def _shipped_settings(path):
 @pytest.mark.parametrize("path", SHIPPED_EVAL, ids=lambda p: p.stem)
 def test_shipped_eval_settings_flag_a_biased_sampler(path):
     """At each shipped config's alpha, permutation count, sample count, steps and windows, the exactness
-    check flags a sampler that accepts every draft, and passes the exact one."""
+    check flags a sampler that accepts every draft of the x0 Free Drafter with a p-value well below alpha,
+    and reports the exact sampler's p (above the margin).
+
+    Only biases this large are flagged with margin at these sample counts: accepting every draft of the
+    eps Free Drafter with window 3 gives p ~ 0.03 on 1000 toy2d samples (docs/evaluation.md)."""
     s = _shipped_settings(path)
+    assert s["num_permutations"] >= 1 / (MARGIN * s["alpha"]) - 1  # the floor 1/(1 + P) sits below the margin
     schedule, model = _chain()
-    methods = [Method(FreeDrafter, verifier, w, label="free-eps") for w in s["windows"]
+    methods = [Method(partial(FreeDrafter, "x0"), verifier, w, label="free-x0") for w in s["windows"]
                for verifier in ("block", never_rejects)]
     report = compare_methods(model, schedule, (2,), methods, num_steps=s["num_steps"], seeds=range(s["num_samples"]),
                              quality=Quality(num_permutations=s["num_permutations"]), alpha=s["alpha"], warmup=False)
     rows = [r for r in report["results"] if r["method"] != "ancestral"]
     assert len(rows) == len(methods) * len(s["num_steps"])
+    p_values = {row["method"]: smallest_p(row) for row in rows}
     for row in rows:
-        p = min(row["vs_ancestral"]["energy_p_value"], row["vs_ancestral"]["mmd_p_value"])
-        assert row["exact_ok"] == ("never_rejects" not in row["method"]), (row["method"], p)
+        biased = "never_rejects" in row["method"]
+        assert row["exact_ok"] != biased, p_values
+        assert (p_values[row["method"]] <= MARGIN * s["alpha"]) == biased, p_values
 
 
 @pytest.mark.parametrize("alpha, minimum", [(0.01, 100), (0.05, 20), (0.1, 10), (0.3, 3)])

@@ -61,7 +61,7 @@ class SpecDiffTrainer(Trainer):
         seed: int = 0,
         out_dir: str | None = None,
         alpha: float = 0.01,
-        num_permutations: int = 200,
+        num_permutations: int = 1000,
         feature_net: str | None = None,
         save_samples: bool = False,
     ) -> dict:

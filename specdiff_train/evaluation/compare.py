@@ -155,7 +155,7 @@ class Quality:
 
     reference: torch.Tensor | None = None  # data samples
     feature_extractor: torch.nn.Module | None = None  # images: FID/KID and tests in its space
-    num_permutations: int = 200
+    num_permutations: int = 1000
     seed: int = 0
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
