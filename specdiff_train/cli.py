@@ -179,7 +179,7 @@ def pipeline_ckpt_path(ckpt_path: str, subcommand: str) -> bool:
 def checked_checkpoint(ckpt_path: str, configured: dict | None, subcommand: str) -> dict:
     """The checkpoint behind `--ckpt_path`, or a ValueError / FileNotFoundError that names the file and
     says what to pass instead."""
-    from .models.checkpoints import _describe, read_checkpoint, resolve_class
+    from .config_io import describe_checkpoint, read_checkpoint, resolve_class
 
     path = Path(ckpt_path)
     if not path.is_file():
@@ -204,12 +204,12 @@ def checked_checkpoint(ckpt_path: str, configured: dict | None, subcommand: str)
         if hasattr(mine, "module_key") and "target_ckpt" not in (hparams or {}):  # a target given to a drafter config
             fix = f" To train a drafter against this target, pass it as --model.init_args.target_ckpt {ckpt_path}."
         raise ValueError(
-            f"--ckpt_path {ckpt_path} holds {_describe(ckpt)}, but the config builds {mine.__name__}: pass a "
+            f"--ckpt_path {ckpt_path} holds {describe_checkpoint(ckpt)}, but the config builds {mine.__name__}: pass a "
             f"checkpoint written by training this config's model.{fix}"
         )
     if not isinstance(hparams, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"--ckpt_path {ckpt_path} holds {_describe(ckpt)}, not a checkpoint written by training "
-                         "(a Lightning checkpoint with hyperparameters, e.g. a run's last.ckpt)")
+        raise ValueError(f"--ckpt_path {ckpt_path} holds {describe_checkpoint(ckpt)}, not a checkpoint written by "
+                         "training (a Lightning checkpoint with hyperparameters, e.g. a run's last.ckpt)")
     if subcommand == "fit" and "optimizer_states" not in ckpt:
         raise ValueError(
             f"--ckpt_path {ckpt_path} is a slim checkpoint (weights and hyperparameters only, no optimizer or loop "
@@ -222,7 +222,7 @@ def checked_checkpoint(ckpt_path: str, configured: dict | None, subcommand: str)
 def model_conflicts(configured: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
     """Where the configured model's class, `net` or `schedule` differ from those read from a
     checkpoint (a schedule left unset in the config takes the checkpoint's)."""
-    from .models.checkpoints import config_mismatch
+    from .config_io import config_mismatch
 
     configured, loaded = canonical_class_paths(configured), canonical_class_paths(loaded)
     if configured.get("class_path") != loaded.get("class_path"):
@@ -238,7 +238,7 @@ def model_conflicts(configured: dict[str, Any], loaded: dict[str, Any]) -> list[
 def canonical_class_paths(config: Any) -> Any:
     """The config with every `class_path` spelled where its class is defined
     ("specdiff_train.models.TargetDiffusion" -> "specdiff_train.models.target.TargetDiffusion")."""
-    from .models.checkpoints import class_path, resolve_class
+    from .config_io import class_path, resolve_class
 
     if isinstance(config, dict):
         out = {k: canonical_class_paths(v) for k, v in config.items()}

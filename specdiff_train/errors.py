@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from .config_io import resolve_class
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 TRACEBACK_ENV = "SPECDIFF_TRACEBACK"
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
@@ -48,8 +50,6 @@ _BOILERPLATE = (
 
 
 def _class_options(class_path: str) -> list[str]:
-    from .models.checkpoints import resolve_class
-
     cls = resolve_class(class_path)
     if cls is None:
         return []

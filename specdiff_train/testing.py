@@ -1,8 +1,11 @@
-"""A closed-form diffusion for testing exactness (ALGORITHMS.md section 7).
+"""Test support: a closed-form diffusion for testing exactness (ALGORITHMS.md section 7), and the
+reference and deliberately wrong corrections that the coupling and verifier tests compare with.
 
 With data ~ N(m, v I) the optimal eps predictor is linear in x_t, so the DDPM ancestral chain is
 linear-Gaussian and its marginal after any number of steps is known exactly. Use it to check that
 a new drafter or verifier leaves the sampler's law unchanged.
+
+This module sits above `speculative/` (it imports its couplings); the package itself never imports it.
 """
 from __future__ import annotations
 
@@ -10,6 +13,13 @@ import torch
 from scipy import stats
 
 from .diffusion import DDPMSchedule
+from .speculative.coupling import (
+    log_residual_mass,
+    log_residual_tail,
+    reflect,
+    sample_weighted_residual,
+    scaled_mean_difference,
+)
 
 
 class GaussianDataDenoiser(torch.nn.Module):
@@ -168,3 +178,39 @@ def marginal_test(samples: torch.Tensor, mean: torch.Tensor, variance: torch.Ten
     columns = [z[:, j] for j in range(z.shape[1])] + [z @ direction]
     ks = min(stats.kstest(c.numpy(), "norm").pvalue for c in columns)
     return dict(mean_z=mean_z, var_z=var_z, ks_p=float(ks))
+
+
+# --- corrections the coupling and verifier tests compare with -------------------------------------
+def residual_projection_bisection(
+    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, iterations: int = 1100
+) -> torch.Tensor:
+    """Reference for `speculative.coupling.residual_projection`: bracket expansion and plain bisection to float64
+    resolution (slow, with host reads; for tests)."""
+    log_w, delta, u = (v.double() for v in torch.broadcast_tensors(log_w, delta, u))
+    c = delta / 2 - log_w / delta
+    target = torch.log(u) + log_residual_mass(log_w, delta)
+    lo, width = c.clone(), torch.ones_like(c)
+    while True:
+        too_low = log_residual_tail(lo + width, log_w, delta) > target
+        if not too_low.any():
+            break
+        width = torch.where(too_low, 2 * width, width)
+    hi = lo + width
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if bool(((mid == lo) | (mid == hi)).all()):
+            break
+        above = log_residual_tail(mid, log_w, delta) > target
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+def sample_residual(mu_p, mu_q, std, xi, u) -> torch.Tensor:
+    """Fresh draw from the unweighted residual (P - Q)_+ / TV: the alternative to reflection."""
+    return sample_weighted_residual(mu_p, mu_q, std, torch.zeros_like(std, dtype=torch.float64), xi, u)
+
+
+def reflection_instead_of_residual(mu_p, mu_q, std, log_w, xi, u, draft_noise, **known):
+    """A WRONG block correction (reflect the rejected draft), kept only so that tests show it is
+    detected: the draft after tau does not have the residual's law given tau."""
+    return reflect(draft_noise, scaled_mean_difference(mu_p, mu_q, std), mu_p, std)

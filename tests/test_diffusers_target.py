@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from helpers import find_one, run_train, save_tiny_pipeline
+from specdiff_train.config_io import target_fingerprint
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.models import DiffusersTarget, HeadDistillation, load_target
-from specdiff_train.models.checkpoints import check_drafter_target, target_fingerprint
+from specdiff_train.models.checkpoints import check_drafter_target
 from specdiff_train.models.drafter import export_slim_drafter
 from specdiff_train.nets.heads import ConvHead
 from specdiff_train.sampling import ancestral_sample

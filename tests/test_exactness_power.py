@@ -19,19 +19,15 @@ import torch
 
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.speculative import speculative_sample
-from specdiff_train.speculative.coupling import sample_residual
-from specdiff_train.speculative.verify import (
-    reflection_instead_of_residual,
-    verify_block,
-    verify_tokenwise,
-    weighted_residual_correction,
-)
+from specdiff_train.speculative.verify import verify_block, verify_tokenwise, weighted_residual_correction
 from specdiff_train.testing import (
     GaussianDataDenoiser,
     TransitionRecorder,
     closed_form_marginals,
     marginal_test,
     path_test,
+    reflection_instead_of_residual,
+    sample_residual,
 )
 
 from test_speculative_exactness import BiasedDrafter

@@ -1,9 +1,129 @@
-"""One direction of imports: the sampling side (`specdiff_train.speculative`) never imports the
-drafter-training modules (`specdiff_train.models.drafter`); what both need lives below both."""
+"""Imports go one way, up a fixed order of layers (docs/layout.md), with no cycle between modules.
+
+The layer test reads every module of the package with `ast` and takes every import in it, at module
+level or inside a function alike. The subprocess tests check what really gets loaded: the sampling
+side (`specdiff_train.speculative`) never loads the drafter-training modules (`models/drafter.py`),
+and diffusers is loaded only for diffusers targets.
+"""
+import ast
 import subprocess
 import sys
 
 from helpers import ROOT
+
+PACKAGE = "specdiff_train"
+# Bottom up. A module belongs to the layer of its longest listed prefix; it may import its own layer
+# and the ones below, never one above. Keep docs/layout.md in step.
+LAYERS = [
+    ("ground floor", ["specdiff_train", "specdiff_train.diffusion", "specdiff_train.noise", "specdiff_train.sampling",
+                      "specdiff_train.sampling_stats", "specdiff_train.config_io", "specdiff_train.errors",
+                      "specdiff_train.optim", "specdiff_train.plotting", "specdiff_train.callbacks"]),
+    ("nets", ["specdiff_train.nets"]),
+    ("data", ["specdiff_train.data"]),
+    ("models", ["specdiff_train.models"]),  # targets, checkpoints, drafter training
+    ("speculative", ["specdiff_train.speculative"]),  # the sampling side
+    ("evaluation", ["specdiff_train.evaluation", "specdiff_train.overhead", "specdiff_train.testing"]),
+    ("commands", ["specdiff_train.cli", "specdiff_train.demo"]),
+]
+# Training modules that the sampling side must not import (it reads drafters through models/checkpoints.py).
+TRAINING_MODULES = ("specdiff_train.models.drafter",)
+# (importer, imported) pairs allowed against the order. None today; name the reason beside any one added.
+ALLOWED_EXCEPTIONS: set[tuple[str, str]] = set()
+
+
+def package_modules() -> dict[str, tuple]:
+    """{dotted module name: (its file, whether it is a package's __init__)} for every module of the package."""
+    modules = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return modules
+
+
+def imported_names(name: str, path, is_package: bool, known) -> set[str]:
+    """The package's modules that `name` imports anywhere in its file, relative imports resolved.
+    `from pkg import sub` counts as importing `pkg.sub` (and `pkg` too when a name is not a module)."""
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module
+            if node.level:  # `from ..x import y` in a.b.c: a.x
+                base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".")
+            subs = {f"{base}.{alias.name}" for alias in node.names} & set(known)
+            found |= subs if len(subs) == len(node.names) else subs | {base}
+    return {m for m in found if m.split(".")[0] == PACKAGE and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    return {name: imported_names(name, path, is_package, modules) for name, (path, is_package) in modules.items()}
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer: add it to LAYERS here and to docs/layout.md"
+    return max(matches)[1]
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search)."""
+    done, path = set(), []
+
+    def visit(node):
+        path.append(node)
+        for child in sorted(graph.get(node, ())):
+            if child in path:
+                return path[path.index(child):] + [child]
+            if child not in done and (cycle := visit(child)):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((cycle for root in sorted(graph) if root not in done and (cycle := visit(root))), None)
+
+
+def test_every_import_names_a_module_of_the_package():
+    graph = import_graph()
+    unknown = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if b not in graph)
+    assert not unknown, unknown
+
+
+def test_no_module_imports_a_higher_layer():
+    graph = import_graph()
+    upward = sorted(f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+                    for a, targets in graph.items() for b in targets
+                    if b in graph and layer_of(b) > layer_of(a) and (a, b) not in ALLOWED_EXCEPTIONS)
+    assert not upward, "imports against the layer order (docs/layout.md):\n" + "\n".join(upward)
+
+
+def test_the_sampling_side_imports_no_training_module():
+    graph = import_graph()
+    bad = sorted(f"{a} -> {b}" for a, targets in graph.items() if a.startswith("specdiff_train.speculative")
+                 for b in targets if b in TRAINING_MODULES)
+    assert not bad, bad
+
+
+def test_there_is_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_layer_check_sees_function_level_imports_and_cycles(tmp_path):
+    """The checks themselves: an import inside a function counts, and a two-module cycle is found."""
+    source = tmp_path / "mod.py"
+    source.write_text("def f():\n    from ..models.drafter import x\n    from . import sibling\n")
+    known = {"specdiff_train.models.drafter": None, "specdiff_train.speculative.sibling": None}
+    found = imported_names("specdiff_train.speculative.mod", source, False, known)
+    assert found == {"specdiff_train.models.drafter", "specdiff_train.speculative.sibling"}
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
 
 SCRIPT = """
 import sys
@@ -26,20 +146,6 @@ def test_speculative_does_not_import_the_drafter_training_modules():
     loaded = proc.stdout.strip().splitlines()[-1]
     assert "specdiff_train.models.checkpoints" in loaded  # the loading really went through the shared layer
     assert "specdiff_train.models.drafter" not in loaded, loaded
-
-
-def test_moved_names_stay_importable_from_their_old_homes():
-    from specdiff_train.models import DraftDistillation, HeadDistillation, check_drafter_target, load_drafter
-    from specdiff_train.models import checkpoints, drafter
-    from specdiff_train.nets.heads import medusa_x0
-    from specdiff_train.speculative import learned
-
-    assert drafter.check_drafter_target is check_drafter_target is checkpoints.check_drafter_target
-    assert drafter.load_drafter is load_drafter and drafter.load_draft_network is checkpoints.load_draft_network
-    assert drafter.target_fingerprint is checkpoints.target_fingerprint
-    assert drafter.drafter_target_warning is checkpoints.drafter_target_warning
-    assert learned.medusa_x0 is medusa_x0
-    assert DraftDistillation is drafter.DraftDistillation and HeadDistillation is drafter.HeadDistillation
 
 
 NO_DIFFUSERS = """

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from helpers import ROOT, find_one, run_train
-from specdiff_train.diffusion import DDPMSchedule
+from specdiff_train.diffusion import DDPMSchedule, one_step_acceptance
 from specdiff_train.models import HeadDistillation, TargetDiffusion, load_target
+from specdiff_train.models.checkpoints import load_draft_network
 from specdiff_train.models.drafter import (
-    acceptance,
     delta_sq_weight,
     draft_delta_sq,
     export_slim_drafter,
-    load_draft_network,
     mismatch_loss,
     target_rollout,
     x0_delta_sq_weight,
@@ -120,7 +119,7 @@ def test_draft_loss_is_the_transitions_delta_squared(prediction, clip):
 
 def test_tv_objective_is_the_mean_rejection_probability():
     delta_sq = torch.tensor([0.0, 0.25, 4.0, 1e4], dtype=torch.float64)
-    rejection = 1 - acceptance(delta_sq.sqrt())
+    rejection = 1 - one_step_acceptance(delta_sq.sqrt())
     torch.testing.assert_close(mismatch_loss(delta_sq, "tv"), rejection.mean())
     assert mismatch_loss(delta_sq, "delta_sq") == delta_sq.mean()
     with pytest.raises(ValueError, match="objective"):
@@ -318,7 +317,8 @@ def test_drafter_checkpoints_are_checked_against_the_target_they_are_used_with(t
     checkpoints without a recorded fingerprint are compared with their recorded target file."""
     from specdiff_train.evaluation.command import SpecDiffTrainer
     from specdiff_train.models import DraftDistillation
-    from specdiff_train.models.drafter import check_drafter_target, drafter_target_warning, target_fingerprint
+    from specdiff_train.config_io import target_fingerprint
+    from specdiff_train.models.checkpoints import check_drafter_target, drafter_target_warning
 
     target_path = tmp_path / "target.ckpt"
     target_path.write_bytes(tiny_targets["toy2d"].read_bytes())

@@ -14,9 +14,14 @@ from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.sampling import ancestral_sample
 from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample
 from specdiff_train.speculative.drafters import training_free_drafters
-from specdiff_train.speculative.verify import reflection_instead_of_residual, verify_block, verify_tokenwise
-from specdiff_train.speculative.coupling import sample_residual
-from specdiff_train.testing import GaussianDataDenoiser, closed_form_marginal, marginal_test
+from specdiff_train.speculative.verify import verify_block, verify_tokenwise
+from specdiff_train.testing import (
+    GaussianDataDenoiser,
+    closed_form_marginal,
+    marginal_test,
+    reflection_instead_of_residual,
+    sample_residual,
+)
 
 NUM_SAMPLES = 10_000
 NUM_STEPS = 20

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from helpers import NaNDenoiser, OpaqueDenoiser, TinyDataModule, TinyDenoiser, load_ckpt
 from specdiff_train import plotting
+from specdiff_train.config_io import module_config
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.models import TargetDiffusion, export_slim_checkpoint, load_target
-from specdiff_train.models.checkpoints import module_config
 from specdiff_train.optim import CosineToEndLR, follow_run_length
 from specdiff_train.sampling import ancestral_sample
 

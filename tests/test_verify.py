@@ -7,15 +7,14 @@ import torch
 from scipy import stats
 from scipy.special import ndtr
 
-from specdiff_train.speculative.coupling import log_density_ratio, sample_residual, scaled_mean_difference
+from specdiff_train.speculative.coupling import log_density_ratio, scaled_mean_difference
 from specdiff_train.speculative.verify import (
     block_pass_probabilities,
-    reflection_instead_of_residual,
     running_log_weights,
     verify_block,
     verify_tokenwise,
 )
-from specdiff_train.testing import marginal_test
+from specdiff_train.testing import marginal_test, reflection_instead_of_residual, sample_residual
 
 
 def random_walk_window(n, L, d, bias, seed=0):

@@ -1,9 +1,9 @@
-"""Checkpoints of target diffusion models: how a module records what rebuilds it, and loading.
+"""Loading targets and drafters from their checkpoints, and checking that they belong together.
 
 A `TargetDiffusion` checkpoint is self-describing: its `hyper_parameters` hold plain data only
-(`net` and `schedule` as `{"class_path", "init_args"}`, the optimizer config, `sample_shape`, ...),
-so `load_target(path)` rebuilds the module without the YAML it was trained from, and
-`torch.load(..., weights_only=True)` can read it.
+(`net` and `schedule` as `{"class_path", "init_args"}`, the optimizer config, `sample_shape`, ...;
+recorded with `specdiff_train.config_io`), so `load_target(path)` rebuilds the module without the
+YAML it was trained from, and `torch.load(..., weights_only=True)` can read it.
 
 With Lightning's `EMAWeightAveraging`, a checkpoint's `state_dict` holds the EMA weights and
 `current_model_state` the raw ones; `load_target` returns the EMA weights by default.
@@ -11,208 +11,45 @@ With Lightning's `EMAWeightAveraging`, a checkpoint's `state_dict` holds the EMA
 Drafter checkpoints (written by `models/drafter.py`) are read here too (`load_drafter`,
 `load_draft_network`), with the check that a drafter was trained against the target in use
 (`check_drafter_target`): the sampling side (`specdiff_train.speculative`) uses them without
-importing the training modules.
+importing the training modules. This module sits above `models/target.py` (it builds targets);
+what target.py itself needs (configs, class paths, reading files) is below both, in `config_io.py`.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib
 import inspect
-import pickle
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
-if TYPE_CHECKING:
-    from ..diffusion import DDPMSchedule
-    from .target import TargetDiffusion
-
-_PLAIN = (bool, int, float, str, type(None))
-# Lightning's trusted instantiator: `TargetDiffusion.load_from_checkpoint` and `--ckpt_path` use it to
-# rebuild nested `class_path` configs (the net, the optimizer) from the hyperparameters.
-INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
-
-
-# --- recording what rebuilds an object --------------------------------------------------------
-def class_path(obj_or_cls) -> str:
-    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def plain(value: Any) -> Any:
-    """`value` as YAML/`weights_only`-safe data (tuples become lists); raises TypeError otherwise."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {k: plain(v) for k, v in value.items()}
-    raise TypeError(f"not plain data: {type(value).__name__}")
-
-
-def _is_plain(value: Any) -> bool:
-    try:
-        plain(value)
-    except TypeError:
-        return False
-    return True
-
-
-def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def module_config(module: torch.nn.Module) -> dict | None:
-    """`{"class_path", "init_args"}` that rebuilds `module`, or None when that cannot be recovered.
-
-    A constructor argument is recovered from an attribute of the same name; one that is not stored
-    takes its default. The guess is checked by building the class again and comparing parameter
-    names and shapes. Nets instantiated by the CLI (or passed to `TargetDiffusion` as a config dict)
-    are recorded exactly and never go through this guess.
-    """
-    cls = type(module)
-    init_args = {}
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if hasattr(module, name) and _is_plain(getattr(module, name)):
-            init_args[name] = plain(getattr(module, name))
-        elif param.default is not param.empty and _is_plain(param.default):
-            init_args[name] = plain(param.default)
-        else:
-            return None
-    config = {"class_path": class_path(cls), "init_args": init_args}
-    try:
-        rebuilt = build_module(config)
-    except Exception:  # noqa: BLE001 - any failure means the guess is wrong
-        return None
-    return config if _shapes(rebuilt) == _shapes(module) else None
-
-
-def callable_config(fn) -> dict | None:
-    """`{"class_path", "init_args"}` for an optimizer / LR scheduler callable given in Python
-    (a class, or a `functools.partial` of one with keyword arguments); None otherwise."""
-    if isinstance(fn, type):
-        return {"class_path": class_path(fn), "init_args": {}}
-    if isinstance(fn, functools.partial) and isinstance(fn.func, type) and not fn.args and _is_plain(fn.keywords):
-        return {"class_path": class_path(fn.func), "init_args": plain(fn.keywords)}
-    return None
-
-
-def build_module(config: Mapping) -> torch.nn.Module:
-    """Instantiate `{"class_path", "init_args"}` (nested configs included) with jsonargparse."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--module", type=torch.nn.Module)
-    cfg = parser.parse_object({"module": dict(config)})
-    return parser.instantiate_classes(cfg).module
-
-
-# --- comparing a checkpoint with a model --------------------------------------------------------
-def state_dict_mismatch(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
-    """Human-readable differences in names and shapes between two state dicts (empty when they fit)."""
-    problems = []
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    if missing:
-        problems.append(f"missing from the checkpoint: {_few(missing)}")
-    if unexpected:
-        problems.append(f"not in this model: {_few(unexpected)}")
-    for k in expected:
-        if k in found and tuple(found[k].shape) != tuple(expected[k].shape):
-            problems.append(f"{k}: shape {tuple(found[k].shape)} in the checkpoint, {tuple(expected[k].shape)} here")
-    return problems
-
-
-def config_mismatch(found: Any, expected: Any, prefix: str) -> list[str]:
-    """Leaves where two nested configs differ, as 'prefix.key: found != expected'."""
-    if isinstance(found, Mapping) and isinstance(expected, Mapping):
-        out = []
-        for k in sorted(set(found) | set(expected), key=str):
-            out += config_mismatch(found.get(k, "<unset>"), expected.get(k, "<unset>"), f"{prefix}.{k}")
-        return out
-    return [] if found == expected else [f"{prefix}: {found!r} in the checkpoint, {expected!r} here"]
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    more = f" (and {len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+from ..config_io import (
+    build_module,
+    describe_checkpoint,
+    read_checkpoint,
+    resolve_class,
+    state_dict_mismatch,
+    target_fingerprint,
+)
+from ..diffusion import DDPMSchedule
+from .diffusers_target import is_pipeline_source, load_pipeline_target
+from .target import TargetDiffusion
 
 
 # --- loading ------------------------------------------------------------------------------------
-def read_checkpoint(ckpt_path: str | Path, map_location="cpu") -> dict:
-    """`torch.load` with clear errors for a missing file or one that is not a plain-data checkpoint."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (looked for {path.resolve()})")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds Python objects that are not plain data, so it was not loaded "
-            f"(torch.load weights_only=True refused it: {str(err).splitlines()[0]})"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        first = str(err).split(". ")[0].strip() or type(err).__name__
-        raise ValueError(
-            f"checkpoint {str(path)!r} could not be read as a torch file: it is damaged, truncated (an interrupted "
-            f"copy or save) or not a checkpoint (torch: {first}). Copy it again, or use another checkpoint (a "
-            "run's checkpoints/ folder keeps last.ckpt and the latest epoch=...-step=....ckpt)."
-        ) from err
-    return ckpt
-
-
-def _describe(ckpt: Any) -> str:
-    if not isinstance(ckpt, Mapping):
-        return f"a {type(ckpt).__name__}"
-    hparams = ckpt.get("hyper_parameters")
-    if isinstance(hparams, Mapping) and "_class_path" in hparams:
-        return hparams["_class_path"].rsplit(".", 1)[-1] + f" ({hparams['_class_path']})"
-    if "state_dict" not in ckpt:
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            return "a bare state dict (no hyperparameters)"
-        return f"a dict with keys {_few(sorted(map(str, ckpt)))}"
-    return "a Lightning checkpoint without the hyperparameters of a target model"
-
-
-def resolve_class(path: str, *, trusted_only: bool = False) -> type | None:
-    """The class named by a dotted `path` (None if there is none). With `trusted_only`, only from
-    modules already imported or from this package: a checkpoint must not make us import arbitrary code."""
-    module, _, name = path.rpartition(".")
-    if trusted_only and module not in sys.modules and not module.startswith("specdiff_train"):
-        return None
-    try:
-        obj = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return obj if isinstance(obj, type) else None
-
-
 def target_class(ckpt: Any, where: str):
     """The `TargetDiffusion` (sub)class recorded in a checkpoint; ValueError when it holds something else."""
-    from .target import TargetDiffusion
-
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
     cls = None
     if isinstance(hparams, Mapping) and "state_dict" in ckpt and "net" in hparams:
         cls = resolve_class(hparams["_class_path"], trusted_only=True) if "_class_path" in hparams else TargetDiffusion
     if cls is None or not issubclass(cls, TargetDiffusion):
-        raise ValueError(f"checkpoint {where!r} holds {_describe(ckpt)}, expected a target diffusion checkpoint "
+        raise ValueError(f"checkpoint {where!r} holds {describe_checkpoint(ckpt)}, expected a target diffusion checkpoint "
                          f"(a {TargetDiffusion.__name__} saved by Lightning or by export_slim_checkpoint)")
     return cls
 
 
-def build_target(hparams: Mapping, cls=None, where: str = "checkpoint") -> "TargetDiffusion":
+def build_target(hparams: Mapping, cls=None, where: str = "checkpoint") -> TargetDiffusion:
     """A fresh `TargetDiffusion` (or subclass) built from a checkpoint's hyperparameters."""
-    from ..diffusion import DDPMSchedule
-    from .target import TargetDiffusion
-
     cls = cls or TargetDiffusion
     if not isinstance(hparams.get("net"), Mapping):
         raise ValueError(
@@ -229,7 +66,7 @@ def build_target(hparams: Mapping, cls=None, where: str = "checkpoint") -> "Targ
     return cls(net=dict(hparams["net"]), schedule=schedule, **kwargs)
 
 
-def load_target(ckpt_path: str | Path, map_location="cpu", *, ema: bool = True) -> "TargetDiffusion":
+def load_target(ckpt_path: str | Path, map_location="cpu", *, ema: bool = True) -> TargetDiffusion:
     """Load a target diffusion model from a full Lightning checkpoint or a slim one, or a diffusers
     DDPM pipeline (`models/diffusers_target.py`, needs `pip install -e ".[diffusers]"`).
 
@@ -245,11 +82,7 @@ def load_target(ckpt_path: str | Path, map_location="cpu", *, ema: bool = True) 
         The module in eval mode with `requires_grad=False`; `model(x, t)` is the sampler contract, and
         `model.checkpoint_info` says which weights were loaded.
     """
-    from .diffusers_target import is_pipeline_source
-
     if is_pipeline_source(ckpt_path):  # a diffusers DDPMPipeline folder or hub id (imports diffusers only then)
-        from .diffusers_target import load_pipeline_target
-
         return load_pipeline_target(ckpt_path, map_location)
     where = str(ckpt_path)
     ckpt = read_checkpoint(ckpt_path, map_location)
@@ -296,19 +129,6 @@ def export_slim_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> Path:
 
 # --- which target a drafter belongs to -----------------------------------------------------------------
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def target_fingerprint(target: torch.nn.Module) -> str:
-    """16 hex digits of sha256 over the target's weights (`state_dict`: names, shapes, values; floating
-    tensors as float32), so a full checkpoint and its slim export have the same fingerprint, and a
-    target from another step or run has another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(target.state_dict().items()):
-        t = tensor.detach().cpu()
-        t = (t.float() if t.is_floating_point() else t).contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _recorded_target(hparams: dict) -> tuple[str | None, str]:
@@ -387,9 +207,7 @@ def load_drafter(ckpt_path: str | Path, module_key: str, map_location="cpu") -> 
     return module, hparams
 
 
-def load_draft_network(ckpt_path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, "DDPMSchedule", tuple, int]:
+def load_draft_network(ckpt_path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, DDPMSchedule, tuple, int]:
     """(net in eval mode, its schedule, sample_shape, num_steps) from a DraftDistillation checkpoint."""
-    from ..diffusion import DDPMSchedule
-
     net, hparams = load_drafter(ckpt_path, "net", map_location)
     return net, DDPMSchedule(**hparams["schedule"]), tuple(hparams["sample_shape"]), int(hparams["num_steps"])

@@ -23,19 +23,11 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
-from ..diffusion import DDPMSchedule, SamplingPlan
-from .checkpoints import class_path, module_config, read_checkpoint
-# Loading and the target check live in checkpoints.py (the sampling side uses them without this module);
-# re-exported here, where they were first defined.
-from .checkpoints import (  # noqa: F401
-    REPO_ROOT,
-    check_drafter_target,
-    drafter_target_warning,
-    load_draft_network,
-    load_drafter,
-    target_fingerprint,
-)
+from ..config_io import class_path, module_config, read_checkpoint, target_fingerprint
+from ..diffusion import DDPMSchedule, SamplingPlan, one_step_acceptance
 from ..nets.heads import medusa_x0
+from .checkpoints import load_target
+from .diffusers_target import is_pipeline_source
 from .target import TargetDiffusion
 
 MODES = ("distill", "data")
@@ -56,9 +48,9 @@ def delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
     x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), so the x0 weight times (1 - abar) / abar.
 
     With the sampler's posterior variance s^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) this is
-    beta_t / (alpha_t (1 - abar_{t-1})) (beta_t, alpha_t the respaced ones). ALGORITHMS.md section 5
-    writes beta_t / (alpha_t (1 - abar_t)): that is the weight for s^2 = beta_t, not for this sampler
-    (they differ by up to 2x near t = 0); the tests check ours against the transition itself."""
+    beta_t / (alpha_t (1 - abar_{t-1})) (beta_t, alpha_t the respaced ones; ALGORITHMS.md section 5), not
+    beta_t / (alpha_t (1 - abar_t)), the weight for s^2 = beta_t (up to 2x off near t = 0); the tests
+    check it against the transition itself."""
     abar = plan.schedule.alphas_cumprod[plan.timesteps[k.cpu()]].to(k.device)
     return x0_delta_sq_weight(plan, k) * (1 - abar) / abar
 
@@ -81,11 +73,6 @@ def draft_delta_sq(plan: SamplingPlan, k: torch.Tensor, x: torch.Tensor, target_
     gap = schedule.denoised(target_output, x, t) - schedule.to_x0(draft_output, x, t)
     sq = gap.pow(2).flatten(1).sum(1)
     return x0_delta_sq_weight(plan, k).to(sq.dtype) * sq
-
-
-def acceptance(delta: torch.Tensor) -> torch.Tensor:
-    """Acceptance of one drafted step with mismatch delta (maximal coupling): 2 Phi(-delta/2)."""
-    return 2 * torch.special.ndtr(-delta.double() / 2)
 
 
 def check_objective(objective: str) -> str:
@@ -152,9 +139,6 @@ def target_rollout(target, plan: SamplingPlan, x: torch.Tensor, k: torch.Tensor,
 def frozen_target(target_ckpt: str) -> TargetDiffusion:
     """The target from `target_ckpt` (a checkpoint file: EMA weights; or a diffusers DDPM pipeline folder
     or hub id), eval mode, requires_grad False."""
-    from .checkpoints import load_target
-    from .diffusers_target import is_pipeline_source
-
     if is_pipeline_source(target_ckpt):
         return load_target(target_ckpt)
     if not Path(target_ckpt).is_file():
@@ -304,7 +288,7 @@ class FrozenTargetDistillation(LightningModule):
     def log_mismatch(self, prefix: str, delta_sq: torch.Tensor, k: torch.Tensor) -> None:
         """Mean delta and acceptance, overall and per fifth of diffusion time (t0.0 = near the data)."""
         delta = delta_sq.double().sqrt()
-        acc = acceptance(delta)
+        acc = one_step_acceptance(delta)
         self.log(f"{prefix}/delta", delta.mean().float(), sync_dist=True, batch_size=len(delta))
         self.log(f"{prefix}/acceptance", acc.mean().float(), sync_dist=True, batch_size=len(delta))
         bucket = time_bucket(self.plan, k)
@@ -452,8 +436,8 @@ class HeadDistillation(FrozenTargetDistillation):
         extra = {}
         if not self.training:
             free_sq = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)
-            extra["free_acceptance"] = acceptance(free_sq.sqrt()).mean().float()
-            acc = acceptance(delta_sq.detach().sqrt())
+            extra["free_acceptance"] = one_step_acceptance(free_sq.sqrt()).mean().float()
+            acc = one_step_acceptance(delta_sq.detach().sqrt())
             for j in range(1, K + 1):
                 if (offsets == j).any():
                     extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()

@@ -19,10 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .. import plotting
-from ..diffusion import DDPMSchedule
-from ..optim import follow_run_length
-from ..sampling import ancestral_sample
-from .checkpoints import (
+from ..config_io import (
     INSTANTIATOR,
     build_module,
     callable_config,
@@ -33,6 +30,9 @@ from .checkpoints import (
     resolve_class,
     state_dict_mismatch,
 )
+from ..diffusion import DDPMSchedule
+from ..optim import follow_run_length
+from ..sampling import ancestral_sample
 
 LOSS_WEIGHTINGS = ("none", "min_snr")
 MIN_SNR_GAMMA = 5.0
@@ -131,7 +131,7 @@ class TargetDiffusion(LightningModule):
         self._reference: torch.Tensor | None = None
         self._loaded_at: tuple[int, int] | None = None  # (epoch, global_step) of a loaded checkpoint
 
-    # --- hyperparameters: plain data that rebuild this module (see models/checkpoints.py) ----------
+    # --- hyperparameters: plain data that rebuild this module (see config_io.py) ----------
     def _record_hparams(self, net_record: dict | None) -> None:
         # Under the CLI, Lightning hands `save_hyperparameters` the parsed config (plain data, with the
         # net's class_path/init_args); from Python it collects the init arguments. Objects are then

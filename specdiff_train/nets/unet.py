@@ -54,6 +54,19 @@ class Attention(nn.Module):
         return x + self.proj(rearrange(out, "b n (h w) c -> b (n c) h w", h=height, w=width))
 
 
+def _check_levels(image_size: int, channel_mults: tuple[int, ...], attention_levels: tuple[int, ...]) -> None:
+    """ValueError when the image does not halve evenly at every level, or an attention level is not a level."""
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"UNet: image_size={image_size} is not divisible by 2**(len(channel_mults)-1) = {factor} "
+            f"(channel_mults={list(channel_mults)}); use fewer levels in channel_mults or resize the images "
+            f"(data.image_size) to a multiple of {factor}"
+        )
+    if any(not 0 <= level < len(channel_mults) for level in attention_levels):
+        raise ValueError(f"UNet: attention_levels {list(attention_levels)} must index channel_mults {list(channel_mults)}")
+
+
 class UNet(nn.Module):
     """DDPM U-Net: ResBlocks with the timestep embedding, self-attention at chosen levels,
     skip connections, zero-initialised output convolution.
@@ -84,55 +97,59 @@ class UNet(nn.Module):
     ):
         super().__init__()
         channel_mults, attention_levels = tuple(channel_mults), tuple(attention_levels)
-        factor = 2 ** (len(channel_mults) - 1)
-        if image_size % factor:
-            raise ValueError(
-                f"UNet: image_size={image_size} is not divisible by 2**(len(channel_mults)-1) = {factor} "
-                f"(channel_mults={list(channel_mults)}); use fewer levels in channel_mults or resize the images "
-                f"(data.image_size) to a multiple of {factor}"
-            )
-        if any(not 0 <= level < len(channel_mults) for level in attention_levels):
-            raise ValueError(f"UNet: attention_levels {list(attention_levels)} must index channel_mults {list(channel_mults)}")
+        _check_levels(image_size, channel_mults, attention_levels)
         # constructor arguments kept as attributes: checkpoints rebuild the net from them
         self.in_channels, self.image_size, self.base_channels = in_channels, image_size, base_channels
         self.channel_mults, self.num_res_blocks, self.attention_levels = channel_mults, num_res_blocks, attention_levels
         self.num_heads, self.dropout, self.time_embed_dim = num_heads, dropout, time_embed_dim
         self.sample_shape = (in_channels, image_size, image_size)
         self.feature_dim = base_channels
+        # Submodules are built in this order (time_embed, conv_in, down, mid, up, out) so that a seeded
+        # construction draws the same initial weights, and keep their names: checkpoints load by them.
         self.time_embed = TimestepEmbedding(time_embed_dim or base_channels)
         emb_dim = self.time_embed.out_dim
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-
-        self.down = nn.ModuleList()
-        skips, ch = [base_channels], base_channels
-        for level, mult in enumerate(channel_mults):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, base_channels * mult, emb_dim, dropout)]
-                ch = base_channels * mult
-                if level in attention_levels:
-                    layers.append(Attention(ch, num_heads))
-                self.down.append(nn.ModuleList(layers))
-                skips.append(ch)
-            if level < len(channel_mults) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
-                skips.append(ch)
+        self.down, skips = self._down_path(emb_dim)
+        ch = skips[-1]
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), Attention(ch, num_heads),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mults))):
-            for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skips.pop(), base_channels * mult, emb_dim, dropout)]
-                ch = base_channels * mult
-                if level in attention_levels:
-                    layers.append(Attention(ch, num_heads))
-                if level > 0 and i == num_res_blocks:
-                    layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    layers.append(nn.Conv2d(ch, ch, 3, padding=1))
-                self.up.append(nn.ModuleList(layers))
+        self.up, ch = self._up_path(emb_dim, skips)
         self.out_norm = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+
+    def _level_block(self, level: int, in_ch: int, out_ch: int, emb_dim: int) -> list[nn.Module]:
+        """A ResBlock to `out_ch`, followed by self-attention at the attention levels."""
+        layers = [ResBlock(in_ch, out_ch, emb_dim, self.dropout)]
+        if level in self.attention_levels:
+            layers.append(Attention(out_ch, self.num_heads))
+        return layers
+
+    def _down_path(self, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
+        """(the blocks from conv_in down to the middle, the channels of each skip connection they leave)."""
+        down = nn.ModuleList()
+        skips = [self.base_channels]
+        for level, mult in enumerate(self.channel_mults):
+            for _ in range(self.num_res_blocks):
+                down.append(nn.ModuleList(self._level_block(level, skips[-1], self.base_channels * mult, emb_dim)))
+                skips.append(self.base_channels * mult)
+            if level < len(self.channel_mults) - 1:  # downsample
+                down.append(nn.ModuleList([nn.Conv2d(skips[-1], skips[-1], 3, stride=2, padding=1)]))
+                skips.append(skips[-1])
+        return down, skips
+
+    def _up_path(self, emb_dim: int, skips: list[int]) -> tuple[nn.ModuleList, int]:
+        """(the blocks from the middle up to conv_out, each taking one skip connection; their output channels)."""
+        up, skips, ch = nn.ModuleList(), list(skips), skips[-1]
+        for level, mult in reversed(list(enumerate(self.channel_mults))):
+            for i in range(self.num_res_blocks + 1):
+                layers = self._level_block(level, ch + skips.pop(), self.base_channels * mult, emb_dim)
+                ch = self.base_channels * mult
+                if level > 0 and i == self.num_res_blocks:  # upsample
+                    layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+                up.append(nn.ModuleList(layers))
+        return up, ch
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

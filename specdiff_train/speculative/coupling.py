@@ -13,10 +13,6 @@ import torch
 _DEGENERATE_DELTA = 1e-6
 
 
-def flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, to an absolute error of ~1e-16: all that a sum of logs needs (the
     result is added to other logs, so its absolute error is a relative error of the product), in
@@ -39,11 +35,6 @@ def log_density_ratio(z: torch.Tensor, d: torch.Tensor, delta_sq: torch.Tensor |
     if delta_sq is None:
         delta_sq = (d * d).sum(-1)
     return (z.double() * d).sum(-1) - 0.5 * delta_sq
-
-
-def one_step_acceptance(delta: torch.Tensor) -> torch.Tensor:
-    """Acceptance of the maximal coupling, 1 - TV(P, Q) = 2 Phi(-delta / 2)."""
-    return 2 * torch.special.ndtr(-delta.double() / 2)
 
 
 def reflect(z: torch.Tensor, d: torch.Tensor, mu_p: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -74,7 +65,7 @@ def log_residual_mass(log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return log_mass.masked_fill(no_mass, -torch.inf)
 
 
-def _log_residual_tail(t: torch.Tensor, log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def log_residual_tail(t: torch.Tensor, log_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """log of the residual's unnormalised tail mass beyond t (t >= c): w Phibar(t - delta) - Phibar(t)."""
     log_p = log_w + torch.special.log_ndtr(delta - t)
     log_q = torch.special.log_ndtr(-t)
@@ -108,7 +99,8 @@ def residual_projection(
       2. one grid of points between c and that bound (denser towards c) brackets the root;
       3. Newton steps on log tail(t) from the right of the root: log tail is concave (the residual's
          density is log-concave), so the iterates fall monotonically onto the root.
-    `tests/test_coupling.py` checks it against `residual_projection_bisection` on a sweep of (w, delta, u).
+    `tests/test_coupling.py` checks it against `specdiff_train.testing.residual_projection_bisection`
+    on a sweep of (w, delta, u).
     `log_mass` (log I(w, delta)) may be passed when already known.
     """
     if not (log_w.shape == delta.shape == u.shape):
@@ -124,7 +116,7 @@ def residual_projection(
     s_max = (to_delta + torch.sqrt(excess.clamp(max=0.0) * -2.0)).clamp(min=1e-300)
     # 2. bracket: G falls from 1 at s = 0; count the grid points still above the target
     s_grid = s_max.unsqueeze(-1) * _residual_grid(delta.device)
-    h_grid = _log_residual_tail(c.unsqueeze(-1) + s_grid, log_w.unsqueeze(-1), delta.unsqueeze(-1))
+    h_grid = log_residual_tail(c.unsqueeze(-1) + s_grid, log_w.unsqueeze(-1), delta.unsqueeze(-1))
     above = (h_grid > target.unsqueeze(-1)).sum(-1, keepdim=True).clamp(1, RESIDUAL_GRID_POINTS)
     s_lo, s_hi = s_grid.gather(-1, torch.cat([above - 1, above], dim=-1)).unbind(-1)
     # 3. Newton from the right of the root (log tail is concave: the iterates fall monotonically onto
@@ -132,37 +124,13 @@ def residual_projection(
     s = torch.minimum(s_hi, to_delta - torch.special.ndtri(torch.exp(excess))).clamp(min=s_lo)
     for _ in range(RESIDUAL_NEWTON_STEPS):
         t = c + s
-        h = _log_residual_tail(t, log_w, delta)
+        h = log_residual_tail(t, log_w, delta)
         y = delta * s
         # log density: log phi(t) + log(e^y - 1), y = delta s
         log_density = log1mexp(-y) + torch.addcmul(y - _LOG_SQRT_2PI, t, t, value=-0.5)
         s = torch.addcmul(s, h - target, torch.exp(h - log_density)).clamp(s_lo, s_hi)
     # No residual mass in float64 (I underflows: such a residual is never selected): any finite point.
     return c + torch.nan_to_num(s, nan=0.0, posinf=0.0)
-
-
-def residual_projection_bisection(
-    log_w: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, iterations: int = 1100
-) -> torch.Tensor:
-    """Reference for `residual_projection`: bracket expansion and plain bisection to float64
-    resolution (slow, with host reads; for tests)."""
-    log_w, delta, u = (v.double() for v in torch.broadcast_tensors(log_w, delta, u))
-    c = delta / 2 - log_w / delta
-    target = torch.log(u) + log_residual_mass(log_w, delta)
-    lo, width = c.clone(), torch.ones_like(c)
-    while True:
-        too_low = _log_residual_tail(lo + width, log_w, delta) > target
-        if not too_low.any():
-            break
-        width = torch.where(too_low, 2 * width, width)
-    hi = lo + width
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if bool(((mid == lo) | (mid == hi)).all()):
-            break
-        above = _log_residual_tail(mid, log_w, delta) > target
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    return (lo + hi) / 2
 
 
 def sample_weighted_residual(
@@ -199,8 +167,3 @@ def sample_weighted_residual(
     # rows take mu_q + s (xi + d) = mu_p + s xi (the kernels coincide there).
     along = (t - (xi * e).sum(-1)).masked_fill(degenerate, 1.0).unsqueeze(-1)
     return (mu_q.double() + std.double().unsqueeze(-1) * torch.addcmul(xi, along, e)).to(mu_p.dtype)
-
-
-def sample_residual(mu_p, mu_q, std, xi, u) -> torch.Tensor:
-    """Fresh draw from the unweighted residual (P - Q)_+ / TV: the alternative to reflection."""
-    return sample_weighted_residual(mu_p, mu_q, std, torch.zeros_like(std, dtype=torch.float64), xi, u)

@@ -12,7 +12,7 @@ import torch
 
 from ..diffusion import DDPMSchedule, denoise, step_mean
 from ..models.checkpoints import load_draft_network, load_drafter
-from ..nets.heads import medusa_x0  # noqa: F401 (re-exported: its home was here)
+from ..nets.heads import medusa_x0
 from ..sampling import model_device_dtype
 from .drafters import DraftContext, Drafter, Verification, overrides
 

@@ -125,12 +125,6 @@ def weighted_residual_correction(mu_p, mu_q, std, log_w, xi, u, draft_noise, **k
     return sample_weighted_residual(mu_p, mu_q, std, log_w, xi, u, **known)
 
 
-def reflection_instead_of_residual(mu_p, mu_q, std, log_w, xi, u, draft_noise, **known):
-    """A WRONG block correction (reflect the rejected draft), kept only so that tests show it is
-    detected: the draft after tau does not have the residual's law given tau."""
-    return reflect(draft_noise, scaled_mean_difference(mu_p, mu_q, std), mu_p, std)
-
-
 def running_log_weights(log_ratio: torch.Tensor, log_w0: torch.Tensor | None = None) -> torch.Tensor:
     """log w_i = min(0, log w_{i-1} + log_ratio_i), i = 1..L, without a loop (C, L+1 with log w_0).
 
@@ -200,9 +194,3 @@ def verify_block(
         return drawn
 
     return _finish(tau, lengths, has_next, states, target_means, stds, xi, fixed, defer_correction)
-
-
-VERIFIERS = {
-    "block": verify_block,
-    "tokenwise": verify_tokenwise,
-}
