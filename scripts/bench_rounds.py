@@ -105,8 +105,8 @@ def run(name: str, target: _Target, args, device) -> list[dict]:
                                                   drafter=FreeDrafter("x0"), verifier=verifier, window=args.window))
 
             spec_s = per_sample_time(spec, seeds, device)
-            rounds = statistics.mean(r.stats["rounds"] for r in results)
-            calls = statistics.mean(r.stats["target_calls_per_sample"] for r in results)
+            rounds = statistics.mean(r.stats.rounds for r in results)
+            calls = statistics.mean(r.stats.target_calls_per_sample for r in results)
             window_call = call_time(model, args.window + 1, shape, device)
             rows.append(dict(
                 target=name, steps=num_steps, method=f"free-x0/{verifier}/w{args.window}",

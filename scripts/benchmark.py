@@ -105,13 +105,13 @@ def run_target(name: str, args) -> list[dict]:
                     stats = result.stats
                     counts = speculative_overhead(target, schedule, shape, num_steps=num_steps, drafter=make(),
                                                   window=window, seeds=single[:1], **verifier)
-                    draft_calls = stats["draft_rows"] / stats["num_samples"]  # one row per chain and draft call
+                    draft_calls = stats.drafted_steps / stats.num_samples  # one drafter call per drafted step of a chain
                     row = dict(
                         target=name, num_steps=num_steps, method=f"{drafter_name}/{verifier_name}/w{window}",
-                        calls=stats["target_calls_per_sample"], speedup=stats["speedup"],
-                        acceptance=stats["acceptance_rate"], accepted_per_round=stats["mean_accepted_per_round"],
+                        calls=stats.target_calls_per_sample, speedup=stats.speedup,
+                        acceptance=stats.acceptance_rate, accepted_per_round=stats.mean_accepted_per_round,
                         draft_calls=draft_calls, draft_cost=draft_cost,
-                        cost=stats["target_calls_per_sample"] + draft_calls * draft_cost,
+                        cost=stats.target_calls_per_sample + draft_calls * draft_cost,
                         wall_b1=single_time / base_single, wall_batch=batch_time / base_batch,
                         ops=counts["ops_per_round"], syncs=counts["syncs_per_round"],
                     )

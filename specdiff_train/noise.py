@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from enum import IntEnum
+from typing import Sequence
 
 import torch
 
@@ -167,6 +168,87 @@ def check_noise_buffer(noise_buffer) -> int:
     if isinstance(noise_buffer, bool) or not isinstance(noise_buffer, int) or noise_buffer < 1:
         raise ValueError(f"noise_buffer: expected an int >= 1 (noise values drawn ahead at once), got {noise_buffer!r}")
     return noise_buffer
+
+
+# --- noise drawn ahead ----------------------------------------------------------------------------
+# Both samplers draw their noise for many counters in one batched hash and hand it out one counter at
+# a time: ancestral sampling in lock-step blocks of steps (`step_noise_blocks`), speculative sampling
+# per slot, since its chains advance at their own pace (`RoundNoise`). Any buffer size gives the
+# numbers `gaussian` / `uniform` give for the same keys (tests/test_noise_refills.py).
+
+def keyed_gaussians(seed_key: torch.Tensor, counters, stream, salts: torch.Tensor, numel: int) -> torch.Tensor:
+    """`gaussian`'s numbers for the broadcast rows (seed_key, counters, stream), counters < 2**32:
+    shape (*rows, numel). `salts` is `gaussian_salts(numel)`, made once per layout."""
+    return gaussian_from_words(words(row_keys(seed_key, counters, stream, small_counters=True), salts), numel)
+
+
+def step_noise_blocks(seeds: torch.Tensor, shape: Sequence[int], num_steps: int, stream: int = Stream.STEP,
+                      max_elements: int = NOISE_BUFFER_ELEMENTS):
+    """Yield the per-step noise `gaussian(seeds, k, stream, shape)` for k = 0, 1, ..., drawing many
+    steps in one batched hash (the same numbers, a few operators per step instead of ~150)."""
+    numel = math.prod(shape)
+    keys, salts = seed_keys(seeds), gaussian_salts(numel, seeds.device)
+    block = max(1, min(num_steps, max_elements // max(1, len(seeds) * numel)))
+    for first in range(0, num_steps, block):
+        steps = torch.arange(first, min(first + block, num_steps), device=seeds.device)
+        z = keyed_gaussians(keys[:, None], steps, stream, salts, numel)
+        yield from z.reshape(len(seeds), len(steps), *shape).unbind(1)
+
+
+MAX_ROUNDS_AHEAD = 64
+
+
+class RoundNoise:
+    """Every random number a speculative chain's rounds need, drawn for several rounds ahead per slot.
+
+    Per slot and round r of its chain: the draft noise Z_1..Z_W (counter r << 16 | position, stream
+    DRAFT), the bonus / correction Gaussian (counter r << 16, CORRECTION), the accept uniforms (ACCEPT)
+    and the residual's uniform (RESIDUAL_U): the same numbers as drawing them round by round, so the
+    noise layout is independent of how far ahead it is drawn. `max_elements` bounds the buffer: it
+    holds between 1 and `MAX_ROUNDS_AHEAD` rounds of every slot.
+    """
+
+    def __init__(self, capacity: int, window: int, numel: int, device, max_elements: int = NOISE_BUFFER_ELEMENTS):
+        self.window, self.numel = window, numel
+        self.ahead = max(1, min(MAX_ROUNDS_AHEAD, max_elements // (capacity * (window + 1) * numel)))
+        self.gaussians = torch.zeros(capacity, self.ahead, window + 1, numel, device=device)
+        self.uniforms = torch.zeros(capacity, self.ahead, window + 1, dtype=torch.float64, device=device)
+        self.first_round = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.seed_keys = torch.zeros(capacity, dtype=torch.int64, device=device)
+        positions = torch.arange(window + 1, device=device)
+        self._gauss_positions = torch.where(positions < window, positions + 1, 0)  # Z_1..Z_W, then xi
+        self._gauss_streams = torch.where(positions < window, int(Stream.DRAFT), int(Stream.CORRECTION))
+        self._unif_streams = torch.tensor([int(Stream.ACCEPT), int(Stream.RESIDUAL_U)], device=device)
+        self._gauss_salts = gaussian_salts(numel, device)
+        self._unif_salts = uniform_salts(window, device)
+        self.expires: dict[int, int] = {}  # slot -> the sampler round at which its draws run out
+
+    def admit(self, slots: torch.Tensor, seeds: torch.Tensor) -> None:
+        self.seed_keys[slots] = seed_keys(seeds)
+
+    def fill(self, slots: torch.Tensor, chain_rounds: torch.Tensor, sampler_round: int, slot_list) -> None:
+        """Draw rounds chain_rounds .. + ahead - 1 for `slots`."""
+        keys = self.seed_keys[slots]
+        rounds = chain_rounds.unsqueeze(1) + torch.arange(self.ahead, device=keys.device)  # (S, R)
+        base = (rounds << 16).unsqueeze(-1)
+        self.gaussians[slots] = keyed_gaussians(keys[:, None, None], base | self._gauss_positions, self._gauss_streams,
+                                                self._gauss_salts, self.numel)
+        u_keys = row_keys(keys[:, None, None], base, self._unif_streams, small_counters=True)
+        accept, residual = uniform_from_words(words(u_keys, self._unif_salts)).unbind(-2)
+        self.uniforms[slots] = torch.cat([accept, residual[..., :1]], dim=-1)  # W accept uniforms, 1 residual
+        self.first_round[slots] = chain_rounds
+        for slot in slot_list:
+            self.expires[slot] = sampler_round + self.ahead
+
+    def needs_fill(self, sampler_round: int, live) -> bool:
+        return sampler_round >= min(self.expires[s] for s in live)
+
+    def draw(self, rows: torch.Tensor, chain_rounds: torch.Tensor, all_rows: bool):
+        """(draft noise (C, W, numel), xi (C, numel), accept uniforms (C, W), residual uniforms (C,))."""
+        offset = chain_rounds - (self.first_round if all_rows else self.first_round[rows])
+        g = self.gaussians[rows, offset]
+        u = self.uniforms[rows, offset]
+        return g[:, : self.window], g[:, self.window], u[:, : self.window], u[:, self.window]
 
 
 def as_seed_tensor(seeds, device=None) -> torch.Tensor:

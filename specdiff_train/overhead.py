@@ -179,7 +179,7 @@ def speculative_overhead(model, schedule, shape, *, num_steps: int, drafter, ver
     run()  # first call: caches (plan tables, index vectors) are built outside the count
     with OverheadCounter(_networks(model, drafter)) as counter:
         result = run()
-    rounds = result.stats["rounds"]
+    rounds = result.stats.rounds
     return dict(ops_per_round=counter.ops / rounds, syncs_per_round=counter.syncs / rounds, rounds=rounds,
                 network_ops_per_round=counter.network_ops / rounds, counter=counter)
 

@@ -1,25 +1,15 @@
 """Plain DDPM ancestral sampling: the baseline that speculative sampling must reproduce exactly."""
 from __future__ import annotations
 
-import math
+import time
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DDPMSchedule, denoise, step_mean
-from .noise import (
-    NOISE_BUFFER_ELEMENTS,
-    Stream,
-    as_seed_tensor,
-    check_noise_buffer,
-    gaussian,
-    gaussian_from_words,
-    gaussian_salts,
-    row_keys,
-    seed_keys,
-    words,
-)
+from .noise import NOISE_BUFFER_ELEMENTS, Stream, as_seed_tensor, check_noise_buffer, gaussian, step_noise_blocks
+from .sampling_stats import SamplingResult, SamplingStats
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,17 +22,14 @@ def model_device_dtype(model, device=None, dtype=None):
     return device, dtype
 
 
-def step_noise_blocks(seeds: torch.Tensor, shape: Sequence[int], num_steps: int, stream: int = Stream.STEP,
-                      max_elements: int = NOISE_BUFFER_ELEMENTS):
-    """Yield the per-step noise `gaussian(seeds, k, stream, shape)` for k = 0, 1, ..., drawing many
-    steps in one batched hash (the same numbers, a few operators per step instead of ~150)."""
-    numel = math.prod(shape)
-    keys, salts = seed_keys(seeds), gaussian_salts(numel, seeds.device)
-    block = max(1, min(num_steps, max_elements // max(1, len(seeds) * numel)))
-    for first in range(0, num_steps, block):
-        steps = torch.arange(first, min(first + block, num_steps), device=seeds.device)
-        z = gaussian_from_words(words(row_keys(keys[:, None], steps, stream, small_counters=True), salts), numel)
-        yield from z.reshape(len(seeds), len(steps), *shape).unbind(1)
+def check_sample_shape(model, shape: Sequence[int]) -> tuple[int, ...]:
+    """`shape` as a tuple of ints; a clear error when the target declares another `sample_shape`."""
+    shape = tuple(int(s) for s in shape)
+    expected = getattr(model, "sample_shape", None)
+    if expected is not None and tuple(int(s) for s in expected) != shape:
+        raise ValueError(f"shape: {shape} differs from the target's sample_shape {tuple(expected)}; "
+                         "pass shape=model.sample_shape")
+    return shape
 
 
 def state_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +46,21 @@ def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32
     return gaussian(seeds, 0, Stream.INIT, shape, dtype=dtype)
 
 
+def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer, bar):
+    """The ancestral chains of the seeds in `chunk`, run together: their samples."""
+    # Everything a step needs is prepared here: a step is the network, ~8 operators and no host read.
+    coefficients, stds = tables.scalar_coefficients, tables.scalar_std
+    x = initial_noise(chunk, shape).to(dtype=dtype)
+    timesteps = tables.timesteps[:, None].expand(plan.num_steps, len(chunk)).unbind(0)
+    noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps, max_elements=noise_buffer)
+    for k in range(plan.num_steps):
+        output = model(x.to(model_dtype), timesteps[k]).to(dtype)
+        mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))
+        x = torch.add(mean, next(noise).to(dtype), alpha=stds[k]) if stds[k] > 0 else mean
+        bar.update(len(chunk))
+    return x
+
+
 @torch.no_grad()
 def ancestral_sample(
     model: Denoiser,
@@ -72,14 +74,15 @@ def ancestral_sample(
     dtype=None,
     progress: bool = False,
     noise_buffer: int = NOISE_BUFFER_ELEMENTS,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """Draw one sample per seed with the DDPM ancestral sampler.
 
     Args:
         model: `model(x, t)` maps states (B, *shape) and integer train timesteps (B,) to the
             prediction of `schedule.prediction` type.
         schedule: the noise schedule the model was trained with.
-        shape: one sample's shape, e.g. (2,) or (1, 8, 8).
+        shape: one sample's shape, e.g. (2,) or (1, 8, 8) (the target's `sample_shape` when it has one).
         num_steps: number of (respaced) sampling steps, at most `schedule.num_train_steps`.
         seeds: one int per sample; a sample's noise depends only on its seed (the sample itself also
             on how the network rounds in a batch: equal in law always, bit-identical for batch-invariant networks).
@@ -89,31 +92,26 @@ def ancestral_sample(
         progress: show a progress bar.
         noise_buffer: step noise values drawn ahead in one batched hash (a memory bound); any size
             gives the same samples.
+        return_stats: also return the run's `SamplingStats` (calls, wall-clock).
 
     Returns:
-        Tensor (len(seeds), *shape), rows in the order of `seeds`.
+        Tensor (len(seeds), *shape), rows in the order of `seeds`; with `return_stats`,
+        `SamplingResult(samples, stats)`.
     """
     plan = schedule.plan(num_steps)
     check_noise_buffer(noise_buffer)
+    shape = check_sample_shape(model, shape)
     device, model_dtype = model_device_dtype(model, device, dtype)
     dtype = state_dtype(model_dtype)
     seeds_t = as_seed_tensor(seeds, device=device)
-    shape = tuple(int(s) for s in shape)
-    batch_size = batch_size or len(seeds_t)
     tables = plan.tables(device, dtype)
-    # Everything a step needs is prepared here: a step is the network, ~8 operators and no host read.
-    coefficients, stds = tables.scalar_coefficients, tables.scalar_std
-    outputs = []
     bar = tqdm(total=len(seeds_t) * plan.num_steps, disable=not progress, desc="ancestral", unit="step")
-    for chunk in seeds_t.split(batch_size):
-        x = initial_noise(chunk, shape).to(dtype=dtype)
-        timesteps = tables.timesteps[:, None].expand(plan.num_steps, len(chunk)).unbind(0)
-        noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps, max_elements=noise_buffer)
-        for k in range(plan.num_steps):
-            output = model(x.to(model_dtype), timesteps[k]).to(dtype)
-            mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))
-            x = torch.add(mean, next(noise).to(dtype), alpha=stds[k]) if stds[k] > 0 else mean
-            bar.update(len(chunk))
-        outputs.append(x)
+    start = time.perf_counter()
+    chunks = seeds_t.split(batch_size or len(seeds_t))
+    samples = torch.cat([_ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer,
+                                          bar) for chunk in chunks])
+    elapsed = time.perf_counter() - start
     bar.close()
-    return torch.cat(outputs)
+    if not return_stats:
+        return samples
+    return SamplingResult(samples, SamplingStats.ancestral(len(seeds_t), plan.num_steps, len(chunks), elapsed))

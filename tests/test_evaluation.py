@@ -8,8 +8,8 @@ import torch
 
 from helpers import ROOT, run_train
 from specdiff_train.diffusion import DDPMSchedule
-from specdiff_train.evaluation.command import resolve_drafters
-from specdiff_train.evaluation.compare import Method, Quality, compare_methods, method_grid, time_buckets
+from specdiff_train.evaluation.command import image_feature_extractor, resolve_drafters
+from specdiff_train.evaluation.compare import DEFAULT_DRAFTERS, Method, Quality, compare_methods, method_grid, time_buckets
 from specdiff_train.speculative import FreeDrafter
 from specdiff_train.speculative.verify import verify_tokenwise
 from specdiff_train.testing import GaussianDataDenoiser
@@ -61,6 +61,20 @@ def smallest_p(row) -> float:
 MARGIN = 0.2
 
 
+@pytest.mark.parametrize("shape, expected", [
+    ((1, 8, 8), (1, 8, 8)), ((1, 16, 16), None), ((3, 8, 8), None), ((2,), None),
+])
+def test_image_metrics_follow_the_target_shape(shape, expected):
+    """The shipped digits feature network is used only for images of its own input shape: any other
+    target shape is evaluated without image metrics (or with a feature network given for it)."""
+    extractor = image_feature_extractor(shape)
+    assert (extractor.input_shape if extractor is not None else None) == expected
+    if len(shape) == 3:  # a feature network given explicitly is used for any image shape
+        from specdiff_train.evaluation.features import DIGITS_FEATURES
+
+        assert image_feature_extractor(shape, str(DIGITS_FEATURES)).input_shape == (1, 8, 8)
+
+
 def test_exactness_check_flags_a_biased_sampler_and_passes_an_exact_one():
     schedule, model = _chain()
     methods = [Method(FreeDrafter, "block", 8, label="free-eps"),
@@ -109,7 +123,10 @@ def test_callback_in_a_tiny_fit_logs_and_writes_reports(tmp_path, devices):
     tags = {p.parent.name for p in reports}
     assert "final" in tags and "epoch=001" in tags, tags
     final = json.loads(next(p for p in reports if p.parent.name == "final").read_text())
-    assert {r["method"] for r in final["results"]} == {"ancestral", "free-x0/block/w8", "free-eps/block/w8"}
+    # the callback's default grid is evaluate's
+    default_grid = {m.name for m in method_grid(resolve_drafters(DEFAULT_DRAFTERS))}
+    assert {r["method"] for r in final["results"]} == {"ancestral"} | default_grid
+    assert "frozen-eps/tokenwise-reflection/w3" in default_grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))

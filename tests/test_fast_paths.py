@@ -28,7 +28,7 @@ from specdiff_train.speculative import (
     MedusaDrafter,
     speculative_sample,
 )
-from specdiff_train.speculative import sampler as sampler_module
+from specdiff_train.speculative import engine as engine_module
 from specdiff_train.speculative.drafters import training_free_drafters
 from specdiff_train.nets.heads import MLPHead
 
@@ -119,12 +119,12 @@ def test_ancestral_step_is_the_plan_transition(prediction, clip, num_steps):
 
 # --- 2. the speculative round's target evaluation is the plan's transition ---------------------------
 class EvaluateChecker:
-    """Wraps `sampler._evaluate`: on every round, compares the target's outputs, x0 estimates and
+    """Wraps `engine.evaluate`: on every round, compares the target's outputs, x0 estimates and
     step means at the rows the round uses with `net`, `schedule.denoised` and `plan.transition`."""
 
     def __init__(self, net, schedule, plan):
         self.net, self.schedule, self.plan = net, schedule, plan
-        self.original = sampler_module._evaluate
+        self.original = engine_module.evaluate
         self.row_counts, self.steps_seen = [], set()
 
     def __call__(self, target, window, states, evaluated, wants_features, schedule):
@@ -150,11 +150,11 @@ def test_speculative_target_evaluation_is_the_plan_transition(prediction, clip, 
     schedule, num_steps, window = make_schedule(prediction, clip), 10, 4
     net = TanhNet()
     checker = EvaluateChecker(net, schedule, schedule.plan(num_steps))
-    monkeypatch.setattr(sampler_module, "_evaluate", checker)
+    monkeypatch.setattr(engine_module, "evaluate", checker)
     speculative_sample(net, schedule, SHAPE, num_steps=num_steps, seeds=range(num_chains), drafter=FreeDrafter(),
                        window=window)
     assert checker.steps_seen == set(range(num_steps)), "every step, the deterministic last one included"
-    compact = [rows >= sampler_module.COMPACT_MIN_ROWS for rows in checker.row_counts]
+    compact = [rows >= engine_module.COMPACT_MIN_ROWS for rows in checker.row_counts]
     assert any(compact) if num_chains == 16 else not any(compact), checker.row_counts
 
 

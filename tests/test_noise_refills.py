@@ -1,6 +1,6 @@
 """Noise drawn ahead is consumed once, with the value its (seed, counter) key gives, however it is buffered.
 
-Both samplers draw their noise ahead in batched hashes (`sampling.step_noise_blocks`, the speculative
+Both samplers draw their noise ahead in batched hashes (`noise.step_noise_blocks`, the speculative
 sampler's round buffer) and refill when it runs out. With the default buffer (2**22 values) the
 exactness tests never refill, so a refill that reused a block, a round or a position would make
 samples wrong in law while every short-run statistic looked fine. Here the buffer is shrunk with
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from specdiff_train.diffusion import DDPMSchedule
-from specdiff_train.noise import Stream, gaussian, uniform
-from specdiff_train.sampling import ancestral_sample, step_noise_blocks
+from specdiff_train.noise import Stream, gaussian, step_noise_blocks, uniform
+from specdiff_train.sampling import ancestral_sample
 from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample
 from specdiff_train.speculative.verify import verify_block, verify_tokenwise
 from specdiff_train.testing import GaussianDataDenoiser

@@ -11,10 +11,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..speculative import Drafter
 from ..speculative.drafters import training_free_drafters
-from .compare import Quality, check_permutations, compare_methods, method_grid
+from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid
 from .reporting import markdown_table, write_report
-
-DIGITS_FEATURES = Path(__file__).resolve().parents[2] / "checkpoints" / "digits_features.pt"
 
 
 def resolve_drafters(drafters: list) -> dict:
@@ -38,6 +36,21 @@ def resolve_drafters(drafters: list) -> dict:
                 f"drafters: unknown drafter {item!r}; use one of {sorted(known)} or a Drafter given by class_path"
             )
     return out
+
+
+def image_feature_extractor(sample_shape: tuple[int, ...], feature_net: str | None = None):
+    """The feature network for image metrics on samples of `sample_shape` (C, H, W), or None (no image
+    metrics): `feature_net` when given, else the shipped digits network when it takes that shape."""
+    if len(sample_shape) != 3:
+        return None
+    from .features import DIGITS_FEATURES, load_feature_extractor  # torchmetrics: only when images are evaluated
+
+    if feature_net:
+        return load_feature_extractor(feature_net)
+    if not DIGITS_FEATURES.exists():
+        return None
+    extractor = load_feature_extractor(DIGITS_FEATURES)
+    return extractor if extractor.input_shape == tuple(sample_shape) else None
 
 
 def _progress_enabled() -> bool:
@@ -87,7 +100,8 @@ class SpecDiffTrainer(Trainer):
                 seeds disjoint from the methods', above them) falls below it is flagged.
             num_permutations: permutations of the two-sample tests; at least the count whose smallest
                 p-value 1/(1 + num_permutations) is below alpha (100 for alpha 0.01), else refused.
-            feature_net: feature network for image metrics (default: the shipped digits network for 8x8 images).
+            feature_net: feature network for image metrics (default: the shipped digits network, for images
+                of its input shape 1x8x8; other image shapes get no FID/KID without one).
             save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
 
         With `--trainer.devices N --trainer.strategy ddp`, the seeds are split across the N processes
@@ -106,7 +120,7 @@ class SpecDiffTrainer(Trainer):
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
                   batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples) -> dict:
         from ..models import load_target
-        from ..models.drafter import check_drafter_target
+        from ..models.checkpoints import check_drafter_target
 
         if self.world_size > 1:
             self.strategy.setup_environment()  # the process group; each rank then samples its seeds
@@ -117,19 +131,13 @@ class SpecDiffTrainer(Trainer):
             model = load_target(ckpt_path)
         model = model.to(self.strategy.root_device).eval()
         shape = tuple(model.sample_shape)
-        resolved = resolve_drafters(drafters or ["free-x0", "free-eps", "frozen-eps"])
+        resolved = resolve_drafters(drafters or DEFAULT_DRAFTERS)
         # Learned drafters are compared with the target they are used with (weight fingerprints).
         notes = [note for make in resolved.values() if (note := check_drafter_target(make(), model))]
-        methods = method_grid(resolved, verifiers or ["block", "tokenwise"], windows or [3, 8])
-        reference, extractor = None, None
+        methods = method_grid(resolved, verifiers, windows)
+        reference, extractor = None, image_feature_extractor(shape, feature_net)
         if datamodule is not None and hasattr(datamodule, "reference_samples"):
             reference = datamodule.reference_samples(num_samples, seed=seed)
-        if len(shape) == 3:
-            path = feature_net or (str(DIGITS_FEATURES) if shape == (1, 8, 8) and DIGITS_FEATURES.exists() else None)
-            if path:
-                from .features import load_feature_extractor
-
-                extractor = load_feature_extractor(path)
         report = compare_methods(
             model, model.schedule, shape, methods, num_steps=num_steps or [100], seeds=range(seed, seed + num_samples),
             batch_size=batch_size, quality=Quality(reference, extractor, num_permutations, seed), alpha=alpha,

@@ -14,12 +14,23 @@ from typing import Callable, Sequence
 import torch
 
 from ..sampling import ancestral_sample
+from ..sampling_stats import SamplingStats
 from ..speculative import Drafter, speculative_sample
-from ..speculative.sampler import CORRECTIONS, VERIFIER_NAMES
+from ..speculative.verifiers import Verifier, parse_verifier
+from ..speculative.windows import FixedWindow
 from .metrics import two_sample_report
 
 NUM_TIME_BUCKETS = 10
 WARMUP_STEPS = 10  # sampling steps of the untimed warm-up run of each method
+
+# The method grid that `evaluate` and the `SpeculativeEvaluation` callback use unless told otherwise.
+DEFAULT_DRAFTERS = ("free-x0", "free-eps", "frozen-eps")
+DEFAULT_VERIFIERS = ("block", "tokenwise")
+DEFAULT_WINDOWS = (3, 8)
+
+# The fields of a method's report row taken from its `SamplingStats` (ALGORITHMS.md section 6).
+REPORTED_STATS = ("target_calls_per_sample", "speedup", "acceptance_rate", "mean_accepted_per_round",
+                  "mean_steps_per_round", "rounds", "target_rows", "draft_calls", "drafted_steps", "wall_clock_s")
 
 
 def _world() -> tuple[int, int]:
@@ -31,71 +42,43 @@ def _world() -> tuple[int, int]:
 def sharded(run: Callable, seeds: list[int]):
     """Run `run(seed_shard) -> (samples, stats)` on this rank's seeds (seeds[rank::world]) and gather
     every rank's part (all_gather_object: every rank calls it). Returns the samples in seed order and
-    the list of (num_samples, stats) parts. A sample depends only on its seed, so the result equals
-    the single-process one."""
+    the merged `SamplingStats`. A sample depends only on its seed, so the result equals the
+    single-process one."""
     rank, world = _world()
     samples, stats = run(seeds[rank::world])
     if world == 1:
-        return samples, [(len(samples), stats)]
+        return samples, stats
     parts = [None] * world
     torch.distributed.all_gather_object(parts, (samples.cpu(), stats))
     full = torch.empty(len(seeds), *samples.shape[1:], dtype=samples.dtype)
     for r, (part, _) in enumerate(parts):
         full[r::world] = part
-    return full.to(samples.device), [(len(part), st) for part, st in parts]
-
-
-def merge_stats(parts: list[tuple[int, dict]]) -> dict:
-    """Combine the speculative stats of several ranks: per-sample means weighted by sample counts,
-    totals summed, acceptance recomputed from the summed counts, wall-clock the slowest rank's."""
-    if len(parts) == 1:
-        return parts[0][1]
-    n = sum(count for count, _ in parts)
-    first = parts[0][1]
-    drafted = [sum(col) for col in zip(*(st["drafted_per_step"] for _, st in parts))]
-    accepted = [sum(col) for col in zip(*(st["accepted_per_step"] for _, st in parts))]
-    chain_rounds = sum(count * st["rounds_per_sample"] for count, st in parts)
-    calls = sum(count * st["target_calls_per_sample"] for count, st in parts) / n
-    merged = dict(first)
-    merged.update(
-        num_samples=n, target_calls_per_sample=calls, speedup=first["num_steps"] / calls,
-        rounds=max(st["rounds"] for _, st in parts), target_batches=max(st["target_batches"] for _, st in parts),
-        rounds_per_sample=chain_rounds / n, wall_clock_s=max(st["wall_clock_s"] for _, st in parts),
-        drafted_per_step=drafted, accepted_per_step=accepted, drafted_steps=sum(drafted),
-        acceptance_rate=sum(accepted) / sum(drafted) if sum(drafted) else float("nan"),
-        mean_accepted_per_round=sum(accepted) / chain_rounds,
-        mean_steps_per_round=first["num_steps"] * n / chain_rounds,
-        **{k: sum(st[k] for _, st in parts) for k in ("target_rows", "draft_rows")},
-        draft_calls=max(st["draft_calls"] for _, st in parts),
-    )
-    return merged
+    return full.to(samples.device), SamplingStats.merge([st for _, st in parts])
 
 
 @dataclass
 class Method:
-    """One speculative configuration: a drafter (made fresh per run) x verifier x window."""
+    """One speculative configuration: a drafter (made fresh per run) x verifier x window.
+
+    `verifier` is a name of the registry ("block", "tokenwise", "tokenwise-residual", ...), a
+    `Verifier` or a verify function; `correction` is token-wise's (see `verifiers.parse_verifier`)."""
 
     drafter: Callable[[], Drafter]
-    verifier: str | Callable = "block"  # or a verify function (see speculative.verify)
+    verifier: str | Callable = "block"
     window: int = 8
-    correction: str = "reflection"
+    correction: str | None = None
     label: str = ""
 
     def __post_init__(self):
-        if not callable(self.verifier) and self.verifier not in VERIFIER_NAMES:
-            raise ValueError(f"method {self.label or '?'}: verifier must be one of {VERIFIER_NAMES}, got {self.verifier!r}")
-        if self.correction not in CORRECTIONS:
-            raise ValueError(f"method {self.label or '?'}: correction must be one of {CORRECTIONS}, got {self.correction!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"method {self.label or '?'}: window must be an int >= 1, got {self.window!r}")
+        try:
+            self.rule: Verifier = parse_verifier(self.verifier, self.correction)
+            FixedWindow(self.window)
+        except ValueError as err:
+            raise ValueError(f"method {self.label or '?'}: {err}") from None
 
     @property
     def name(self) -> str:
-        if callable(self.verifier):
-            verifier = getattr(self.verifier, "__name__", "custom")
-        else:
-            verifier = self.verifier if self.verifier == "block" else f"tokenwise-{self.correction}"
-        return f"{self.label}/{verifier}/w{self.window}"
+        return f"{self.label}/{self.rule.name}/w{self.window}"
 
 
 def min_permutations(alpha: float) -> int:
@@ -127,15 +110,11 @@ def exactness_seeds(seeds: Sequence[int]) -> list[int]:
     return list(range(start, start + len(seeds)))
 
 
-def method_grid(drafters: dict[str, Callable[[], Drafter]], verifiers: Sequence[str], windows: Sequence[int]) -> list[Method]:
-    """The cross product drafter x verifier x window ("tokenwise-residual" selects that correction)."""
-    methods = []
-    for label, make in drafters.items():
-        for verifier in verifiers:
-            base, _, correction = verifier.partition("-")
-            for window in windows:
-                methods.append(Method(make, base, int(window), correction or "reflection", label))
-    return methods
+def method_grid(drafters: dict[str, Callable[[], Drafter]], verifiers: Sequence[str] | None = None,
+                windows: Sequence[int] | None = None) -> list[Method]:
+    """The cross product drafter x verifier x window (defaults: `DEFAULT_VERIFIERS`, `DEFAULT_WINDOWS`)."""
+    return [Method(make, verifier, int(window), label=label) for label, make in drafters.items()
+            for verifier in (verifiers or DEFAULT_VERIFIERS) for window in (windows or DEFAULT_WINDOWS)]
 
 
 def time_buckets(drafted: Sequence[int], accepted: Sequence[int], num_steps: int, buckets: int = NUM_TIME_BUCKETS):
@@ -218,70 +197,86 @@ def compare_methods(
     if len(seeds) < 2:
         raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
     check_permutations(quality.num_permutations, alpha)
-    reference_seeds = exactness_seeds(seeds)
-    shape = tuple(shape)
-    results = []
+    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup)
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
-    rank, world = _world()
-    warm_seeds = seeds[rank::world][: batch_size or len(seeds)]
-
-    for steps in num_steps:
-        def run_ancestral(shard, steps=steps, progress=progress):
-            start = time.perf_counter()
-            out = ancestral_sample(model, schedule, shape, num_steps=steps, seeds=shard, batch_size=batch_size,
-                                   progress=progress)
-            return out, dict(wall_clock_s=time.perf_counter() - start)
-
-        if warmup:
-            run_ancestral(warm_seeds, steps=min(steps, WARMUP_STEPS), progress=False)
-        base, parts = sharded(run_ancestral, seeds)
-        base_time = max(st["wall_clock_s"] for _, st in parts)
-        base_feats = quality.features(base)
-        # The exactness reference: ancestral samples from other seeds (untimed; split over ranks alike).
-        exact_ref, _ = sharded(lambda shard: run_ancestral(shard, progress=False), reference_seeds)
-        exact_ref_feats = quality.features(exact_ref)
-        entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
-                     wall_clock_s=base_time, wall_clock_ratio=1.0, _samples=base)
-        if reference_feats is not None:
-            entry["vs_data"] = quality.against(base_feats, reference_feats, base, quality.reference)
-        results.append(entry)
-        if log:
-            log(f"ancestral, {steps} steps: {base_time:.2f}s")
-        for method in methods:
-            def run_method(shard, method=method, steps=steps, progress=progress):
-                out = speculative_sample(model, schedule, shape, num_steps=steps, seeds=shard,
-                                         drafter=method.drafter(), verifier=method.verifier, window=method.window,
-                                         correction=method.correction if method.verifier == "tokenwise" else None,
-                                         batch_size=batch_size, progress=progress)
-                return out.samples, out.stats
-
-            if warmup:
-                run_method(warm_seeds, steps=min(steps, WARMUP_STEPS), progress=False)
-            samples, parts = sharded(run_method, seeds)
-            stats = merge_stats(parts)
-            feats = quality.features(samples)
-            exactness = quality.against(feats, exact_ref_feats, samples, exact_ref)
-            entry = dict(
-                method=method.name, num_steps=steps, drafter=stats["drafter"], verifier=stats["verifier"],
-                window=method.window,
-                **{k: stats[k] for k in ("target_calls_per_sample", "speedup", "acceptance_rate",
-                                         "mean_accepted_per_round", "mean_steps_per_round", "rounds",
-                                         "target_rows", "draft_calls", "draft_rows", "wall_clock_s")},
-                wall_clock_ratio=stats["wall_clock_s"] / base_time,
-                acceptance_by_time=time_buckets(stats["drafted_per_step"], stats["accepted_per_step"], steps),
-                vs_ancestral=exactness,
-                exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
-                _samples=samples,
-            )
-            if reference_feats is not None:
-                entry["vs_data"] = quality.against(feats, reference_feats, samples, quality.reference)
-            results.append(entry)
-            if log:
-                log(f"{method.name}, {steps} steps: {stats['target_calls_per_sample']:.1f} calls/sample, "
-                    f"{stats['wall_clock_s']:.2f}s")
+    results = [row for steps in num_steps for row in _rows(run, steps, methods, quality, reference_feats, alpha, log)]
     config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
-                  exactness_first_seed=reference_seeds[0], batch_size=batch_size,
+                  exactness_first_seed=exactness_seeds(seeds)[0], batch_size=batch_size,
                   alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
                   schedule=schedule.config(), num_permutations=quality.num_permutations,
                   warmup_steps=WARMUP_STEPS if warmup else 0)
     return dict(config=config, results=results)
+
+
+def _rows(run: "_Runs", steps: int, methods, quality: Quality, reference_feats, alpha: float, log) -> list[dict]:
+    """The report rows of one step count: ancestral sampling, then every method."""
+    base, base_stats = run.ancestral(steps)
+    # The exactness reference: ancestral samples from other seeds (untimed; split over ranks alike).
+    exact_ref, _ = run.ancestral(steps, exactness_seeds(run.seeds), timed=False)
+    exact_ref_feats = quality.features(exact_ref)
+    entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
+                 wall_clock_s=base_stats.wall_clock_s, wall_clock_ratio=1.0, _samples=base)
+    rows = [_with_quality(entry, base, quality, reference_feats)]
+    if log:
+        log(f"ancestral, {steps} steps: {base_stats.wall_clock_s:.2f}s")
+    for method in methods:
+        samples, stats = run.method(method, steps)
+        exactness = quality.against(quality.features(samples), exact_ref_feats, samples, exact_ref)
+        entry = dict(
+            method=method.name, num_steps=steps, drafter=stats.drafter, verifier=stats.verifier,
+            window=method.window, **{key: stats[key] for key in REPORTED_STATS},
+            wall_clock_ratio=stats.wall_clock_s / base_stats.wall_clock_s,
+            acceptance_by_time=time_buckets(stats.drafted_per_step, stats.accepted_per_step, steps),
+            vs_ancestral=exactness, exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
+            _samples=samples,
+        )
+        rows.append(_with_quality(entry, samples, quality, reference_feats))
+        if log:
+            log(f"{method.name}, {steps} steps: {stats.target_calls_per_sample:.1f} calls/sample, "
+                f"{stats.wall_clock_s:.2f}s")
+    return rows
+
+
+def _with_quality(entry: dict, samples: torch.Tensor, quality: Quality, reference_feats) -> dict:
+    """The entry, with its quality against the data when there is reference data."""
+    if reference_feats is not None:
+        entry["vs_data"] = quality.against(quality.features(samples), reference_feats, samples, quality.reference)
+    return entry
+
+
+@dataclass
+class _Runs:
+    """Runs ancestral sampling and the methods on this rank's seeds, after an untimed warm-up."""
+
+    model: object
+    schedule: object
+    shape: tuple[int, ...]
+    seeds: list[int]
+    batch_size: int | None
+    progress: bool
+    warmup: bool
+
+    def _warm(self, run: Callable, steps: int) -> None:
+        if self.warmup:
+            rank, world = _world()
+            run(self.seeds[rank::world][: self.batch_size or len(self.seeds)], min(steps, WARMUP_STEPS), False)
+
+    def ancestral(self, steps: int, seeds: list[int] | None = None, timed: bool = True):
+        def run(shard, num_steps=steps, progress=self.progress and timed):
+            out = ancestral_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
+                                   batch_size=self.batch_size, progress=progress, return_stats=True)
+            return out.samples, out.stats
+
+        if timed:
+            self._warm(run, steps)
+        return sharded(run, seeds or self.seeds)
+
+    def method(self, method: Method, steps: int):
+        def run(shard, num_steps=steps, progress=self.progress):
+            out = speculative_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
+                                     drafter=method.drafter(), verifier=method.rule, window=method.window,
+                                     batch_size=self.batch_size, progress=progress)
+            return out.samples, out.stats
+
+        self._warm(run, steps)
+        return sharded(run, self.seeds)

@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
 from .command import resolve_drafters
-from .compare import Quality, check_permutations, compare_methods, method_grid
+from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid
 from .reporting import write_report
 
 
@@ -52,9 +52,10 @@ class SpeculativeEvaluation(Callback):
     gathered on all ranks, so the numbers equal the single-process ones; rank 0 logs and writes.
 
     Args:
-        drafters: training-free drafter names or Drafter objects (default: free-x0, free-eps).
-        verifiers: "block", "tokenwise", "tokenwise-residual" (default: block).
-        windows: drafted steps per round (default: 8).
+        drafters: training-free drafter names or Drafter objects (default, as `evaluate`: free-x0,
+            free-eps, frozen-eps).
+        verifiers: "block", "tokenwise", "tokenwise-residual" (default, as `evaluate`: block, tokenwise).
+        windows: drafted steps per round (default, as `evaluate`: 3, 8).
         num_steps: sampling steps (default: 50).
         num_samples: seeds 0..num_samples-1 (fixed across epochs, so numbers are comparable).
         batch_size: chains sampled together (default: all).
@@ -83,8 +84,7 @@ class SpeculativeEvaluation(Callback):
             raise ValueError(f"SpeculativeEvaluation.every_n_epochs: expected >= 0, got {every_n_epochs}")
         check_permutations(num_permutations, alpha, "SpeculativeEvaluation.num_permutations")
         self.alpha = alpha
-        self.methods = method_grid(resolve_drafters(drafters or ["free-x0", "free-eps"]), verifiers or ["block"],
-                                   windows or [8])
+        self.methods = method_grid(resolve_drafters(drafters or DEFAULT_DRAFTERS), verifiers, windows)
         self.num_steps = num_steps or [50]
         self.num_samples, self.batch_size = num_samples, batch_size
         self.every_n_epochs, self.num_permutations = every_n_epochs, num_permutations

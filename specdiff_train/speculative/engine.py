@@ -1,0 +1,361 @@
+"""The speculative round as an engine: a pool of chains, a round of named steps, one host read.
+
+    pool = SlotPool(...)                     # chains in slots: admit / refill / retire
+    record = engine.run_round()              # draft -> evaluate -> verify -> host read -> commit
+    observer.on_round_end(record)            # progress, statistics, research instrumentation
+
+Each round, every live chain drafts up to its window (from a `WindowPolicy`) with the drafter, the
+target evaluates all chains' drafted states in ONE batched call (rows = chains x window states, each
+at its own timestep), and the verifier keeps a prefix and draws one more state from the target's
+law. Between host reads a round is whole-tensor work with static shapes, padded to the round's
+longest window; the host reads one small tensor per round (`read_host`: whether a chain finished,
+the next round's longest window, the steps advanced, whether a correction is needed). Large rounds
+also read which rows to evaluate (`COMPACT_MIN_ROWS`) and which chains to correct
+(`verify.COMPACT_MIN_CHAINS`). All randomness is keyed by (seed, round of that chain, position)
+(`noise.RoundNoise`), so a sample's noise depends only on its seed. See docs/performance.md.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..diffusion import StepCoefficients, denoise, step_mean
+from ..noise import RoundNoise
+from ..sampling import initial_noise
+from ._aranges import arange
+from .drafters import DraftContext, Drafter, DraftStep, DraftWindow, Verification
+
+COMPACT_MIN_ROWS = 64  # from this many padded rows a round evaluates only the rows it needs (one host read)
+
+
+class CountingTarget:
+    """Calls the target network and counts batched calls, rows and per-chain sequential calls.
+
+    `per_slot` counts the calls a drafter makes for the chains that draft this round (`drafting`);
+    each round's verification call is one more per chain, counted by the chain's rounds."""
+
+    def __init__(self, model, tables, all_slots: torch.Tensor, model_dtype, dtype):
+        self.model, self.tables, self.all_slots = model, tables, all_slots
+        self.model_dtype, self.dtype = model_dtype, dtype  # the network's inputs; the states and outputs
+        self.per_slot = torch.zeros(len(all_slots), dtype=torch.int64, device=all_slots.device)
+        self._drafting: torch.Tensor | None = None
+        self.batches = self.rows = 0
+
+    @contextmanager
+    def drafting(self, lengths: torch.Tensor):
+        """While the drafter starts its round, its target calls count where a chain drafts (lengths > 0)."""
+        self._drafting = lengths
+        try:
+            yield
+        finally:
+            self._drafting = None
+
+    def __call__(self, x, k, slots, return_features: bool = False):
+        add = 1 if self._drafting is None else self._drafting > 0
+        if slots is self.all_slots:
+            self.per_slot += add
+        else:
+            self.per_slot[slots] += add
+        return self.evaluate(x, self.tables.timesteps[k], return_features)
+
+    def evaluate(self, x, t, return_features: bool = False):
+        self.batches += 1
+        self.rows += len(x)
+        x = x.to(self.model_dtype)
+        if not return_features:
+            return self.model(x, t).to(self.dtype)
+        try:
+            out, features = self.model(x, t, return_features=True)
+        except TypeError as err:
+            raise TypeError(
+                "the drafter needs the target's features, but the model does not accept "
+                "`return_features=True`; use a target network that exposes its features"
+            ) from err
+        return out.to(self.dtype), features.to(self.dtype)
+
+
+class SlotPool:
+    """The chains in the sampler's slots: per-slot state on the device, the live slots and the queue
+    of waiting seeds on the host, and the finished samples with their per-sample counters."""
+
+    def __init__(self, seeds: torch.Tensor, capacity: int, shape, dtype):
+        device = seeds.device
+        self.seeds, self.shape, self.dtype = seeds, tuple(shape), dtype
+        self.all_slots = torch.arange(capacity, device=device)
+        self.state = torch.zeros(capacity, *shape, device=device, dtype=dtype)
+        self.step = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.rounds = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.owner = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # index into seeds
+        self.samples = torch.zeros(len(seeds), *shape, device=device, dtype=dtype)
+        self.calls_per_sample = torch.zeros(len(seeds), dtype=torch.int64, device=device)
+        self.rounds_per_sample = torch.zeros(len(seeds), dtype=torch.int64, device=device)
+        self.live: list[int] = []
+        self._queue = iter(range(len(seeds)))
+
+    def live_slots(self) -> torch.Tensor:
+        """Index of the live slots: `all_slots` itself when every slot is live (no gathers then)."""
+        if len(self.live) == len(self.all_slots):
+            return self.all_slots
+        return torch.tensor(sorted(self.live), device=self.all_slots.device)
+
+    def pick(self, values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return values if slots is self.all_slots else values[slots]
+
+    def admit(self, free: list[int]):
+        """Start waiting seeds in the `free` slots, in queue order. Returns (slots, seed indices, slot
+        list) of the chains admitted, or None when the queue is empty."""
+        taken = list(zip(free, self._queue))
+        if not taken:
+            return None
+        slot_list = [s for s, _ in taken]
+        device = self.all_slots.device
+        slots, seed_idx = torch.tensor(slot_list, device=device), torch.tensor([i for _, i in taken], device=device)
+        self.state[slots] = initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype)
+        self.step[slots], self.rounds[slots], self.owner[slots] = 0, 0, seed_idx
+        self.live.extend(slot_list)
+        return slots, seed_idx, slot_list
+
+    def commit(self, slots, next_state, next_step) -> None:
+        if slots is self.all_slots:  # new tensors, not copies: the round's record keeps the old steps
+            self.state, self.step = next_state.to(self.state.dtype), next_step
+            self.rounds.add_(1)
+        else:
+            self.state[slots] = next_state.to(self.state.dtype)
+            self.step[slots] = next_step
+            self.rounds[slots] += 1
+
+    def retire(self, done: torch.Tensor, calls_per_slot: torch.Tensor) -> list[int]:
+        """Store the finished chains' samples and counters; free their slots."""
+        idx = self.owner[done]
+        self.samples[idx] = self.state[done]
+        self.calls_per_sample[idx] = self.rounds[done] + calls_per_slot[done]  # verification + drafter calls
+        self.rounds_per_sample[idx] = self.rounds[done]
+        self.owner[done] = -1
+        done_list = done.tolist()
+        finished = set(done_list)
+        self.live[:] = [s for s in self.live if s not in finished]
+        return done_list
+
+
+def window_of(tables, n: torch.Tensor, L: int, sample_dims: int) -> DraftWindow:
+    """Step indices of X_0..X_L for every chain (clamped: padding rows hold valid indices) and their
+    timesteps and coefficients, gathered once for the round."""
+    last = len(tables.timesteps) - 1
+    steps = (n.unsqueeze(1) + arange(0, L + 1, n.device)).clamp(max=last)
+    return DraftWindow(steps, tables.timesteps[steps], tables.coefficients[steps], sample_dims)
+
+
+def draft(drafter: Drafter, slots, x, window: DraftWindow, noise, shape):
+    """X_i = mu_Q(n+i-1, X_{i-1}) + s Z_i for i = 1..L, for every chain (padding past a chain's window).
+    Returns states (C, L+1, *shape) and draft means (C, L, *shape)."""
+    states, means = [x], []
+    noise = noise.unbind(1)
+    for i in range(window.length):
+        step = DraftStep(i, window)
+        mean = drafter.propose_step(slots, states[-1], step)
+        if tuple(mean.shape) != tuple(x.shape):
+            raise ValueError(
+                f"drafter {drafter.describe()} proposed means of shape {tuple(mean.shape)} for states of "
+                f"shape {tuple(x.shape)}; a drafter must propose one mean per state, shaped like the state"
+            )
+        mean = mean.to(x.dtype)
+        states.append(torch.addcmul(mean, step.coefficients.std, noise[i]))
+        means.append(mean)
+    draft_means = torch.stack(means, 1) if means else x.new_zeros(len(x), 0, *shape)
+    return torch.stack(states, 1), draft_means
+
+
+def evaluate(target: CountingTarget, window: DraftWindow, states, evaluated, wants_features: bool, schedule):
+    """The ONE batched target call of the round on rows X_0..X_L of every chain, and the target's x0
+    estimate and step mean at each row. Large padded batches evaluate only the `evaluated` rows."""
+    C, L1 = states.shape[:2]
+    shape = states.shape[2:]
+    flat = states.reshape(C * L1, *shape)
+    flat_t = window.timesteps.reshape(-1)
+    if C * L1 >= COMPACT_MIN_ROWS:
+        needed = evaluated.reshape(-1).nonzero().squeeze(1)  # the round's second host read, large batches only
+        out = target.evaluate(flat[needed], flat_t[needed], wants_features)
+        out, features = out if wants_features else (out, None)
+        out = flat.new_zeros(C * L1, *out.shape[1:]).index_copy_(0, needed, out.to(flat.dtype))
+        if features is not None:
+            features = features.new_zeros(C * L1, *features.shape[1:]).index_copy_(0, needed, features)
+    else:
+        out = target.evaluate(flat, flat_t, wants_features)
+        out, features = out if wants_features else (out, None)
+    coef = StepCoefficients(*window.coefficients.reshape(C * L1, 5, *([1] * len(shape))).unbind(1))
+    x0 = denoise(coef, flat, out, schedule)
+    means = step_mean(coef, flat, x0)
+    unflat = lambda v: None if v is None else v.reshape(C, L1, *v.shape[1:])  # noqa: E731
+    return unflat(out), unflat(features), unflat(x0), unflat(means)
+
+
+@dataclass(frozen=True)
+class HostRead:
+    """The one host read of a round, and what the host decides from it."""
+
+    any_finished: bool  # retire chains (and admit waiting seeds)
+    next_window: int  # the next round's longest window
+    advanced: int  # steps committed by all chains this round
+    needs_correction: bool  # a chain stopped short: draw the deferred corrections
+
+
+def read_host(finished, lengths, advanced, needs_correction) -> HostRead:
+    """One device-to-host copy of four counts."""
+    flags = [finished.sum(), lengths.max(), advanced.sum()]
+    if needs_correction is not None:
+        flags.append(needs_correction.sum())
+    any_finished, next_window, total, *needs = torch.stack(flags).tolist()
+    return HostRead(bool(any_finished), int(next_window), int(total), bool(needs and needs[0]))
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, for observers (`on_round_end`). Tensors are per live chain (C,), in the
+    order of `slots`; `verification` is what the drafter saw (states, outputs, accepted, ...)."""
+
+    index: int  # the sampler's round counter, from 0
+    slots: torch.Tensor
+    steps: torch.Tensor  # step index of each chain at the start of the round
+    lengths: torch.Tensor  # each chain's window (0: a plain target step)
+    accepted: torch.Tensor  # tau: drafts committed
+    advanced: torch.Tensor  # steps committed (tau, plus the bonus / correction step if one followed)
+    finished: torch.Tensor  # bool: the chain reached its last step
+    verification: Verification
+    host: HostRead
+
+
+@dataclass
+class RoundSetup:
+    """What the engine needs besides the model: the plan's tables, the sample shape and the options."""
+
+    schedule: object
+    plan: object
+    tables: object
+    shape: tuple[int, ...]
+    model_dtype: torch.dtype
+    dtype: torch.dtype
+    noise_buffer: int
+    refill: bool
+
+
+@dataclass
+class RoundNoiseDraw:
+    """The noise of one round for every live chain, cut to the round's longest window L."""
+
+    draft: torch.Tensor  # (C, L, *shape) Z_1..Z_L
+    xi: torch.Tensor  # (C, numel) the bonus / correction Gaussian
+    accept: torch.Tensor  # (C, L) accept uniforms
+    residual: torch.Tensor  # (C,) the residual's uniform
+
+
+class RoundEngine:
+    """Runs speculative rounds over a `SlotPool` until every seed has its sample.
+
+    Args:
+        model: the target network, `model(x, t)`.
+        seeds: int64 tensor of seeds, one per sample, on the sampling device.
+        capacity: slots (chains evaluated together).
+        drafter, verifier, policy: a `Drafter`, a `verifiers.Verifier`, a `windows.WindowPolicy`.
+        setup: the plan's tables, the sample shape and the options (`RoundSetup`).
+    """
+
+    def __init__(self, model, seeds: torch.Tensor, capacity: int, drafter: Drafter, verifier, policy,
+                 setup: RoundSetup):
+        self.setup, self.drafter, self.verifier, self.policy = setup, drafter, verifier, policy
+        self.pool = SlotPool(seeds, capacity, setup.shape, setup.dtype)
+        self.target = CountingTarget(model, setup.tables, self.pool.all_slots, setup.model_dtype, setup.dtype)
+        drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,
+                                  setup.dtype, all_slots=self.pool.all_slots))
+        numel = int(torch.Size(setup.shape).numel())
+        self.noise = RoundNoise(capacity, policy.start(setup.plan), numel, seeds.device, max_elements=setup.noise_buffer)
+        self.rounds = self.draft_calls = 0
+        self._live_changed = True  # then the live slots, their windows and the longest are recomputed
+        self._slots = self._lengths = None
+        self._longest = 0
+        self._admit(list(range(capacity)))
+
+    def _admit(self, free: list[int]) -> None:
+        admitted = self.pool.admit(free)
+        if admitted is not None:
+            slots, seed_idx, slot_list = admitted
+            self.target.per_slot[slots] = 0
+            self.noise.admit(slots, self.pool.seeds[seed_idx])
+            self.noise.fill(slots, self.pool.rounds[slots], self.rounds, slot_list)
+            self.drafter.join(slots)
+
+    def _windows(self, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Each chain's window for its next round (0: a plain target step)."""
+        steps_left = self.setup.plan.num_stochastic_steps - steps
+        return self.policy.windows(steps_left, self.drafter.ready(slots).to(steps.device))
+
+    def _round_noise(self, slots, chain_rounds, L: int) -> RoundNoiseDraw:
+        draft_noise, xi, accept_u, residual_u = self.noise.draw(slots, chain_rounds, slots is self.pool.all_slots)
+        if L < self.noise.window:  # the end of the chains: a shorter window
+            draft_noise, accept_u = draft_noise[:, :L], accept_u[:, :L]
+        draft_noise = draft_noise.to(self.setup.dtype).reshape(len(slots), L, *self.setup.shape)
+        return RoundNoiseDraw(draft_noise, xi.to(self.setup.dtype), accept_u, residual_u)
+
+    def _draft(self, slots, x, n, window: DraftWindow, lengths, noise):
+        if window.length > 0:  # else every chain takes a plain target step (warm-up, or the chain's last step)
+            with self.target.drafting(lengths):
+                self.drafter.start_round(slots, x, n)
+        self.draft_calls += window.length
+        return draft(self.drafter, slots, x, window, noise, self.setup.shape)
+
+    def _rows_to_evaluate(self, n, lengths, L: int):
+        """(evaluated (C, L+1): rows in the chain's window that a step follows, has_next (C,): a step
+        follows X_{L'})."""
+        room = (self.setup.plan.num_steps - 1) - n  # steps that follow X_0
+        evaluated = arange(0, L + 1, n.device) <= torch.minimum(lengths, room).unsqueeze(1)
+        return evaluated, lengths <= room
+
+    def _verify(self, noise: RoundNoiseDraw, window, states, draft_means, target_means, lengths, has_next):
+        C, L1 = states.shape[:2]
+        dim = noise.xi.shape[-1]
+        return self.verifier(
+            noise.draft.reshape(C, L1 - 1, dim), states.reshape(C, L1, dim), draft_means.reshape(C, L1 - 1, dim),
+            target_means.reshape(C, L1, dim), self.setup.tables.std[window.steps], lengths, has_next,
+            noise.accept, noise.xi, noise.residual,
+        )
+
+    def run_round(self) -> RoundRecord:
+        """draft -> evaluate -> verify -> the host read -> commit (and retire / admit)."""
+        pool, setup = self.pool, self.setup
+        if self._live_changed:  # the live slots, their windows and the longest window (a host read)
+            self._live_changed = False
+            self._slots = pool.live_slots()
+            self._lengths = self._windows(self._slots, pool.pick(pool.step, self._slots))
+            self._longest = int(self._lengths.max())
+        slots, lengths, L = self._slots, self._lengths, self._longest
+        if self.noise.needs_fill(self.rounds, pool.live):
+            self.noise.fill(slots, pool.pick(pool.rounds, slots), self.rounds, pool.live)
+        x, n, chain_rounds = (pool.pick(t, slots) for t in (pool.state, pool.step, pool.rounds))
+        noise = self._round_noise(slots, chain_rounds, L)
+        window = window_of(setup.tables, n, L, len(setup.shape))
+        states, draft_means = self._draft(slots, x, n, window, lengths, noise.draft)
+        evaluated, has_next = self._rows_to_evaluate(n, lengths, L)
+        out, features, x0, target_means = evaluate(self.target, window, states, evaluated, self.drafter.wants_features,
+                                                   setup.schedule)
+        result = self._verify(noise, window, states, draft_means, target_means, lengths, has_next)
+        verification = Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
+                                    accepted=result.accepted, denoised=x0, means=target_means)
+        self.drafter.observe(slots, verification)
+        new_step = n + result.advanced
+        finished = new_step >= setup.plan.num_steps
+        self._lengths = self._windows(slots, new_step)
+        host = read_host(finished, self._lengths, result.advanced, result.needs_correction)
+        self._longest = host.next_window
+        pool.commit(slots, result.settle(host.needs_correction).reshape(len(slots), *setup.shape), new_step)
+        record = RoundRecord(self.rounds, slots, n, lengths, result.accepted, result.advanced, finished, verification, host)
+        self.rounds += 1
+        if host.any_finished:
+            self._retire(slots[finished])
+        return record
+
+    def _retire(self, done: torch.Tensor) -> None:
+        free = self.pool.retire(done, self.target.per_slot)
+        if self.setup.refill or not self.pool.live:
+            self._admit(free if self.setup.refill else list(range(len(self.pool.all_slots))))
+        self._live_changed = True
