@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from .verify import verify_block, verify_tokenwise
+from .verify import check_correction, verify_block, verify_tokenwise
 
-CORRECTIONS = ("reflection", "residual")
 VERIFIER_NAMES = ("block", "tokenwise", "tokenwise-reflection", "tokenwise-residual")
 
 
@@ -32,8 +31,7 @@ class Verifier:
 
 
 def _tokenwise(correction: str) -> Verifier:
-    if correction not in CORRECTIONS:
-        raise ValueError(f"correction: expected one of {CORRECTIONS}, got {correction!r}")
+    check_correction(correction)  # now, not at the first round
     return Verifier(f"tokenwise-{correction}", partial(verify_tokenwise, correction=correction, defer_correction=True))
 
 

@@ -37,8 +37,20 @@ from .coupling import (
 COMPACT_MIN_CHAINS = 16  # from this many chains, corrections are drawn only for the chains that need one
 
 
+CORRECTIONS = ("reflection", "residual")  # token-wise verification's corrections
+
+
+def check_correction(correction: str) -> str:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction: expected one of {CORRECTIONS}, got {correction!r}")
+    return correction
+
+
 @dataclass
-class VerifyResult:
+class RoundOutcome:
+    """What the verifier decided for each chain this round (the drafter's view of the pass it decided
+    on is `drafters.Verification`)."""
+
     accepted: torch.Tensor  # (C,) tau, drafts committed
     next_state: torch.Tensor | None  # (C, d) the chain's state after this round (None while deferred)
     advanced: torch.Tensor  # (C,) steps advanced: tau + 1 if a step followed X_tau, else tau
@@ -55,7 +67,7 @@ def _finish(tau, lengths, has_next, states, target_means, stds, xi, correction, 
     the last draft when all passed at the end of the chain, else the correction.
 
     `correction` is the corrected state per chain, or a function that computes it. With `defer`, the
-    next state is left to `VerifyResult.settle(any_needs_correction)`: the sampler reads whether any
+    next state is left to `RoundOutcome.settle(any_needs_correction)`: the sampler reads whether any
     chain stopped short with its one host read, and the correction is computed only then."""
     all_passed = tau == lengths
     advanced = tau + (has_next | ~all_passed)
@@ -70,9 +82,9 @@ def _finish(tau, lengths, has_next, states, target_means, stds, xi, correction, 
         return torch.where(all_passed.unsqueeze(-1), passed_state, fixed.to(bonus.dtype))
 
     if defer:
-        return VerifyResult(accepted=tau, next_state=None, advanced=advanced, needs_correction=~all_passed,
+        return RoundOutcome(accepted=tau, next_state=None, advanced=advanced, needs_correction=~all_passed,
                             complete=next_state)
-    return VerifyResult(accepted=tau, next_state=next_state(), advanced=advanced)
+    return RoundOutcome(accepted=tau, next_state=next_state(), advanced=advanced)
 
 
 def _window_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -91,12 +103,11 @@ def _draft_statistics(noise, draft_means, target_means, stds):
 def verify_tokenwise(
     noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi, residual_u,
     correction: str = "reflection", defer_correction: bool = False,
-) -> VerifyResult:
+) -> RoundOutcome:
     """Accept X_i with prob min(1, P/Q) in order; at the first rejection correct with the
     reflection maximal coupling (no extra randomness) or a fresh draw from (P - Q)_+.
     `defer_correction`: see `_finish` (the sampler's way to skip corrections no chain needs)."""
-    if correction not in ("reflection", "residual"):
-        raise ValueError(f"correction: expected 'reflection' or 'residual', got {correction!r}")
+    check_correction(correction)
     C, L = accept_u.shape
     if L == 0:  # plain target steps only: nothing to correct
         return _finish(lengths * 0, lengths, has_next, states, target_means, stds, xi, target_means[:, 0],
@@ -160,7 +171,7 @@ def block_pass_probabilities(log_ratio, log_w0, delta, lengths):
 def verify_block(
     noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi, residual_u,
     correction: ResidualSampler = weighted_residual_correction, defer_correction: bool = False,
-) -> VerifyResult:
+) -> RoundOutcome:
     """Block verification: tau is the LAST index that passes; a partial acceptance is corrected by
     a fresh draw from the weighted residual (w_tau P - Q)_+ at X_tau (never by a reflection).
 
