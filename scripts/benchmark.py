@@ -48,7 +48,7 @@ from specdiff_train.speculative import (  # noqa: E402
     relative_draft_cost,
     speculative_sample,
 )
-from specdiff_train.speculative.drafters import training_free_drafters  # noqa: E402
+from specdiff_train.drafters import training_free_drafters  # noqa: E402
 
 TRAINING_FREE = training_free_drafters()
 VERIFIERS = {"block": dict(verifier="block"), "tokenwise": dict(verifier="tokenwise")}

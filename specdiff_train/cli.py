@@ -15,6 +15,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .callbacks import RunCheckpoint
+from .config_io import with_current_class_paths
 from .errors import TRACEBACK_ENV, explain_parse_error, show_tracebacks, user_message
 from .evaluation.command import SpecDiffTrainer
 
@@ -81,7 +82,7 @@ class SpecDiffCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
             return
         ckpt = checked_checkpoint(ckpt_path, getattr(self, "_configured_model", None), subcommand)
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams = with_current_class_paths(dict(ckpt.get("hyper_parameters") or {}))  # classes that moved since
         hparams.pop("_instantiator", None)
         if not hparams:
             return

@@ -1,13 +1,14 @@
 """Configs and checkpoint files, below every model: what any layer may read or record.
 
 - Recording what rebuilds an object as plain data (`{"class_path", "init_args"}`: `class_path`, `plain`,
-  `module_config`, `callable_config`) and building it again (`build_module`, `resolve_class`).
+  `module_config`, `callable_config`) and building it again (`build_module`, `resolve_class`), old class
+  paths of moved classes included (`MOVED_CLASS_PATHS`).
 - Comparing a checkpoint with a model (`state_dict_mismatch`, `config_mismatch`).
 - Reading a checkpoint file with clear errors (`read_checkpoint`, `describe_checkpoint`).
 - The fingerprint of a model's weights (`target_fingerprint`), which drafters record.
 
 It imports nothing of this package, so `errors.py`, `data/`, `models/` and the CLI can all use it;
-loading targets and drafters (which builds `models/target.py`'s module) is in `models/checkpoints.py`.
+loading targets is in `models/checkpoints.py`, loading drafters in `drafters/checkpoints.py`.
 """
 from __future__ import annotations
 
@@ -95,12 +96,13 @@ def callable_config(fn) -> dict | None:
 
 
 def build_module(config: Mapping) -> torch.nn.Module:
-    """Instantiate `{"class_path", "init_args"}` (nested configs included) with jsonargparse."""
+    """Instantiate `{"class_path", "init_args"}` (nested configs included, moved class paths read as
+    their new ones) with jsonargparse."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--module", type=torch.nn.Module)
-    cfg = parser.parse_object({"module": dict(config)})
+    cfg = parser.parse_object({"module": with_current_class_paths(config)})
     return parser.instantiate_classes(cfg).module
 
 
@@ -172,10 +174,46 @@ def describe_checkpoint(ckpt: Any) -> str:
     return "a Lightning checkpoint without the hyperparameters of a target model"
 
 
+# --- class paths that moved ---------------------------------------------------------------------------
+# Where classes were before the drafters got their own package (issue 16): old class path -> new one.
+# Users' configs and the hyperparameters recorded in checkpoints (the shipped ones included) still name
+# the old homes; `resolve_class`, `build_module` and the CLI's --ckpt_path read them through this table.
+_DRAFTERS = "specdiff_train.drafters"
+MOVED_CLASS_PATHS = {
+    "specdiff_train.models.DraftDistillation": f"{_DRAFTERS}.draftnet.DraftDistillation",
+    "specdiff_train.models.HeadDistillation": f"{_DRAFTERS}.medusa.HeadDistillation",
+    **{f"specdiff_train.models.drafter.{name}": f"{_DRAFTERS}.{home}.{name}" for name, home in (
+        ("FrozenTargetDistillation", "distillation"), ("DraftDistillation", "draftnet"),
+        ("HeadDistillation", "medusa"))},
+    **{f"specdiff_train.nets.heads.{name}": f"{_DRAFTERS}.medusa.{name}" for name in ("MLPHead", "ConvHead")},
+    **{f"specdiff_train.speculative.learned.{name}": f"{_DRAFTERS}.{home}.{name}" for name, home in (
+        ("LearnedDrafter", "distillation"), ("DraftNetworkDrafter", "draftnet"), ("MedusaDrafter", "medusa"))},
+    **{f"specdiff_train.speculative.drafters.{name}": f"{_DRAFTERS}.{home}.{name}" for name, home in (
+        ("Drafter", "base"), ("FrozenOutputDrafter", "training_free"), ("FrozenTargetDrafter", "training_free"),
+        ("FreeDrafter", "training_free"))},
+}
+
+
+def current_class_path(path: str) -> str:
+    """`path`, or where its class is now when it moved (`MOVED_CLASS_PATHS`)."""
+    return MOVED_CLASS_PATHS.get(path, path)
+
+
+def with_current_class_paths(config: Any) -> Any:
+    """A copy of a config (nested dicts and lists) with every moved `class_path` / `_class_path` updated."""
+    if isinstance(config, Mapping):
+        return {k: current_class_path(v) if k in ("class_path", "_class_path") and isinstance(v, str)
+                else with_current_class_paths(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return type(config)(with_current_class_paths(v) for v in config)
+    return config
+
+
 def resolve_class(path: str, *, trusted_only: bool = False) -> type | None:
-    """The class named by a dotted `path` (None if there is none). With `trusted_only`, only from
-    modules already imported or from this package: a checkpoint must not make us import arbitrary code."""
-    module, _, name = path.rpartition(".")
+    """The class named by a dotted `path` (None if there is none; a moved class by its old path too).
+    With `trusted_only`, only from modules already imported or from this package: a checkpoint must not
+    make us import arbitrary code."""
+    module, _, name = current_class_path(path).rpartition(".")
     if trusted_only and module not in sys.modules and not module.startswith("specdiff_train"):
         return None
     try:

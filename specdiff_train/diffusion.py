@@ -360,5 +360,5 @@ def step_mean(coef: StepCoefficients, x: torch.Tensor, x0: torch.Tensor) -> torc
 def one_step_acceptance(delta: torch.Tensor) -> torch.Tensor:
     """Acceptance of one drafted step under the maximal coupling of N(mu_p, s^2 I) and N(mu_q, s^2 I),
     1 - TV(P, Q) = 2 Phi(-delta / 2), delta = |mu_p - mu_q| / s (float64). Here, below both the
-    sampler's couplings (speculative/) and drafter training (models/drafter.py), which both use it."""
+    sampler's couplings (speculative/) and drafter training (drafters/distillation.py), which both use it."""
     return 2 * torch.special.ndtr(-delta.double() / 2)

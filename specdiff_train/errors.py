@@ -3,7 +3,8 @@ bad value and the fix as its last lines, instead of a traceback or a page of usa
 
 - `suggest(word, choices)`: " Did you mean 'x'?" for close matches (misspelled keys and names).
 - `explain_parse_error(message, parser)`: jsonargparse's parse errors (an unknown key, an unknown
-  option of a class, an unimportable class_path) shortened, with suggestions.
+  option of a class, an unimportable class_path, the old class_path of a moved class) shortened, with
+  suggestions.
 - `user_message(exc)`: for an exception raised while building or running a command, the message
   meant for the user (a ValueError / TypeError / FileNotFoundError / FloatingPointError raised by
   this package, Lightning's MisconfigurationException, an omegaconf error), or None for anything
@@ -20,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config_io import resolve_class
+from .config_io import MOVED_CLASS_PATHS, resolve_class
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TRACEBACK_ENV = "SPECDIFF_TRACEBACK"
@@ -75,6 +76,11 @@ def explain_parse_error(message: str, parser: Any = None) -> str:
     lines = message.splitlines()
     keys = re.findall(r'Parser key "([^"]+)"', message)
     classes = re.findall(r"class_path '([^']+)'", message)
+
+    moved = next((path for path in classes if path in MOVED_CLASS_PATHS), None)
+    if moved:  # a config written before the class moved (config_io.MOVED_CLASS_PATHS)
+        field = ".init_args.".join(keys) + ".class_path" if keys else "class_path"
+        return f"{field}: {moved} moved to {MOVED_CLASS_PATHS[moved]}; write that class_path in the config."
 
     option = re.search(r"Option '([^']+)' is not accepted", message)
     if option and classes:

@@ -12,10 +12,8 @@ import torch
 from helpers import find_one, run_train, save_tiny_pipeline
 from specdiff_train.config_io import target_fingerprint
 from specdiff_train.diffusion import DDPMSchedule
-from specdiff_train.models import DiffusersTarget, HeadDistillation, load_target
-from specdiff_train.models.checkpoints import check_drafter_target
-from specdiff_train.models.drafter import export_slim_drafter
-from specdiff_train.nets.heads import ConvHead
+from specdiff_train.drafters import ConvHead, HeadDistillation, check_drafter_target, export_slim_drafter
+from specdiff_train.models import DiffusersTarget, load_target
 from specdiff_train.sampling import ancestral_sample
 from specdiff_train.speculative import FrozenTargetDrafter, MedusaDrafter, speculative_sample
 from specdiff_train.speculative.verify import verify_block
@@ -189,7 +187,7 @@ def test_heads_train_against_a_pipeline_and_record_it(pipeline, target):
 def test_a_draft_network_learns_a_clipping_pipeline(pipeline, target, tmp_path):
     """google/ddpm-cifar10-32 clips x0 (clip_sample: true): a draft network trains against such a pipeline,
     and a few steps on fixed states cut its delta^2 (the loss compares x0 as the sampler uses it)."""
-    from specdiff_train.models import DraftDistillation
+    from specdiff_train.drafters import DraftDistillation
     from specdiff_train.nets import UNet
 
     assert target.schedule.clip_denoised

@@ -29,8 +29,7 @@ from specdiff_train.speculative import (
     speculative_sample,
 )
 from specdiff_train.speculative import engine as engine_module
-from specdiff_train.speculative.drafters import training_free_drafters
-from specdiff_train.nets.heads import MLPHead
+from specdiff_train.drafters import MLPHead, training_free_drafters
 
 PREDICTIONS = ("eps", "x0", "v")
 CLIPS = (False, True)

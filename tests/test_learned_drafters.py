@@ -7,18 +7,16 @@ import torch
 
 from helpers import ROOT, find_one, run_train
 from specdiff_train.diffusion import DDPMSchedule, one_step_acceptance
-from specdiff_train.models import HeadDistillation, TargetDiffusion, load_target
-from specdiff_train.models.checkpoints import load_draft_network
-from specdiff_train.models.drafter import (
+from specdiff_train.drafters import ConvHead, HeadDistillation, MLPHead, export_slim_drafter, load_draft_network
+from specdiff_train.drafters.distillation import (
     delta_sq_weight,
     draft_delta_sq,
-    export_slim_drafter,
     mismatch_loss,
     target_rollout,
     x0_delta_sq_weight,
 )
+from specdiff_train.models import TargetDiffusion, load_target
 from specdiff_train.nets import MLPDenoiser
-from specdiff_train.nets.heads import ConvHead, MLPHead
 from specdiff_train.speculative import (
     DraftNetworkDrafter,
     FreeDrafter,
@@ -222,7 +220,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_targets):
 
 
 def test_training_refuses_a_drafter_that_does_not_fit_the_target(tiny_targets):
-    from specdiff_train.models import DraftDistillation
+    from specdiff_train.drafters import DraftDistillation
 
     with pytest.raises(ValueError, match="feature_dim.*--model.init_args.head.init_args.feature_dim 32"):
         HeadDistillation(MLPHead(feature_dim=128), str(tiny_targets["toy2d"]))
@@ -274,7 +272,7 @@ def test_drafter_checkpoint_holds_only_the_drafter(tiny_targets, tmp_path):
 
 # --- the shipped drafters and their cost -----------------------------------------------------------------
 def test_shipped_draft_network_has_a_smaller_delta_than_an_untrained_one():
-    from specdiff_train.models import DraftDistillation
+    from specdiff_train.drafters import DraftDistillation
 
     trained = DraftNetworkDrafter(str(TOY2D / "draftnet.ckpt")).net
     module = DraftDistillation(MLPDenoiser(hidden=64, depth=2, time_embed_dim=32), str(TOY2D / "target.ckpt"))
@@ -316,9 +314,9 @@ def test_drafter_checkpoints_are_checked_against_the_target_they_are_used_with(t
     targets with another one (e.g. an earlier checkpoint of the same run), in the evaluate report too;
     checkpoints without a recorded fingerprint are compared with their recorded target file."""
     from specdiff_train.evaluation.command import SpecDiffTrainer
-    from specdiff_train.models import DraftDistillation
+    from specdiff_train.drafters import DraftDistillation
     from specdiff_train.config_io import target_fingerprint
-    from specdiff_train.models.checkpoints import check_drafter_target, drafter_target_warning
+    from specdiff_train.drafters import check_drafter_target, drafter_target_warning
 
     target_path = tmp_path / "target.ckpt"
     target_path.write_bytes(tiny_targets["toy2d"].read_bytes())
@@ -358,3 +356,33 @@ def test_drafter_checkpoints_are_checked_against_the_target_they_are_used_with(t
     assert "as it is now" in drafter_target_warning(drafter_path, other)
     target_path.unlink()
     assert "cannot check" in drafter_target_warning(drafter_path, target)
+
+
+def test_old_homes_of_the_drafters_still_resolve():
+    """Issue 16 moved the drafters into `specdiff_train.drafters`: the class paths that users' configs and
+    checkpoints' hyperparameters name (the shipped ones record `specdiff_train.nets.heads.MLPHead`,
+    `specdiff_train.models.drafter.HeadDistillation`) resolve to the new classes, the public names stay
+    importable from `specdiff_train.speculative`, and the old `specdiff_train.models` names say where they went."""
+    import specdiff_train.drafters as drafters
+    import specdiff_train.speculative as spec
+    from specdiff_train.config_io import MOVED_CLASS_PATHS, build_module, read_checkpoint, resolve_class
+
+    for old, new in MOVED_CLASS_PATHS.items():
+        assert resolve_class(old, trusted_only=True) is resolve_class(new) is not None, old
+    recorded = read_checkpoint(TOY2D / "medusa.ckpt")["hyper_parameters"]
+    assert recorded["head"]["class_path"] == "specdiff_train.nets.heads.MLPHead"
+    assert isinstance(build_module(recorded["head"]), drafters.MLPHead)
+    for name in ("Drafter", "DraftContext", "Verification", "FreeDrafter", "FrozenTargetDrafter", "LearnedDrafter",
+                 "DraftNetworkDrafter", "MedusaDrafter", "relative_draft_cost"):
+        assert getattr(spec, name) is getattr(drafters, name), name
+    with pytest.raises(ImportError, match="moved to specdiff_train.drafters.DraftDistillation"):
+        from specdiff_train.models import DraftDistillation  # noqa: F401
+
+
+def test_an_old_class_path_in_a_config_names_the_new_one():
+    from specdiff_train.errors import explain_parse_error
+
+    message = ("Parser key \"model\":\n  Problem with given class_path 'specdiff_train.nets.heads.ConvHead':\n"
+               "    No module named 'specdiff_train.nets.heads'")
+    assert explain_parse_error(message) == ("model.class_path: specdiff_train.nets.heads.ConvHead moved to "
+                                            "specdiff_train.drafters.medusa.ConvHead; write that class_path in the config.")

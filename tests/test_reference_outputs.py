@@ -34,7 +34,7 @@ def machine() -> dict:
 
 def drafters(target: str) -> dict:
     from specdiff_train.speculative import DraftNetworkDrafter, MedusaDrafter
-    from specdiff_train.speculative.drafters import training_free_drafters
+    from specdiff_train.drafters import training_free_drafters
 
     learned = {"draftnet": lambda: DraftNetworkDrafter(str(ROOT / "checkpoints" / target / "draftnet.ckpt")),
                "medusa": lambda: MedusaDrafter(str(ROOT / "checkpoints" / target / "medusa.ckpt"))}

@@ -13,7 +13,7 @@ import torch
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.sampling import ancestral_sample
 from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample
-from specdiff_train.speculative.drafters import training_free_drafters
+from specdiff_train.drafters import training_free_drafters
 from specdiff_train.speculative.verify import verify_block, verify_tokenwise
 from specdiff_train.testing import (
     GaussianDataDenoiser,

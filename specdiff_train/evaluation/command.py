@@ -10,7 +10,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..speculative import Drafter
-from ..speculative.drafters import training_free_drafters
+from ..drafters import training_free_drafters
 from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid
 from .reporting import markdown_table, write_report
 
@@ -120,7 +120,7 @@ class SpecDiffTrainer(Trainer):
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
                   batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples) -> dict:
         from ..models import load_target
-        from ..models.checkpoints import check_drafter_target
+        from ..drafters.checkpoints import check_drafter_target
 
         if self.world_size > 1:
             self.strategy.setup_environment()  # the process group; each rank then samples its seeds

@@ -1,37 +1,28 @@
-"""LightningModules: the target diffusion model (ours, or a diffusers DDPM pipeline), drafter training (draft networks, heads), and checkpoint loading.
+"""LightningModules of the target diffusion model (ours, or a diffusers DDPM pipeline) and loading targets
+from checkpoints.
 
-The drafter-training modules (`DraftDistillation`, `HeadDistillation`, `export_slim_drafter`) are
-imported on first use, so that the sampling side, which reads checkpoints through
-`specdiff_train.models.checkpoints`, never imports `specdiff_train.models.drafter`.
+Drafter training and loading moved to `specdiff_train.drafters` (a layer above, which this package must
+not import); the old names here answer with where they are now.
 """
-from .checkpoints import check_drafter_target, export_slim_checkpoint, load_draft_network, load_drafter, load_target
+from .checkpoints import export_slim_checkpoint, load_target
 from .diffusers_target import DiffusersTarget
 from .target import TargetDiffusion
 
-_DRAFTER_TRAINING = ("DraftDistillation", "HeadDistillation", "export_slim_drafter")
+# Names this package exported before the drafters got their own package (issue 16): old name -> new home.
+MOVED_TO_DRAFTERS = ("DraftDistillation", "HeadDistillation", "export_slim_drafter", "check_drafter_target",
+                     "load_draft_network", "load_drafter")
 
 
 def __getattr__(name: str):
-    if name in _DRAFTER_TRAINING:
-        from . import drafter
-
-        return getattr(drafter, name)
+    if name in MOVED_TO_DRAFTERS:  # an ImportError: `from ... import` would hide an AttributeError's text
+        raise ImportError(f"specdiff_train.models.{name} moved to specdiff_train.drafters.{name}: "
+                             f"use `from specdiff_train.drafters import {name}`", name=name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_DRAFTER_TRAINING))
 
 
 __all__ = [
     "DiffusersTarget",
-    "DraftDistillation",
-    "HeadDistillation",
     "TargetDiffusion",
-    "check_drafter_target",
     "export_slim_checkpoint",
-    "export_slim_drafter",
-    "load_draft_network",
-    "load_drafter",
     "load_target",
 ]

@@ -1,7 +1,18 @@
-"""Exact speculative sampling for diffusion models."""
-from .drafters import DraftContext, Drafter, FreeDrafter, FrozenOutputDrafter, FrozenTargetDrafter, Verification
+"""Exact speculative sampling for diffusion models. The drafters live in `specdiff_train.drafters`; their
+public names are re-exported here, where sampling code imports them."""
+from ..drafters import (
+    DraftContext,
+    Drafter,
+    DraftNetworkDrafter,
+    FreeDrafter,
+    FrozenOutputDrafter,
+    FrozenTargetDrafter,
+    LearnedDrafter,
+    MedusaDrafter,
+    Verification,
+    relative_draft_cost,
+)
 from .engine import RoundRecord
-from .learned import DraftNetworkDrafter, LearnedDrafter, MedusaDrafter, relative_draft_cost
 from .sampler import SpeculativeResult, speculative_sample
 from .verifiers import Verifier, parse_verifier
 from .windows import FixedWindow, WindowPolicy

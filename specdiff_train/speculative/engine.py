@@ -24,8 +24,8 @@ import torch
 from ..diffusion import StepCoefficients, denoise, step_mean
 from ..noise import RoundNoise
 from ..sampling import initial_noise
-from ._aranges import arange
-from .drafters import DraftContext, Drafter, DraftStep, DraftWindow, Verification
+from .._aranges import arange
+from ..drafters.base import DraftContext, Drafter, DraftStep, DraftWindow, Verification
 
 COMPACT_MIN_ROWS = 64  # from this many padded rows a round evaluates only the rows it needs (one host read)
 

@@ -17,7 +17,7 @@ from ..diffusion import DDPMSchedule
 from ..noise import NOISE_BUFFER_ELEMENTS, as_seed_tensor, check_noise_buffer
 from ..sampling import Denoiser, check_sample_shape, model_device_dtype, state_dtype
 from ..sampling_stats import SamplingResult, SamplingStats
-from .drafters import Drafter
+from ..drafters.base import Drafter
 from .engine import RoundEngine, RoundSetup
 from .observers import ProgressBar, TransitionCounts
 from .verifiers import parse_verifier
@@ -47,7 +47,7 @@ def _check_trained_for(drafter: Drafter, model) -> None:
     sampling stays exact, but the acceptance is not what the drafter was trained to give."""
     checked = _CHECKED_TARGETS.setdefault(drafter, set())
     if getattr(drafter, "checkpoint", None) and isinstance(model, torch.nn.Module) and id(model) not in checked:
-        from ..models.checkpoints import check_drafter_target
+        from ..drafters.checkpoints import check_drafter_target
 
         check_drafter_target(drafter, model)
         checked.add(id(model))

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from ._aranges import arange
+from .._aranges import arange
 from .coupling import (
     log1mexp,
     log_density_ratio,

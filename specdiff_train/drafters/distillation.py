@@ -1,16 +1,14 @@
-"""Training learned drafters against a frozen target checkpoint (ALGORITHMS.md section 5).
+"""What the two learned drafter kinds (`draftnet.py`, `medusa.py`) share (ALGORITHMS.md section 5).
 
-Two LightningModules share one base (`FrozenTargetDistillation`): it loads the target (EMA weights,
-eval mode, frozen, kept out of the state dict and the optimizer), draws the states to train on
-(forward-noised data, optionally the target's own sampling trajectories), and logs the mismatch
-delta and the acceptance 2 Phi(-delta/2) per diffusion time at validation.
-
-- `DraftDistillation` trains a small draft network with the target's schedule: its loss is the
-  transition's own delta^2 (`draft_delta_sq`: on eps for an eps target without clipping, on x0
-  otherwise), so minimising it maximises the acceptance of each drafted step.
-- `HeadDistillation` trains Medusa-like heads (`nets/heads.py`) on the target's features: from an
-  anchor state it rolls the target's own ancestral chain `max_offset` steps forward and fits the
-  heads' x0 at each later state to the target's, again with the delta^2 weight of each step.
+- The maths of distillation: the delta^2 weights of a step (`x0_delta_sq_weight`, `delta_sq_weight`),
+  a draft network's per-row delta^2 (`draft_delta_sq`), the loss from delta^2 (`mismatch_loss`), and the
+  target's own chains to train on (`target_trajectories`, `target_rollout`).
+- Training: `frozen_target` and the LightningModule base `FrozenTargetDistillation`: it loads the target
+  (EMA weights, eval mode, frozen, kept out of the state dict and the optimizer), draws the states to
+  train on (forward-noised data, optionally the target's sampling trajectories), and logs the mismatch
+  delta and the acceptance 2 Phi(-delta/2) per diffusion time at validation.
+- Sampling: `LearnedDrafter`, the base of the drafters built from a trained module, which refuses a
+  target with another schedule or sample shape.
 
 The maths is in the small functions at the top; the modules only wire them together.
 """
@@ -25,12 +23,11 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from ..config_io import class_path, module_config, read_checkpoint, target_fingerprint
 from ..diffusion import DDPMSchedule, SamplingPlan, one_step_acceptance
-from ..nets.heads import medusa_x0
-from .checkpoints import load_target
-from .diffusers_target import is_pipeline_source
-from .target import TargetDiffusion
+from ..models.checkpoints import load_target
+from ..models.diffusers_target import is_pipeline_source
+from ..models.target import TargetDiffusion
+from .base import DraftContext, Drafter
 
-MODES = ("distill", "data")
 OBJECTIVES = ("delta_sq", "tv")
 NUM_BUCKETS = 5  # validation reports per fifth of diffusion time
 
@@ -302,163 +299,31 @@ class FrozenTargetDistillation(LightningModule):
         return self.optimizer(getattr(self, self.module_key).parameters())
 
 
-class DraftDistillation(FrozenTargetDistillation):
-    """Trains a small draft network against a frozen target checkpoint; only the draft net is
-    optimised and saved (the checkpoint records target_ckpt, the schedule and the net's
-    class_path/init_args, so `DraftNetworkDrafter(checkpoint)` loads it without the YAML).
+# --- sampling ---------------------------------------------------------------------------------------
+class LearnedDrafter(Drafter):
+    """A drafter with a trained module: it knows the schedule and sample shape it was trained for
+    (`target_schedule`, `sample_shape`) and refuses any other target."""
 
-    Args:
-        net: the draft network (same input/output contract as the target's net, much smaller).
-        target_ckpt: the target checkpoint (frozen, EMA weights).
-        num_steps: the sampler the drafter is for (respaced steps); training timesteps are its steps.
-        mode: "distill" (regress on the target's eps with the delta-matching weight) or "data"
-            (plain diffusion loss on the data).
-        objective: distill only: "delta_sq" (mean delta^2, ALGORITHMS.md 5) or "tv" (mean rejection
-            probability 1 - 2 Phi(-delta/2)); see `mismatch_loss`.
-        trajectory_fraction: distill only: share of the batch taken from the target's own sampling
-            trajectories instead of forward-noised data.
-        trajectory_chains: chains in the pool of target trajectories.
-        trajectory_refresh: training steps between two new pools.
-        optimizer: builds the optimizer from the draft net's parameters.
-        sample_shape: linked from the data by the CLI; must equal the target's.
-    """
+    module: torch.nn.Module
+    target_schedule: DDPMSchedule
+    sample_shape: tuple[int, ...]
+    checkpoint: str | None = None
 
-    module_key = "net"
+    def _set(self, module: torch.nn.Module, schedule: DDPMSchedule, sample_shape) -> None:
+        self.module = module.eval().requires_grad_(False)
+        self.target_schedule, self.sample_shape = schedule, tuple(int(s) for s in sample_shape)
 
-    def __init__(
-        self,
-        net: torch.nn.Module,
-        target_ckpt: str,
-        num_steps: int = 100,
-        mode: str = "distill",
-        objective: str = "delta_sq",
-        trajectory_fraction: float = 0.0,
-        trajectory_chains: int = 256,
-        trajectory_refresh: int = 1000,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        sample_shape: tuple[int, ...] | None = None,
-    ):
-        if mode not in MODES:
-            raise ValueError(f"model.init_args.mode: expected one of {MODES}, got {mode!r}")
-        if mode == "data" and trajectory_fraction > 0:
-            raise ValueError("model.init_args.trajectory_fraction: the data loss needs data; use mode: distill "
-                             "to train on the target's trajectories")
-        super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
-                         trajectory_refresh, optimizer, sample_shape)
-        if mode == "data" and self.schedule.prediction != "eps":
-            raise ValueError(f"model.init_args.mode: 'data' trains the draft net with the eps loss, but the target "
-                             f"predicts {self.schedule.prediction!r}; use mode: distill (any prediction type)")
-        check_drafter_module(net, self.target, "net", "Size the draft net for the target's data and schedule.")
-        self.net, self.mode = net, mode
-        self.record_hparams(mode=mode)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t)
-
-    def losses(self, x0, gen):
-        x_t, k, noise = self.start_states(x0, gen, self.plan.num_stochastic_steps, use_pool=self.mode == "distill")
-        t = self.plan.t(k)
-        draft = self.net(x_t, t)
-        with torch.no_grad():
-            target = self.target(x_t, t)
-        delta_sq = draft_delta_sq(self.plan, k, x_t, target, draft)  # the transition's mismatch, per sample
-        loss = mismatch_loss(delta_sq, self.objective) if self.mode == "distill" else (noise - draft).pow(2).mean()
-        return loss, delta_sq.detach(), k, {}
-
-
-class HeadDistillation(FrozenTargetDistillation):
-    """Trains Medusa-like heads (`specdiff_train.nets.heads`) by self-distillation against the
-    frozen target: features at an anchor (x_m, t_m), then the target's own ancestral chain for
-    `head.max_offset` steps; at each later state x_{m+j} the heads' x0 is fitted to the target's
-    with the step's delta^2 weight. Validation also logs the Free Drafter's (x0) acceptance on the
-    same states (`val/free_acceptance`: what an untrained head gives) and the acceptance per offset.
-
-    Args:
-        head: the heads (`MLPHead` / `ConvHead`), sized for the target's features.
-        target_ckpt: the target checkpoint (frozen, EMA weights).
-        num_steps: the sampler the heads are for (respaced steps): offsets count its steps.
-        objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
-        trajectory_fraction: share of anchors taken from the target's own sampling trajectories
-            instead of forward-noised data.
-        trajectory_chains: chains in the pool of target trajectories.
-        trajectory_refresh: training steps between two new pools.
-        optimizer: builds the optimizer from the heads' parameters.
-        sample_shape: linked from the data by the CLI; must equal the target's.
-    """
-
-    module_key = "head"
-
-    def __init__(
-        self,
-        head: torch.nn.Module,
-        target_ckpt: str,
-        num_steps: int = 100,
-        objective: str = "delta_sq",
-        trajectory_fraction: float = 0.0,
-        trajectory_chains: int = 256,
-        trajectory_refresh: int = 1000,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        sample_shape: tuple[int, ...] | None = None,
-    ):
-        super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
-                         trajectory_refresh, optimizer, sample_shape)
-        check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
-        feature_dim = getattr(self.target.net, "feature_dim", None)
-        if getattr(head, "feature_dim", None) != feature_dim:
+    def check_compatible(self, schedule: DDPMSchedule, sample_shape) -> None:
+        problems = self.target_schedule.mismatch(schedule)
+        if tuple(sample_shape) != self.sample_shape:
+            problems.append(f"sample_shape: {self.sample_shape} != {tuple(sample_shape)}")
+        if problems:
+            where = f" ({self.checkpoint})" if self.checkpoint else ""
             raise ValueError(
-                f"model.init_args.head.init_args.feature_dim: the head takes features of size "
-                f"{getattr(head, 'feature_dim', None)}, the target's net ({type(self.target.net).__name__}) gives "
-                f"{feature_dim}; set --model.init_args.head.init_args.feature_dim {feature_dim}"
+                f"drafter {self.describe()}{where} was trained for another target: " + "; ".join(problems)
+                + ". Train one from this target's checkpoint (configs/drafter/*.yaml with --model.init_args.target_ckpt)."
             )
-        if self.plan.num_stochastic_steps < 2:
-            raise ValueError(f"model.init_args.num_steps: heads need at least 2 stochastic steps, got {num_steps}")
-        self.head = head
-        self.record_hparams(max_offset=int(head.max_offset))
 
-    def losses(self, x0, gen):
-        plan, S, K = self.plan, self.plan.num_stochastic_steps, int(self.head.max_offset)
-        x_m, m, _ = self.start_states(x0, gen, S - 1)  # at least one draftable step after the anchor
-        with torch.no_grad():
-            out_m, features = self.target(x_m, plan.t(m), return_features=True)
-            anchor_x0 = self.schedule.denoised(out_m, x_m, plan.t(m))
-            states, steps, outputs = target_rollout(self.target, plan, x_m, m, out_m, K, gen)
-        offsets = torch.arange(1, K + 1, device=x0.device).repeat_interleave(len(x0))
-        x, k, out = torch.cat(states), torch.cat(steps), torch.cat(outputs)
-        keep = k < S  # drafted steps only (not past the chain's last stochastic step)
-        rep = lambda v: v.repeat(K, *([1] * (v.dim() - 1)))[keep]  # noqa: E731
-        x, k, out, offsets = x[keep], k[keep], out[keep], offsets[keep]
-        anchor_state, anchor_x0 = rep(x_m), rep(anchor_x0)
-        t = plan.t(k)
-        x0_head = medusa_x0(self.head, self.schedule, rep(features), anchor_state, anchor_x0, x, t, offsets)
-        x0_target = self.schedule.denoised(out, x, t)  # as the sampler uses it (clipped when the schedule clips)
-        weight = x0_delta_sq_weight(plan, k).to(x.dtype)
-        delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
-        extra = {}
-        if not self.training:
-            free_sq = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)
-            extra["free_acceptance"] = one_step_acceptance(free_sq.sqrt()).mean().float()
-            acc = one_step_acceptance(delta_sq.detach().sqrt())
-            for j in range(1, K + 1):
-                if (offsets == j).any():
-                    extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()
-        return mismatch_loss(delta_sq, self.objective), delta_sq.detach(), k, extra
-
-
-def export_slim_drafter(ckpt_path: str | Path, out_path: str | Path) -> Path:
-    """A small copy of a drafter checkpoint: the drafter's weights and the hyperparameters (no optimizer
-    or loop state), for shipping in `checkpoints/`."""
-    ckpt = read_checkpoint(ckpt_path)
-    hparams = ckpt.get("hyper_parameters", {})
-    key = next((k for k in ("net", "head") if isinstance(hparams.get(k), dict)), None)
-    if key is None or "target_ckpt" not in hparams:
-        raise ValueError(f"checkpoint {str(ckpt_path)!r} is not a drafter checkpoint (DraftDistillation / HeadDistillation)")
-    slim = {
-        "hyper_parameters": dict(hparams),
-        "state_dict": {k: v.contiguous().clone() for k, v in ckpt["state_dict"].items() if k.startswith(f"{key}.")},
-        "global_step": ckpt.get("global_step"),
-        "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
-    }
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(slim, out)
-    return out
+    def bind(self, context: DraftContext) -> None:
+        super().bind(context)
+        self.module.to(device=context.device, dtype=context.dtype)

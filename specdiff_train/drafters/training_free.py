@@ -1,0 +1,129 @@
+"""The training-free drafters: freeze one target output (eps, x0 or the mean increment) and re-apply the
+step formula along the window. `FrozenTargetDrafter` calls the target at each window start;
+`FreeDrafter` reuses the previous verification's output (no extra sequential call).
+`training_free_drafters()` names them ("free-x0", "frozen-eps", ...) for the command line and tests.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+from ..diffusion import denoise, step_mean
+from .base import DraftContext, Drafter, overrides
+
+
+FREEZE_CHOICES = ("eps", "x0", "increment")
+
+
+class FrozenOutputDrafter(Drafter):
+    """Shared machinery: freeze one target output and re-apply the step formula at each drafted
+    state and its own step. `freeze` picks what stays fixed: the eps prediction, the x0 prediction,
+    or the mean increment mu_P - x."""
+
+    def __init__(self, freeze: str = "eps"):
+        if freeze not in FREEZE_CHOICES:
+            raise ValueError(f"freeze: expected one of {FREEZE_CHOICES}, got {freeze!r}")
+        self.freeze = freeze
+
+    def bind(self, context: DraftContext) -> None:
+        super().bind(context)
+        self.frozen = torch.zeros(context.capacity, *context.sample_shape, device=context.device, dtype=context.dtype)
+        self.has_frozen = torch.zeros(context.capacity, dtype=torch.bool, device=context.device)
+
+    def join(self, slots: torch.Tensor) -> None:
+        self.has_frozen[slots] = False
+
+    def _value_to_freeze(self, output, x, k, denoised=None, mean=None) -> torch.Tensor:
+        """The frozen quantity implied by the target's `output` at states x, steps k (the target's x0
+        estimate `denoised` and step `mean` there, when already computed)."""
+        if self.freeze == "eps":
+            return output if self.schedule.prediction == "eps" else self.schedule.to_eps(output, x, self.plan.t(k))
+        if self.freeze == "x0":
+            return denoised if denoised is not None else self.schedule.denoised(output, x, self.plan.t(k))
+        if mean is None:
+            mean = self.plan.transition(x, k, output)[0]
+        return mean - x
+
+    def freeze_output(self, slots, output, x, k, where=None) -> None:
+        """Store the frozen quantity implied by the target's `output` at states x, steps k
+        (only for chains where `where`, if given)."""
+        self.update(self.frozen, slots, self._value_to_freeze(output, x, k), where)
+        self.update(self.has_frozen, slots, torch.ones_like(k, dtype=torch.bool), where)
+
+    def propose(self, slots, x, k):
+        value = self.frozen[slots]
+        if self.freeze == "increment":
+            return x + value
+        if self.freeze == "eps":
+            t = self.plan.t(k)
+            x0 = self.schedule.to_x0(value, x, t, prediction="eps")
+            if self.schedule.clip_denoised:
+                x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
+        else:
+            x0 = value
+        return self.plan.transition_from_x0(x, k, x0)[0]
+
+    def propose_step(self, slots, x, step):
+        if overrides(self, "propose", FrozenOutputDrafter) or (self.freeze == "eps" and self.schedule.prediction != "eps"):
+            return self.propose(slots, x, step.k)  # the window's coefficients are for another parametrisation
+        if step.index == 0:
+            self._window_value = value = self.gather(self.frozen, slots)
+            if self.freeze == "x0":  # coef_x0 * x0 for the whole window in one operation
+                self._window_x0_terms = (step.window.fields()[2, :-1] * value).unbind(0)
+        value = self._window_value
+        if self.freeze == "increment":
+            return x + value
+        coef = step.coefficients
+        if self.freeze == "x0":
+            return torch.addcmul(self._window_x0_terms[step.index], coef.coef_xt, x)
+        return step_mean(coef, x, denoise(coef, x, value, self.schedule))
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}(freeze={self.freeze})"
+
+
+class FrozenTargetDrafter(FrozenOutputDrafter):
+    """Training-free: call the target at the window start and freeze its output for the window.
+
+    The first draft is the target's own step (accepted), but each window costs one extra
+    sequential target call.
+
+    Args:
+        freeze: "eps", "x0" or "increment" (the mean increment mu_P(n, Y_n) - Y_n).
+    """
+
+    def start_round(self, slots, x, k):
+        self.freeze_output(slots, self.context.target(x, k, slots), x, k)
+
+
+class FreeDrafter(FrozenOutputDrafter):
+    """Training-free, delayed (self-speculative): freeze the target output that the previous
+    verification already computed at the last committed state (one step stale). No extra
+    sequential call per window; a chain's first round is one plain target step (its warm-up).
+
+    Args:
+        freeze: "eps", "x0" or "increment".
+    """
+
+    def ready(self, slots):
+        return self.gather(self.has_frozen, slots)
+
+    def observe(self, slots, verification):
+        v = verification
+        usable = v.at_accepted(v.evaluated)  # the row at tau was evaluated (not past the chain's end)
+        if self.freeze == "x0" and v.denoised is not None:  # what the sampler already computed
+            value = v.at_accepted(v.denoised)
+        else:
+            x, k = v.at_accepted(v.states), v.steps + v.accepted
+            value = self._value_to_freeze(v.at_accepted(v.outputs), x, k,
+                                          mean=None if v.means is None else v.at_accepted(v.means))
+        self.update(self.frozen, slots, value, usable)
+        self.update(self.has_frozen, slots, usable | self.gather(self.has_frozen, slots))
+
+
+def training_free_drafters() -> dict[str, Callable[[], Drafter]]:
+    """Short names ("free-eps", "frozen-x0", ...) -> factories of the training-free drafters."""
+    kinds = (("frozen", FrozenTargetDrafter), ("free", FreeDrafter))
+    return {f"{name}-{freeze}": partial(cls, freeze=freeze) for name, cls in kinds for freeze in FREEZE_CHOICES}
