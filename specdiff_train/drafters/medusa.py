@@ -62,7 +62,20 @@ class _Conditioning(nn.Module):
         return self.time(t) + self.offset(offset.clamp(1, self.max_offset))
 
 
-class MLPHead(nn.Module):
+class _Head(nn.Module):
+    """What both heads compute: the target's features and the drafted inputs, embedded and summed, then
+    residual blocks conditioned on (t, offset). Subclasses build `cond`, `feat`, `inp`, `blocks`,
+    `out_norm` and `out` for their data."""
+
+    def forward(self, features, inputs, t, offset):
+        emb = self.cond(t, offset)
+        h = self.feat(features) + self.inp(inputs)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(F.silu(self.out_norm(h)))
+
+
+class MLPHead(_Head):
     """Head for vector data: features (B, feature_dim) of an MLP target.
 
     Args:
@@ -89,15 +102,8 @@ class MLPHead(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, features, inputs, t, offset):
-        emb = self.cond(t, offset)
-        h = self.feat(features) + self.inp(inputs)
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.out(F.silu(self.out_norm(h)))
 
-
-class ConvHead(nn.Module):
+class ConvHead(_Head):
     """Head for images: feature maps (B, feature_dim, H, W) of a U-Net target (its last decoder
     level, full resolution); a few small ResBlocks at that resolution.
 
@@ -125,13 +131,6 @@ class ConvHead(nn.Module):
         self.out = nn.Conv2d(hidden, in_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-
-    def forward(self, features, inputs, t, offset):
-        emb = self.cond(t, offset)
-        h = self.feat(features) + self.inp(inputs)
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.out(F.silu(self.out_norm(h)))
 
 
 def medusa_x0(head, schedule: DDPMSchedule, features, anchor_state, anchor_x0, x, t, offset) -> torch.Tensor:
