@@ -52,12 +52,12 @@ def test_a_user_observer_sees_every_round(chain):
 class ShrinkingWindow(WindowPolicy):
     """A policy that drafts 4 steps in a chain's first rounds and 1 after any round that rejected."""
 
-    def start(self, plan):
-        self.rejected = False
+    def start(self, plan, capacity, device):
+        self.rejected, self.stochastic_steps = False, plan.num_stochastic_steps
         return 4
 
-    def windows(self, steps_left, ready):
-        return steps_left.clamp(min=0, max=1 if self.rejected else 4) * ready
+    def windows(self, slots, steps, ready):
+        return self.steps_left(steps).clamp(min=0, max=1 if self.rejected else 4) * ready
 
     def on_round_end(self, record):
         self.rejected = self.rejected or bool((record.accepted < record.lengths).any())
@@ -130,3 +130,26 @@ def test_a_shape_unlike_the_targets_is_one_clear_error():
                    lambda: speculative_sample(model, schedule, (1, 2), num_steps=5, seeds=[0], drafter=FreeDrafter())):
         with pytest.raises(ValueError, match=r"shape: \(.*\) differs from the target's sample_shape \(2,\)"):
             sample()
+
+
+def test_heuristic_window_grows_by_two_after_full_acceptance_and_shrinks_by_one_after_a_rejection():
+    from specdiff_train.speculative.windows import HeuristicWindow
+
+    policy = HeuristicWindow(initial=4, max_window=8)
+    assert policy.start(DDPMSchedule(1000).plan(20), capacity=3, device="cpu") == 8
+    slots, steps, ready = torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool)
+    assert policy.windows(slots, steps, ready).tolist() == [4, 4, 4]
+    # chain 0 accepted all 4, chain 1 rejected at the 2nd draft, chain 2 took a plain step (window 0)
+    policy.learn(slots, steps, torch.tensor([4, 4, 0]), torch.tensor([4, 1, 0]))
+    assert policy.windows(slots, steps, ready).tolist() == [6, 3, 4]
+    for _ in range(3):  # capped at max_window; never below 1
+        policy.learn(slots, steps, torch.tensor([6, 3, 4]), torch.tensor([6, 0, 0]))
+    assert policy.window.tolist() == [8, 1, 1]
+    late = torch.tensor([17, 0, 18])  # 2, 19 and 1 stochastic steps left
+    assert policy.windows(slots, late, ready).tolist() == [2, 1, 1]
+    assert policy.windows(slots, steps, torch.tensor([True, False, True])).tolist() == [8, 0, 1]
+    policy.join(torch.tensor([0]))  # a new chain in slot 0 starts over
+    assert policy.window.tolist() == [4, 1, 1]
+    for bad in (dict(initial=0), dict(max_window=0), dict(initial=9, max_window=8)):
+        with pytest.raises(ValueError, match="initial|max_window"):
+            HeuristicWindow(**bad)

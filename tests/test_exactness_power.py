@@ -19,6 +19,7 @@ import torch
 
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.speculative import speculative_sample
+from specdiff_train.speculative.windows import HeuristicWindow, WindowPolicy
 from specdiff_train.speculative.verify import verify_block, verify_tokenwise, weighted_residual_correction
 from specdiff_train.testing import (
     GaussianDataDenoiser,
@@ -99,16 +100,38 @@ RULES = {
 }
 
 
+class ErraticWindow(WindowPolicy):
+    """Windows drawn at random for every chain and round, 0 (a plain target step) to `longest`, from a
+    generator that only the past has advanced: erratic, but never a function of the round it chooses for."""
+
+    def __init__(self, longest: int):
+        self.longest = longest
+
+    def start(self, plan, capacity, device):
+        self.stochastic_steps, self.generator = plan.num_stochastic_steps, torch.Generator().manual_seed(7)
+        return self.longest
+
+    def windows(self, slots, steps, ready):
+        drawn = torch.randint(0, self.longest + 1, (len(slots),), generator=self.generator)
+        return torch.minimum(drawn, self.steps_left(steps).clamp(min=0)) * ready
+
+
+POLICIES = {None: lambda: WINDOW, "heuristic": lambda: HeuristicWindow(initial=2, max_window=WINDOW),
+            "erratic": lambda: ErraticWindow(WINDOW)}
+
+
 @lru_cache(maxsize=None)
-def _run(rule: str, rounds_of_noise: int | None = None):
+def _run(rule: str, rounds_of_noise: int | None = None, policy: str | None = None):
     """`rounds_of_noise`: refill every chain's noise after that many rounds (default: the sampler's buffer,
-    64 rounds ahead here, which these chains never exhaust)."""
+    64 rounds ahead here, which these chains never exhaust). `policy`: a window policy of `POLICIES`
+    (default: the fixed window WINDOW)."""
     schedule, model, plan, means, variances = _chain()
     verify, factor = RULES[rule]
     recorder = TransitionRecorder(verify, plan, None if factor is None else scaled_last_step_draft(factor))
     buffer = {} if rounds_of_noise is None else dict(noise_buffer=rounds_of_noise * 2500 * (WINDOW + 1) * 2)
     result = speculative_sample(model, schedule, (2,), num_steps=NUM_STEPS, seeds=range(NUM_SAMPLES),
-                                drafter=BiasedDrafter(), window=WINDOW, verifier=recorder, batch_size=2500, **buffer)
+                                drafter=BiasedDrafter(), window=POLICIES[policy](), verifier=recorder,
+                                batch_size=2500, **buffer)
     report = path_test(recorder, means, variances)
     output = marginal_test(result.samples, means[-1], variances[-1])
     return recorder, result, report, output
@@ -161,6 +184,17 @@ def test_every_step_of_the_path_is_exact_when_noise_is_refilled(rule, rounds_of_
     recorder, result, report, output = _run(rule, rounds_of_noise)
     assert_path_exact(report)
     assert output["ks_p"] > 1e-4 and output["mean_z"] < 4.5 and output["var_z"] < 4.5, output
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "erratic"])
+def test_every_step_of_the_path_is_exact_with_adaptive_windows(policy):
+    """A chain's window may depend on anything before its round (ALGORITHMS.md section 10): the
+    transformers-style heuristic and windows drawn at random keep every step's law."""
+    recorder, result, report, output = _run("block", None, policy)
+    assert_path_exact(report)
+    assert output["ks_p"] > 1e-4 and output["mean_z"] < 4.5 and output["var_z"] < 4.5, output
+    assert result.stats.window == POLICIES[policy]().describe()
+    assert result.stats.rounds != _run("block")[1].stats.rounds  # the windows really differed from the fixed ones
 
 
 def test_output_test_alone_misses_a_wrong_rule_confined_to_early_steps():

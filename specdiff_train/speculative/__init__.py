@@ -15,7 +15,7 @@ from ..drafters import (
 from .engine import RoundRecord
 from .sampler import SpeculativeResult, speculative_sample
 from .verifiers import Verifier, parse_verifier
-from .windows import FixedWindow, WindowPolicy
+from .windows import FixedWindow, HeuristicWindow, WindowPolicy
 
 __all__ = [
     "DraftContext",
@@ -25,6 +25,7 @@ __all__ = [
     "FreeDrafter",
     "FrozenOutputDrafter",
     "FrozenTargetDrafter",
+    "HeuristicWindow",
     "LearnedDrafter",
     "MedusaDrafter",
     "RoundRecord",

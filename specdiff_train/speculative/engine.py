@@ -269,7 +269,8 @@ class RoundEngine:
         drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,
                                   setup.dtype, all_slots=self.pool.all_slots))
         numel = int(torch.Size(setup.shape).numel())
-        self.noise = RoundNoise(capacity, policy.start(setup.plan), numel, seeds.device, max_elements=setup.noise_buffer)
+        self.noise = RoundNoise(capacity, policy.start(setup.plan, capacity, seeds.device), numel, seeds.device,
+                                max_elements=setup.noise_buffer)
         self.rounds = self.draft_calls = 0
         self._live_changed = True  # then the live slots, their windows and the longest are recomputed
         self._slots = self._lengths = None
@@ -284,11 +285,11 @@ class RoundEngine:
             self.noise.admit(slots, self.pool.seeds[seed_idx])
             self.noise.fill(slots, self.pool.rounds[slots], self.rounds, slot_list)
             self.drafter.join(slots)
+            self.policy.join(slots)
 
     def _windows(self, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Each chain's window for its next round (0: a plain target step)."""
-        steps_left = self.setup.plan.num_stochastic_steps - steps
-        return self.policy.windows(steps_left, self.drafter.ready(slots).to(steps.device))
+        return self.policy.windows(slots, steps, self.drafter.ready(slots).to(steps.device))
 
     def _round_noise(self, slots, chain_rounds, L: int) -> RoundNoiseDraw:
         draft_noise, xi, accept_u, residual_u = self.noise.draw(slots, chain_rounds, slots is self.pool.all_slots)
@@ -344,6 +345,7 @@ class RoundEngine:
         self.drafter.observe(slots, verification)
         new_step = n + result.advanced
         finished = new_step >= setup.plan.num_steps
+        self.policy.learn(slots, n, lengths, result.accepted)  # before it chooses the next windows
         self._lengths = self._windows(slots, new_step)
         host = read_host(finished, self._lengths, result.advanced, result.needs_correction)
         self._longest = host.next_window
