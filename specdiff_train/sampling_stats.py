@@ -75,7 +75,7 @@ class SamplingStats:
         return dataclasses.asdict(self) | {name: getattr(self, name) for name in self.DERIVED}
 
     def __getitem__(self, key: str):
-        if key not in self.as_dict():
+        if key not in self.DERIVED and key not in {f.name for f in dataclasses.fields(self)}:
             raise KeyError(key)
         return getattr(self, key)
 

@@ -53,7 +53,8 @@ class ShrinkingWindow(WindowPolicy):
     """A policy that drafts 4 steps in a chain's first rounds and 1 after any round that rejected."""
 
     def start(self, plan, capacity, device):
-        self.rejected, self.stochastic_steps = False, plan.num_stochastic_steps
+        super().start(plan, capacity, device)
+        self.rejected = False
         return 4
 
     def windows(self, slots, steps, ready):

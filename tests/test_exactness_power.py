@@ -108,7 +108,8 @@ class ErraticWindow(WindowPolicy):
         self.longest = longest
 
     def start(self, plan, capacity, device):
-        self.stochastic_steps, self.generator = plan.num_stochastic_steps, torch.Generator().manual_seed(7)
+        super().start(plan, capacity, device)
+        self.generator = torch.Generator().manual_seed(7)
         return self.longest
 
     def windows(self, slots, steps, ready):

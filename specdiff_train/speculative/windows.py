@@ -19,8 +19,9 @@ class WindowPolicy:
 
     def start(self, plan, capacity: int, device) -> int:
         """Set up for a run of `plan` with `capacity` slots; return the longest window the policy will
-        ask for (it sizes the noise buffers)."""
-        raise NotImplementedError
+        ask for (it sizes the noise buffers). Subclasses call this first (it sets `steps_left`'s count)."""
+        self.stochastic_steps = plan.num_stochastic_steps
+        return plan.num_stochastic_steps
 
     def join(self, slots: torch.Tensor) -> None:
         """New chains occupy `slots`: forget what the previous occupants left there."""
@@ -59,8 +60,7 @@ class FixedWindow(WindowPolicy):
         self.window = self.longest = _check_window(window)
 
     def start(self, plan, capacity, device) -> int:
-        self.stochastic_steps = plan.num_stochastic_steps
-        self.longest = min(self.window, plan.num_stochastic_steps)  # no window outlasts the stochastic steps
+        self.longest = min(self.window, super().start(plan, capacity, device))  # none outlasts the stochastic steps
         return self.longest
 
     def windows(self, slots, steps, ready):
@@ -87,8 +87,7 @@ class HeuristicWindow(WindowPolicy):
             raise ValueError(f"initial: {initial} exceeds max_window={max_window}")
 
     def start(self, plan, capacity, device) -> int:
-        self.stochastic_steps = plan.num_stochastic_steps
-        self.longest = min(self.max_window, plan.num_stochastic_steps)
+        self.longest = min(self.max_window, super().start(plan, capacity, device))
         self.window = torch.full((capacity,), min(self.initial, self.longest), dtype=torch.int64, device=device)
         return self.longest
 
