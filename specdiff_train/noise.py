@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from ._aranges import arange
+
 _MASK32 = 0xFFFFFFFF
 
 # Noise values a sampler draws ahead in one batched hash (bounds the memory of the buffer and of the
@@ -196,6 +198,7 @@ def step_noise_blocks(seeds: torch.Tensor, shape: Sequence[int], num_steps: int,
 
 
 MAX_ROUNDS_AHEAD = 64
+FIRST_FILL_SHARE = 8  # a buffer's first fill draws at most this share of `max_elements`, then doubles
 
 
 class RoundNoise:
@@ -211,6 +214,8 @@ class RoundNoise:
     def __init__(self, capacity: int, window: int, numel: int, device, max_elements: int = NOISE_BUFFER_ELEMENTS):
         self.window, self.numel = window, numel
         self.ahead = max(1, min(MAX_ROUNDS_AHEAD, max_elements // (capacity * (window + 1) * numel)))
+        per_round = capacity * (window + 1) * numel
+        self._fill_rounds = max(1, min(self.ahead, max_elements // FIRST_FILL_SHARE // per_round))
         self.gaussians = torch.zeros(capacity, self.ahead, window + 1, numel, device=device)
         self.uniforms = torch.zeros(capacity, self.ahead, window + 1, dtype=torch.float64, device=device)
         self.first_round = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -220,28 +225,35 @@ class RoundNoise:
         self._gauss_streams = torch.where(positions < window, int(Stream.DRAFT), int(Stream.CORRECTION))
         self._unif_streams = torch.tensor([int(Stream.ACCEPT), int(Stream.RESIDUAL_U)], device=device)
         self._gauss_salts = gaussian_salts(numel, device)
-        self._unif_salts = uniform_salts(window, device)
+        self._unif_salts = uniform_salts(max(window, 1), device)  # window 0: the residual's uniform alone
         self.expires: dict[int, int] = {}  # slot -> the sampler round at which its draws run out
 
-    def admit(self, slots: torch.Tensor, seeds: torch.Tensor) -> None:
+    def admit(self, slots: torch.Tensor, seeds: torch.Tensor, slot_list) -> None:
+        """New chains in `slots`: their draws are made at their first round that needs them (`expired`)."""
         self.seed_keys[slots] = seed_keys(seeds)
+        for slot in slot_list:
+            self.expires.pop(slot, None)
 
     def fill(self, slots: torch.Tensor, chain_rounds: torch.Tensor, sampler_round: int, slot_list) -> None:
-        """Draw rounds chain_rounds .. + ahead - 1 for `slots`."""
+        """Draw rounds chain_rounds .. + R - 1 for `slots`. R starts at 1/`FIRST_FILL_SHARE` of the buffer
+        (all of it for small batches) and doubles at each fill up to `ahead`: a large batch that stops
+        drafting soon after starting hashes little that it never uses."""
+        ahead, self._fill_rounds = self._fill_rounds, min(self.ahead, 2 * self._fill_rounds)
         keys = self.seed_keys[slots]
-        rounds = chain_rounds.unsqueeze(1) + torch.arange(self.ahead, device=keys.device)  # (S, R)
+        rounds = chain_rounds.unsqueeze(1) + arange(0, ahead, keys.device)  # (S, R)
         base = (rounds << 16).unsqueeze(-1)
-        self.gaussians[slots] = keyed_gaussians(keys[:, None, None], base | self._gauss_positions, self._gauss_streams,
-                                                self._gauss_salts, self.numel)
+        self.gaussians[slots, :ahead] = keyed_gaussians(keys[:, None, None], base | self._gauss_positions,
+                                                        self._gauss_streams, self._gauss_salts, self.numel)
         u_keys = row_keys(keys[:, None, None], base, self._unif_streams, small_counters=True)
         accept, residual = uniform_from_words(words(u_keys, self._unif_salts)).unbind(-2)
-        self.uniforms[slots] = torch.cat([accept, residual[..., :1]], dim=-1)  # W accept uniforms, 1 residual
+        self.uniforms[slots, :ahead] = torch.cat([accept[..., : self.window], residual[..., :1]], dim=-1)  # W accept, 1 residual
         self.first_round[slots] = chain_rounds
         for slot in slot_list:
-            self.expires[slot] = sampler_round + self.ahead
+            self.expires[slot] = sampler_round + ahead
 
-    def needs_fill(self, sampler_round: int, live) -> bool:
-        return sampler_round >= min(self.expires[s] for s in live)
+    def expired(self, sampler_round: int, live) -> list[int]:
+        """The slots of `live` whose draws do not reach `sampler_round` (to `fill` before it)."""
+        return [s for s in live if self.expires.get(s, -1) <= sampler_round]
 
     def draw(self, rows: torch.Tensor, chain_rounds: torch.Tensor, all_rows: bool):
         """(draft noise (C, W, numel), xi (C, numel), accept uniforms (C, W), residual uniforms (C,))."""

@@ -26,6 +26,7 @@ from ..noise import RoundNoise
 from ..sampling import initial_noise
 from .._aranges import arange
 from ..drafters.base import DraftContext, Drafter, DraftStep, DraftWindow, Verification
+from .verify import RoundOutcome
 
 COMPACT_MIN_ROWS = 64  # from this many padded rows a round evaluates only the rows it needs (one host read)
 
@@ -219,6 +220,7 @@ class RoundRecord:
     slots: torch.Tensor
     steps: torch.Tensor  # step index of each chain at the start of the round
     lengths: torch.Tensor  # each chain's window (0: a plain target step)
+    window: int  # the round's longest window (its padded width; 0: every chain took a plain target step)
     accepted: torch.Tensor  # tau: drafts committed
     advanced: torch.Tensor  # steps committed (tau, plus the bonus / correction step if one followed)
     finished: torch.Tensor  # bool: the chain reached its last step
@@ -269,12 +271,14 @@ class RoundEngine:
         drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,
                                   setup.dtype, all_slots=self.pool.all_slots))
         numel = int(torch.Size(setup.shape).numel())
-        self.noise = RoundNoise(capacity, policy.start(setup.plan, capacity, seeds.device), numel, seeds.device,
-                                max_elements=setup.noise_buffer)
+        window = policy.start(setup.plan, capacity, seeds.device)
+        self.noise = RoundNoise(capacity, window, numel, seeds.device, max_elements=setup.noise_buffer)
+        self._step_noise: RoundNoise | None = None  # made at the first plain round that needs it
         self.rounds = self.draft_calls = 0
         self._live_changed = True  # then the live slots, their windows and the longest are recomputed
         self._slots = self._lengths = None
         self._longest = 0
+        self._last_plain = False
         self._admit(list(range(capacity)))
 
     def _admit(self, free: list[int]) -> None:
@@ -282,8 +286,8 @@ class RoundEngine:
         if admitted is not None:
             slots, seed_idx, slot_list = admitted
             self.target.per_slot[slots] = 0
-            self.noise.admit(slots, self.pool.seeds[seed_idx])
-            self.noise.fill(slots, self.pool.rounds[slots], self.rounds, slot_list)
+            for noise in (self.noise, self._step_noise):
+                noise is None or noise.admit(slots, self.pool.seeds[seed_idx], slot_list)
             self.drafter.join(slots)
             self.policy.join(slots)
 
@@ -291,9 +295,35 @@ class RoundEngine:
         """Each chain's window for its next round (0: a plain target step)."""
         return self.policy.windows(slots, steps, self.drafter.ready(slots).to(steps.device))
 
+    def _noise_buffer(self, slots, L: int) -> RoundNoise:
+        """The buffer this round draws from, its expired slots filled first (`noise.RoundNoise`): the
+        full window's, or in a plain round after a plain round, when the full window's draws ran out,
+        the bonus Gaussian's alone."""
+        live, buffer = self.pool.live, self.noise
+        expired = buffer.expired(self.rounds, live)
+        plain_again, self._last_plain = self._last_plain and L == 0, L == 0
+        if expired and plain_again:  # plain rounds in a row: drafting may not come back soon
+            buffer = self._plain_noise()
+            expired = buffer.expired(self.rounds, live)
+        if expired:
+            fill = slots if len(expired) == len(live) else torch.tensor(expired, device=slots.device)
+            buffer.fill(fill, self.pool.rounds[fill], self.rounds, expired)
+        return buffer
+
+    def _plain_noise(self) -> RoundNoise:
+        """Plain rounds need only the bonus Gaussian: drawn apart once the full window's draws have run
+        out, so that a policy taking plain steps does not hash drafts it never makes."""
+        if self._step_noise is None:
+            pool, noise = self.pool, self.noise
+            self._step_noise = RoundNoise(len(pool.all_slots), 0, noise.numel, pool.all_slots.device,
+                                          max_elements=self.setup.noise_buffer)
+            self._step_noise.seed_keys.copy_(noise.seed_keys)
+        return self._step_noise
+
     def _round_noise(self, slots, chain_rounds, L: int) -> RoundNoiseDraw:
-        draft_noise, xi, accept_u, residual_u = self.noise.draw(slots, chain_rounds, slots is self.pool.all_slots)
-        if L < self.noise.window:  # the end of the chains: a shorter window
+        noise = self._noise_buffer(slots, L)
+        draft_noise, xi, accept_u, residual_u = noise.draw(slots, chain_rounds, slots is self.pool.all_slots)
+        if L < noise.window:  # the end of the chains: a shorter window
             draft_noise, accept_u = draft_noise[:, :L], accept_u[:, :L]
         draft_noise = draft_noise.to(self.setup.dtype).reshape(len(slots), L, *self.setup.shape)
         return RoundNoiseDraw(draft_noise, xi.to(self.setup.dtype), accept_u, residual_u)
@@ -322,7 +352,8 @@ class RoundEngine:
         )
 
     def run_round(self) -> RoundRecord:
-        """draft -> evaluate -> verify -> the host read -> commit (and retire / admit)."""
+        """draft -> evaluate -> verify -> the host read -> commit (and retire / admit). A round in which
+        no chain drafts is a plain target step (`_plain_round`) when the verifier allows it."""
         pool, setup = self.pool, self.setup
         if self._live_changed:  # the live slots, their windows and the longest window (a host read)
             self._live_changed = False
@@ -330,19 +361,48 @@ class RoundEngine:
             self._lengths = self._windows(self._slots, pool.pick(pool.step, self._slots))
             self._longest = int(self._lengths.max())
         slots, lengths, L = self._slots, self._lengths, self._longest
-        if self.noise.needs_fill(self.rounds, pool.live):
-            self.noise.fill(slots, pool.pick(pool.rounds, slots), self.rounds, pool.live)
         x, n, chain_rounds = (pool.pick(t, slots) for t in (pool.state, pool.step, pool.rounds))
         noise = self._round_noise(slots, chain_rounds, L)
+        if L == 0 and self.verifier.plain_steps:
+            result, verification = self._plain_round(x, n, noise.xi)
+        else:
+            result, verification = self._speculative_round(slots, x, n, lengths, L, noise)
+        self.drafter.observe(slots, verification)
+        return self._end_round(slots, n, lengths, L, result, verification)
+
+    def _speculative_round(self, slots, x, n, lengths, L: int, noise: RoundNoiseDraw):
+        setup = self.setup
         window = window_of(setup.tables, n, L, len(setup.shape))
         states, draft_means = self._draft(slots, x, n, window, lengths, noise.draft)
         evaluated, has_next = self._rows_to_evaluate(n, lengths, L)
         out, features, x0, target_means = evaluate(self.target, window, states, evaluated, self.drafter.wants_features,
                                                    setup.schedule)
         result = self._verify(noise, window, states, draft_means, target_means, lengths, has_next)
-        verification = Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
+        return result, Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
                                     accepted=result.accepted, denoised=x0, means=target_means)
-        self.drafter.observe(slots, verification)
+
+    def _plain_round(self, x, n, xi):
+        """Every chain takes one ancestral step: the target call on the chains' states and
+        X' = mu_P(X) + s xi, the same numbers the verifiers give a window of 0 (its bonus step),
+        without their drafting and verification work."""
+        setup, C = self.setup, len(x)
+        tables, ones = setup.tables, torch.ones(C, 1, dtype=torch.bool, device=n.device)
+        out = self.target.evaluate(x, tables.timesteps[n], self.drafter.wants_features)
+        out, features = out if self.drafter.wants_features else (out, None)
+        coef = StepCoefficients(*tables.coefficients[n].reshape(C, 5, *([1] * len(setup.shape))).unbind(1))
+        x0 = denoise(coef, x, out, setup.schedule)
+        mean = step_mean(coef, x, x0)
+        next_state = torch.addcmul(mean.reshape(C, -1), tables.std[n].to(xi.dtype).unsqueeze(-1), xi)
+        zeros = n * 0
+        result = RoundOutcome(accepted=zeros, next_state=next_state, advanced=zeros + 1)
+        unsqueeze = lambda v: None if v is None else v.unsqueeze(1)  # noqa: E731
+        return result, Verification(states=x.unsqueeze(1), steps=n, outputs=out.unsqueeze(1),
+                                    features=unsqueeze(features), evaluated=ones, accepted=zeros,
+                                    denoised=x0.unsqueeze(1), means=mean.unsqueeze(1))
+
+    def _end_round(self, slots, n, lengths, L: int, result, verification) -> RoundRecord:
+        """Learn, choose the next windows, the host read, commit, retire."""
+        pool, setup = self.pool, self.setup
         new_step = n + result.advanced
         finished = new_step >= setup.plan.num_steps
         self.policy.learn(slots, n, lengths, result.accepted)  # before it chooses the next windows
@@ -350,7 +410,8 @@ class RoundEngine:
         host = read_host(finished, self._lengths, result.advanced, result.needs_correction)
         self._longest = host.next_window
         pool.commit(slots, result.settle(host.needs_correction).reshape(len(slots), *setup.shape), new_step)
-        record = RoundRecord(self.rounds, slots, n, lengths, result.accepted, result.advanced, finished, verification, host)
+        record = RoundRecord(self.rounds, slots, n, lengths, L, result.accepted, result.advanced, finished,
+                             verification, host)
         self.rounds += 1
         if host.any_finished:
             self._retire(slots[finished])

@@ -70,7 +70,7 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
                        seeds: Sequence[int], drafter: Drafter, verifier="block", window=8, correction: str | None = None,
                        batch_size: int | None = None, refill: bool = True, device=None, dtype=None,
                        progress: bool = False, noise_buffer: int = NOISE_BUFFER_ELEMENTS,
-                       callbacks: Sequence = ()) -> SamplingResult:
+                       callbacks: Sequence = (), cost_model=None) -> SamplingResult:
     """Exact speculative sampling of the DDPM ancestral sampler: the samples have exactly the law of
     `ancestral_sample(model, schedule, shape, num_steps=...)` for the same model and schedule.
 
@@ -84,8 +84,13 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
         verifier: "block" (block verification, weighted residual), "tokenwise" (or "tokenwise-reflection",
             "tokenwise-residual"), a `verifiers.Verifier`, or a function with the signature of
             `verify.verify_block` (for research on verification rules).
-        window: drafted steps per round (an int >= 1, shortened at the end of the chain), or a
-            `windows.WindowPolicy` that chooses each chain's window before each round.
+        window: drafted steps per round: an int >= 1 (shortened at the end of the chain); "auto", the
+            cost-aware policy (`windows.CostAwareWindow`: each round the window, 0 to 16, that commits
+            the most steps per second on this device, 0 being a plain target step); "heuristic"
+            (+2 after a fully accepted round, -1 otherwise); or a `windows.WindowPolicy`.
+        cost_model: with window="auto", a `costs.CostModel` (or its mapping) giving each window's round
+            time, for reproducible runs; default: round times measured as the sampler runs (the
+            measuring rounds are real rounds, counted in the wall-clock).
         correction: token-wise only: "reflection" (maximal coupling, the default) or "residual"
             (fresh draw from (P - Q)_+); refused with any other verifier.
         refill: when a chain finishes, start the next waiting seed in its slot (keeps the batch
@@ -98,7 +103,7 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
         better whatever the network computes in (`sampling.state_dtype`).
     """
     plan = schedule.plan(num_steps)
-    verifier, policy = parse_verifier(verifier, correction), as_window_policy(window)
+    verifier, policy = parse_verifier(verifier, correction), as_window_policy(window, cost_model)
     _check_arguments(plan, drafter)
     shape = check_sample_shape(model, shape)
     check_noise_buffer(noise_buffer)

@@ -21,10 +21,13 @@ VERIFIER_NAMES = ("block", "tokenwise", "tokenwise-reflection", "tokenwise-resid
 @dataclass(frozen=True)
 class Verifier:
     """A verification rule: `name` as reports show it, and `verify`, a function with the signature of
-    `verify.verify_block` (the built-in rules leave their correction until a chain needs one)."""
+    `verify.verify_block` (the built-in rules leave their correction until a chain needs one).
+    `plain_steps`: a round in which no chain drafts may skip the verifier and take the ancestral step
+    directly (the built-in rules give exactly that step there); a custom rule sees every round."""
 
     name: str
     verify: Callable
+    plain_steps: bool = False
 
     def __call__(self, *args, **kwargs):
         return self.verify(*args, **kwargs)
@@ -32,7 +35,8 @@ class Verifier:
 
 def _tokenwise(correction: str) -> Verifier:
     check_correction(correction)  # now, not at the first round
-    return Verifier(f"tokenwise-{correction}", partial(verify_tokenwise, correction=correction, defer_correction=True))
+    return Verifier(f"tokenwise-{correction}", partial(verify_tokenwise, correction=correction, defer_correction=True),
+                    plain_steps=True)
 
 
 def parse_verifier(verifier, correction: str | None = None) -> Verifier:
@@ -50,7 +54,7 @@ def parse_verifier(verifier, correction: str | None = None) -> Verifier:
     if callable(verifier):
         return Verifier(getattr(verifier, "__name__", "custom"), verifier)
     if verifier == "block":
-        return Verifier("block", partial(verify_block, defer_correction=True))
+        return Verifier("block", partial(verify_block, defer_correction=True), plain_steps=True)
     if verifier == "tokenwise":
         return _tokenwise(correction or "reflection")
     if isinstance(verifier, str) and verifier.startswith("tokenwise-") and verifier in VERIFIER_NAMES:

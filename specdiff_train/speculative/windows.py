@@ -6,7 +6,13 @@ policy keeps the sampler exact. A window of 0 is a plain target step through the
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
+
+from .._aranges import arange
+from .costs import CostModel, MeasuredRoundTimes
 
 MAX_WINDOW = 1 << 15  # positions of a round share a 16-bit field of the noise counter
 
@@ -106,6 +112,138 @@ class HeuristicWindow(WindowPolicy):
         return f"heuristic({self.initial}-{self.max_window})"
 
 
-def as_window_policy(window) -> WindowPolicy:
-    """A `WindowPolicy` from the `window` option: an int (a fixed window) or a policy."""
-    return window if isinstance(window, WindowPolicy) else FixedWindow(window)
+class CostAwareWindow(WindowPolicy):
+    """`window="auto"`: before each round, the window that maximises the steps all live chains are
+    expected to commit per second of the round (ALGORITHMS.md section 10). One window for the batch
+    (each chain's shortened at its end); 0 is a plain target step, chosen where drafting does not pay.
+
+    Expected steps of a chain at step n with window L: 1 + sum_{i<L} prod_{j<=i} a(n + j), where a(s)
+    is the probability that a draft of transition s passes, estimated from this run's rounds: drafts
+    passed / drafts tried at step s (a draft after the first rejection was not tried), shrunk towards
+    the run's recent pass rate, itself shrunk towards `prior`. Block verification commits at least that
+    in expectation. The seconds of each window come from `cost_model`, or are measured as the sampler
+    runs (`costs.MeasuredRoundTimes`): until a drafting round is timed, the window fills about
+    `FIRST_ROWS` rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then the policy also times a
+    plain step, and tries windows twice as long as the longest timed only where the times' slope says
+    they may pay (and half as short by interpolation with the plain step's time). A policy object given to several runs of the same plan keeps what it learned
+    (pass counts and round times); `window="auto"` starts afresh each run.
+
+    The window depends only on rounds already verified (and, when measured, their wall-clock), never
+    on the round it is chosen for, so sampling stays exact (in law). With an explicit `cost_model` a
+    run is reproducible: the same seeds and options give the same samples.
+
+    Args:
+        max_window: the longest window (>= 1).
+        cost_model: a `costs.CostModel` (or its mapping), or None to measure round times.
+        prior: a draft's pass probability before any is observed, in (0, 1): one number or one per step
+            of the plan (e.g. a validation profile).
+        prior_weight: how many observed drafts the prior is worth (> 0).
+    """
+
+    FIRST_ROWS = 64  # measured costs: the first drafting round's window fills about this many rows
+    MEMORY = 0.8  # per round, the weight the recent pass rate keeps of its past
+
+    def __init__(self, max_window: int = 16, cost_model: CostModel | dict | None = None,
+                 prior: float | Sequence[float] = 0.8, prior_weight: float = 2.0):
+        self.max_window = _check_window(max_window, "max_window")
+        self.cost_model = None if cost_model is None else CostModel.from_dict(cost_model)
+        self.prior = _check_prior(prior)
+        if not (isinstance(prior_weight, (int, float)) and math.isfinite(prior_weight) and prior_weight > 0):
+            raise ValueError(f"prior_weight: expected a number > 0 (observed drafts the prior is worth), got {prior_weight!r}")
+        self.prior_weight = float(prior_weight)
+
+    def start(self, plan, capacity, device) -> int:
+        self.longest = min(self.max_window, super().start(plan, capacity, device))
+        self.capacity = capacity
+        key = (plan.num_steps, plan.num_stochastic_steps, capacity, torch.device(device))
+        if getattr(self, "_key", None) == key:  # the same plan again: continue from what was learned
+            self._measured is None or self._measured.start()
+            return self.longest
+        self._key, N, dtype = key, plan.num_steps, torch.float64
+        prior = torch.as_tensor(self.prior, dtype=dtype)
+        if prior.ndim and len(prior) != N:
+            raise ValueError(f"prior: {len(prior)} values for a plan of {N} steps; give one per step or one number")
+        self.prior_t = prior.to(device)
+        self.passed, self.tried = torch.zeros(N, dtype=dtype, device=device), torch.zeros(N, dtype=dtype, device=device)
+        self.recent = torch.zeros(2, dtype=dtype, device=device)  # decayed (passed, tried) over all chains
+        offsets = arange(0, self.longest, device)
+        self._at = (arange(0, N, device).unsqueeze(1) + offsets).clamp(max=N - 1)  # (N, longest): step of draft i
+        left = (plan.num_stochastic_steps - arange(0, N, device)).clamp(min=0)
+        self._in_chain = offsets < left.unsqueeze(1)  # (N, longest): draft i exists for a chain at step n
+        self._measured = MeasuredRoundTimes() if self.cost_model is None else None
+        self._measured is None or self._measured.start()
+        self._costs: dict[int, torch.Tensor] = {}
+        self._device = device
+        self._update_expected()
+        return self.longest
+
+    def _update_expected(self) -> None:
+        """expected[n, L]: steps a chain at step n is expected to commit with window L (from the counts)."""
+        passed, tried = self.recent.unbind()
+        run_rate = (passed + self.prior_weight * self.prior_t) / (tried + self.prior_weight)
+        rate = (self.passed + self.prior_weight * run_rate) / (self.tried + self.prior_weight)
+        reach = torch.cumprod(rate[self._at], 1) * self._in_chain  # P(draft i of a window from n passes)
+        self.expected = torch.nn.functional.pad(reach.cumsum(1), (1, 0)) + 1
+
+    def learn(self, slots, steps, lengths, accepted) -> None:
+        offsets = arange(0, self.longest, steps.device)
+        tried = offsets < torch.minimum(accepted + 1, lengths).unsqueeze(1)  # drafts up to the first rejection
+        passed = offsets < accepted.unsqueeze(1)
+        at = self._at[steps].reshape(-1)
+        self.tried.index_add_(0, at, tried.reshape(-1).to(self.tried.dtype))
+        self.passed.index_add_(0, at, passed.reshape(-1).to(self.passed.dtype))
+        counts = torch.stack([passed.sum(), tried.sum()]).to(self.recent.dtype)
+        self.recent.mul_(self.MEMORY).add_(counts)
+        self._update_expected()
+
+    def on_round_end(self, record) -> None:
+        if self._measured is not None and self._measured.observe(record.window, len(record.slots) == self.capacity):
+            self._costs.clear()  # rebuilt from the new times at the next choice
+
+    def _round_costs(self, chains: int) -> torch.Tensor:
+        if chains not in self._costs:
+            source = self.cost_model or self._measured
+            secs = torch.tensor(source.round_times(chains, self.longest), dtype=torch.float64)
+            if self._device is not None and torch.device(self._device).type == "cuda":
+                secs = secs.pin_memory().to(self._device, non_blocking=True)  # no stream sync
+            self._costs[chains] = secs.to(self._device)
+        return self._costs[chains]
+
+    def windows(self, slots, steps, ready):
+        left = self.steps_left(steps).clamp(min=0)
+        if self._measured is not None:
+            if not self._measured.drafting_timed:
+                first = min(max(1, self.FIRST_ROWS // len(slots) - 1), self.longest)
+                return left.clamp(max=first) * ready
+        at = steps.clamp(max=len(self.expected) - 1)  # a chain that just finished is retired before the round
+        rate = self.expected[at].sum(0) / self._round_costs(len(slots))  # steps per second, by window
+        return torch.minimum(left, rate.argmax()) * ready
+
+    def describe(self) -> str:
+        return "auto" if self.max_window == 16 else f"auto({self.max_window})"
+
+
+def _check_prior(prior):
+    values = [prior] if isinstance(prior, (int, float)) else list(prior)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in values):
+        raise ValueError(f"prior: expected a pass probability in (0, 1), or one per step, got {prior!r}")
+    return prior if isinstance(prior, (int, float)) else tuple(float(v) for v in values)
+
+
+WINDOW_POLICIES = {"auto": CostAwareWindow, "heuristic": HeuristicWindow}
+
+
+def as_window_policy(window, cost_model=None) -> WindowPolicy:
+    """A `WindowPolicy` from the `window` option: an int (a fixed window), "auto" (`CostAwareWindow`,
+    with `cost_model` if given), "heuristic" (`HeuristicWindow`) or a policy."""
+    if cost_model is not None and window != "auto":
+        raise ValueError(f"cost_model: only window='auto' uses a cost model (window={window!r}); drop cost_model "
+                         "or set window='auto'")
+    if isinstance(window, WindowPolicy):
+        return window
+    if isinstance(window, str):
+        if window not in WINDOW_POLICIES:
+            raise ValueError(f"window: unknown policy {window!r}; use an int >= 1 (a fixed window), one of "
+                             f"{sorted(WINDOW_POLICIES)} or a WindowPolicy")
+        return CostAwareWindow(cost_model=cost_model) if window == "auto" else WINDOW_POLICIES[window]()
+    return FixedWindow(window)
