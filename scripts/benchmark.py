@@ -12,6 +12,7 @@ units, calls + draft calls x that ratio.
 
     python scripts/benchmark.py                                  # toy2d and digits, 100 and 1000 steps
     python scripts/benchmark.py --targets toy2d --num-steps 100 --windows 3 8
+    python scripts/benchmark.py --targets toy2d --num-steps 100 --windows 1 3 8 auto   # auto: cost-aware windows
     python scripts/benchmark.py --targets toy2d --markdown docs/benchmarks.md    # write the doc page
     python scripts/benchmark.py --targets digits --markdown docs/benchmarks.md --append
 
@@ -49,6 +50,7 @@ from specdiff_train.speculative import (  # noqa: E402
     speculative_sample,
 )
 from specdiff_train.drafters import training_free_drafters  # noqa: E402
+from specdiff_train.speculative.windows import as_window_policy  # noqa: E402
 
 TRAINING_FREE = training_free_drafters()
 VERIFIERS = {"block": dict(verifier="block"), "tokenwise": dict(verifier="tokenwise")}
@@ -61,6 +63,21 @@ def learned_drafters(target_dir: Path, names) -> dict:
     """Learned drafters whose checkpoints sit beside the target (draftnet.ckpt, medusa.ckpt)."""
     return {name: (lambda cls=LEARNED[name], path=target_dir / f"{name}.ckpt": cls(str(path)))
             for name in names if (target_dir / f"{name}.ckpt").exists()}
+
+
+def window_arg(token: str) -> int | str:
+    """One --windows value: digits are a fixed window, anything else a policy name ("auto", "heuristic")."""
+    window = int(token) if token.isdigit() else token
+    try:
+        as_window_policy(window)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return window
+
+
+def method_label(drafter: str, verifier: str, window: int | str) -> str:
+    """free-x0/block/w8 for a fixed window, free-x0/block/auto for a policy."""
+    return f"{drafter}/{verifier}/" + (f"w{window}" if isinstance(window, int) else window)
 
 
 def timed(fn, warmup: bool = False):
@@ -107,7 +124,7 @@ def run_target(name: str, args) -> list[dict]:
                                                   window=window, seeds=single[:1], **verifier)
                     draft_calls = stats.drafted_steps / stats.num_samples  # one drafter call per drafted step of a chain
                     row = dict(
-                        target=name, num_steps=num_steps, method=f"{drafter_name}/{verifier_name}/w{window}",
+                        target=name, num_steps=num_steps, method=method_label(drafter_name, verifier_name, window),
                         calls=stats.target_calls_per_sample, speedup=stats.speedup,
                         acceptance=stats.acceptance_rate, accepted_per_round=stats.mean_accepted_per_round,
                         draft_calls=draft_calls, draft_cost=draft_cost,
@@ -208,7 +225,9 @@ def main(argv=None):
     parser.add_argument("--drafters", nargs="+", default=["frozen-eps", "free-eps", "free-x0"], choices=sorted(TRAINING_FREE))
     parser.add_argument("--learned", nargs="*", default=sorted(LEARNED), choices=sorted(LEARNED),
                         help="learned drafters to add where checkpoints/<target>/<name>.ckpt exists")
-    parser.add_argument("--windows", nargs="+", type=int, default=[1, 3, 8])
+    parser.add_argument("--windows", nargs="+", type=window_arg, default=[1, 3, 8],
+                        help="fixed windows (ints) and/or policies: auto (cost-aware), heuristic; "
+                             "each speculative run gets a fresh policy")
     parser.add_argument("--batch", type=int, default=256, help="large batch for throughput and the statistics")
     parser.add_argument("--single", type=int, default=3, help="seeds run one by one for batch-1 latency")
     parser.add_argument("--threads", type=int, default=None)

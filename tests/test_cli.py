@@ -199,3 +199,23 @@ def test_only_errors_meant_for_the_user_are_shortened():
     with pytest.raises(RuntimeError) as theirs:
         torch.zeros(2, 3) @ torch.zeros(2, 3)
     assert user_message(theirs.value) is None
+
+
+def test_evaluate_takes_policy_windows_and_a_cost_model_from_the_command_line(tmp_path):
+    """`--windows '[3, auto]'` parses to a fixed window and the cost-aware policy, `--cost_model` to its
+    mapping; a window that is neither fails in one line naming the field."""
+    import json
+
+    common = ["evaluate", "--config", TOY, "--ckpt_path", ROOT / "checkpoints" / "toy2d" / "target.ckpt",
+              "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--drafters", "[free-x0]",
+              "--verifiers", "[block]", "--num_steps", "[20]", "--num_samples", "64", "--num_permutations", "100",
+              "--out_dir", tmp_path]
+    proc = run_train(*common, "--windows", "[3, auto]", "--cost_model", "{target_rows: [1, 2], target_s: [0.001, 0.001]}")
+    assert "| 20 | free-x0/block/auto |" in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["method"], r.get("window")) for r in report["results"]] == [
+        ("ancestral", None), ("free-x0/block/w3", 3), ("free-x0/block/auto", "auto")]
+    assert report["config"]["cost_models"]["free-x0/block/auto"]["target_s"] == [0.001, 0.001]
+    bad = run_train(*common, "--windows", "[3, fast]", check=False)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("error: window: unknown policy 'fast'"), bad.stderr[-3000:]

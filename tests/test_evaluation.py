@@ -219,14 +219,19 @@ def test_shipped_eval_settings_flag_a_biased_sampler(path):
     and reports the exact sampler's p (above the margin).
 
     Only biases this large are flagged with margin at these sample counts: accepting every draft of the
-    eps Free Drafter with window 3 gives p ~ 0.03 on 1000 toy2d samples (docs/evaluation.md)."""
+    eps Free Drafter with window 3 gives p ~ 0.03 on 1000 toy2d samples (docs/evaluation.md).
+
+    An auto window drafts as much as the round times say pays: on this closed-form chain, whose network
+    costs nothing, measured times favour plain steps and a biased verifier barely shows (p = 0.15 in one run
+    at 256 samples); flat costs (every window one call) make it draft its longest windows, as on a launch-bound GPU."""
     s = _shipped_settings(path)
     assert s["num_permutations"] >= 1 / (MARGIN * s["alpha"]) - 1  # the floor 1/(1 + P) sits below the margin
     schedule, model = _chain()
     methods = [Method(partial(FreeDrafter, "x0"), verifier, w, label="free-x0") for w in s["windows"]
                for verifier in ("block", never_rejects)]
     report = compare_methods(model, schedule, (2,), methods, num_steps=s["num_steps"], seeds=range(s["num_samples"]),
-                             quality=Quality(num_permutations=s["num_permutations"]), alpha=s["alpha"], warmup=False)
+                             quality=Quality(num_permutations=s["num_permutations"]), alpha=s["alpha"], warmup=False,
+                             cost_model=FLAT_COSTS if "auto" in s["windows"] else None)
     rows = [r for r in report["results"] if r["method"] != "ancestral"]
     assert len(rows) == len(methods) * len(s["num_steps"])
     p_values = {row["method"]: smallest_p(row) for row in rows}
@@ -283,3 +288,113 @@ def test_exactness_reference_comes_from_other_seeds(monkeypatch):
     assert report["config"]["exactness_first_seed"] == reference[0] == 74
     exact = report["results"][1]["vs_ancestral"]
     assert exact["energy_p_value"] >= 0.01 and report["results"][1]["exact_ok"]
+
+
+FLAT_COSTS = {"target_rows": [1, 2], "target_s": [0.001, 0.001]}  # every window costs one call: draft long
+PER_ROW_COSTS = {"target_rows": [1], "target_s": [0.001]}  # a window of L costs L + 1 calls: never draft
+SLOPED_COSTS = {"target_rows": [8, 16], "target_s": [1.0, 1.2]}  # the best window depends on the pass rates
+
+
+def test_policy_windows_are_named_run_and_reported(tmp_path):
+    """"auto" and "heuristic" windows sit in a grid beside fixed ones (a string of digits is the int),
+    run through compare_methods (warm-up included) and show in the names, rows, config and plot."""
+    from specdiff_train.evaluation.reporting import write_report
+
+    methods = method_grid(resolve_drafters(["free-x0"]), ["block"], [3, "auto", "heuristic", "8"])
+    names = [m.name for m in methods]
+    assert names == ["free-x0/block/w3", "free-x0/block/auto", "free-x0/block/heuristic", "free-x0/block/w8"]
+    schedule, model = _chain()
+    report = compare_methods(model, schedule, (2,), methods, num_steps=[20], seeds=range(32), batch_size=16,
+                             quality=Quality(num_permutations=100))
+    rows = {r["method"]: r for r in report["results"][1:]}
+    assert [rows[name]["window"] for name in names] == [3, "auto", "heuristic", 8]
+    assert all(row["target_calls_per_sample"] < 20 for row in rows.values())
+    assert report["config"]["cost_models"] == {"free-x0/block/auto": None}  # auto measured its round times
+    assert (write_report(report, tmp_path)["acceptance"]).stat().st_size > 0  # mixed windows sort and plot
+
+
+def _auto_run(grid_costs=None, compare_costs=None, num_steps=20, warmup=False):
+    """An auto window run, its cost model given to `method_grid` or to `compare_methods`: (report, its row)."""
+    schedule, model = _chain()
+    methods = method_grid(resolve_drafters(["free-x0"]), ["block"], ["auto"], grid_costs)
+    report = compare_methods(model, schedule, (2,), methods, num_steps=[num_steps], seeds=range(24), batch_size=8,
+                             quality=Quality(num_permutations=100), warmup=warmup, cost_model=compare_costs)
+    return report, report["results"][1]
+
+
+def test_a_cost_model_reaches_the_auto_policy_and_makes_runs_reproducible():
+    """With an explicit cost model the auto windows depend only on the chains' past: two runs give the same
+    samples and calls, whether the model comes with the grid or with compare_methods. The model is the
+    one used: flat costs draft, costs proportional to rows never do (every draft costs a call)."""
+    first_report, first = _auto_run(grid_costs=FLAT_COSTS)
+    _, again = _auto_run(grid_costs=FLAT_COSTS)
+    other_report, from_compare = _auto_run(compare_costs=FLAT_COSTS)
+    for row in (again, from_compare):
+        assert torch.equal(row["_samples"], first["_samples"])
+        assert row["target_calls_per_sample"] == first["target_calls_per_sample"] < 20
+    expected = {"free-x0/block/auto": {**FLAT_COSTS, "draft_step_s": 0.0, "round_s": 0.0}}
+    assert json.loads(json.dumps(first_report["config"]["cost_models"])) == expected
+    assert json.loads(json.dumps(other_report["config"]["cost_models"])) == expected
+    _, per_row = _auto_run(compare_costs=PER_ROW_COSTS)
+    assert per_row["drafted_steps"] == 0 and per_row["target_calls_per_sample"] == 20
+
+
+def test_every_run_gets_a_fresh_window_policy():
+    """An auto policy keeps what it learned across runs of one plan; the warm-up runs the timed run's plan
+    (10 steps, one batch), so a shared policy would change the timed samples (it does with these costs).
+    A policy object given as the window is copied for each run."""
+    from specdiff_train.speculative.windows import HeuristicWindow
+
+    _, warmed = _auto_run(grid_costs=SLOPED_COSTS, num_steps=10, warmup=True)
+    _, cold = _auto_run(grid_costs=SLOPED_COSTS, num_steps=10, warmup=False)
+    assert torch.equal(warmed["_samples"], cold["_samples"])
+    method = Method(FreeDrafter, "block", HeuristicWindow(2, 6), label="free-eps")
+    assert method.name == "free-eps/block/heuristic(2-6)" and method.policy() is not method.policy()
+
+
+BAD_WINDOW_OPTIONS = {  # case -> (how it is given, what the one-line error says)
+    "unknown policy": (lambda: Method(FreeDrafter, "block", "fast", label="free-x0"),
+                       "method free-x0: window: unknown policy 'fast'"),
+    "window 0": (lambda: Method(FreeDrafter, "block", 0, label="free-x0"), "method free-x0: window: expected an int >= 1"),
+    "cost model, fixed window": (lambda: Method(FreeDrafter, "block", 8, label="free-x0", cost_model=FLAT_COSTS),
+                                 "method free-x0: cost_model: only window='auto' uses a cost model"),
+    "decreasing target_s": (lambda: Method(FreeDrafter, "block", "auto", label="free-x0",
+                                           cost_model={"target_rows": [1, 2], "target_s": [0.002, 0.001]}),
+                            "method free-x0: cost_model.target_s: a call on more rows cannot take less time"),
+    "grid: unknown policy": (lambda: method_grid(resolve_drafters(["free-x0"]), ["block"], [3, "fast"]),
+                             "window: unknown policy 'fast'"),
+    "grid: cost model, no auto": (lambda: method_grid(resolve_drafters(["free-x0"]), ["block"], [3, 8], FLAT_COSTS),
+                                  "cost_model: only window 'auto' uses a cost model, and the windows [3, 8] have none"),
+    "grid: unknown cost key": (lambda: method_grid(resolve_drafters(["free-x0"]), ["block"], ["auto"], {"rows": [1]}),
+                               "cost_model: expected keys target_rows, target_s"),
+    "compare: cost model, no auto": (lambda: compare_methods(*reversed(_chain()), (2,), method_grid(
+        resolve_drafters(["free-x0"]), ["block"], [3]), num_steps=[5], seeds=range(8), cost_model=FLAT_COSTS),
+        "cost_model: only window 'auto' uses a cost model"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WINDOW_OPTIONS)
+def test_bad_window_options_fail_in_one_line_naming_the_field(case):
+    make, expected = BAD_WINDOW_OPTIONS[case]
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value), str(err.value)
+
+
+def test_evaluate_and_the_callback_take_policy_windows_and_refuse_bad_ones_before_sampling(tmp_path):
+    from specdiff_train.evaluation import SpeculativeEvaluation
+    from specdiff_train.evaluation.command import SpecDiffTrainer
+
+    callback = SpeculativeEvaluation(drafters=["free-x0"], verifiers=["block"], windows=[3, "auto"],
+                                     cost_model=FLAT_COSTS)
+    assert [(m.name, m.cost_model) for m in callback.methods] == [("free-x0/block/w3", None),
+                                                                  ("free-x0/block/auto", FLAT_COSTS)]
+    with pytest.raises(ValueError, match="^cost_model: only window 'auto'"):
+        SpeculativeEvaluation(windows=[3], cost_model=FLAT_COSTS)
+    schedule, model = _chain()
+    trainer = SpecDiffTrainer(logger=False, accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="^window: unknown policy 'fast'"):
+        trainer.evaluate(model, windows=[3, "fast"], num_permutations=100, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="^cost_model.target_s: "):
+        trainer.evaluate(model, windows=["auto"], cost_model={"target_rows": [1, 2], "target_s": [2e-3, 1e-3]},
+                         num_permutations=100, out_dir=str(tmp_path))

@@ -19,7 +19,8 @@ import torch
 
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.speculative import speculative_sample
-from specdiff_train.speculative.windows import HeuristicWindow, WindowPolicy
+from specdiff_train.speculative.costs import CostModel
+from specdiff_train.speculative.windows import CostAwareWindow, HeuristicWindow, WindowPolicy
 from specdiff_train.speculative.verify import verify_block, verify_tokenwise, weighted_residual_correction
 from specdiff_train.testing import (
     GaussianDataDenoiser,
@@ -90,6 +91,18 @@ def scaled_last_step_draft(factor: float):
     return perturb
 
 
+def window_chosen_after_verification(noise, states, draft_means, target_means, stds, lengths, has_next, accept_u,
+                                     xi, residual_u, **kwargs):
+    """WRONG: the window chosen from the round's own verification (a policy that peeks at the target's
+    outputs of the round it chooses for): each chain's window is cut to the drafts that pass, so no
+    round ever corrects; the step after the last passing draft is a plain target step instead."""
+    passed = verify_block(noise, states, draft_means, target_means, stds, lengths, has_next, accept_u, xi,
+                          residual_u).accepted
+    step_follows = (passed < lengths) | has_next
+    return verify_block(noise, states, draft_means, target_means, stds, passed, step_follows, accept_u, xi, residual_u,
+                        **kwargs)
+
+
 RULES = {
     "block": (verify_block, None),
     "tokenwise-reflection": (partial(verify_tokenwise, correction="reflection"), None),
@@ -97,6 +110,7 @@ RULES = {
     "early-step-reflection": (partial(verify_block, correction=early_step_reflection), None),
     "unweighted-residual": (partial(verify_block, correction=unweighted_residual), None),
     "doubled-last-step-draft-std": (verify_block, 2.0),
+    "window-chosen-after-verification": (window_chosen_after_verification, None),
 }
 
 
@@ -117,8 +131,12 @@ class ErraticWindow(WindowPolicy):
         return torch.minimum(drawn, self.steps_left(steps).clamp(min=0)) * ready
 
 
+# The cost-aware policy with a cost model that makes its windows move between 0 and 4 along the run
+# (2500 chains: 2 on ~half the rounds, 1 on a third, 3 or 4 on the rest, a plain step once).
+AUTO_COSTS = CostModel(target_rows=(2500, 5000, 12500), target_s=(1.0, 1.1, 1.8), round_s=0.1)
 POLICIES = {None: lambda: WINDOW, "heuristic": lambda: HeuristicWindow(initial=2, max_window=WINDOW),
-            "erratic": lambda: ErraticWindow(WINDOW)}
+            "erratic": lambda: ErraticWindow(WINDOW),
+            "auto": lambda: CostAwareWindow(max_window=WINDOW, cost_model=AUTO_COSTS)}
 
 
 @lru_cache(maxsize=None)
@@ -187,10 +205,11 @@ def test_every_step_of_the_path_is_exact_when_noise_is_refilled(rule, rounds_of_
     assert output["ks_p"] > 1e-4 and output["mean_z"] < 4.5 and output["var_z"] < 4.5, output
 
 
-@pytest.mark.parametrize("policy", ["heuristic", "erratic"])
+@pytest.mark.parametrize("policy", ["auto", "heuristic", "erratic"])
 def test_every_step_of_the_path_is_exact_with_adaptive_windows(policy):
     """A chain's window may depend on anything before its round (ALGORITHMS.md section 10): the
-    transformers-style heuristic and windows drawn at random keep every step's law."""
+    cost-aware policy (windows from past pass rates), the transformers-style heuristic and windows
+    drawn at random keep every step's law."""
     recorder, result, report, output = _run("block", None, policy)
     assert_path_exact(report)
     assert output["ks_p"] > 1e-4 and output["mean_z"] < 4.5 and output["var_z"] < 4.5, output
@@ -210,6 +229,7 @@ def test_output_test_alone_misses_a_wrong_rule_confined_to_early_steps():
     ("early-step-reflection", range(0, 12)),  # std > 0.5 at steps 0..11
     ("unweighted-residual", range(0, NUM_STEPS)),
     ("doubled-last-step-draft-std", [NUM_STEPS - 2]),
+    ("window-chosen-after-verification", range(0, NUM_STEPS)),
 ])
 def test_known_wrong_rules_are_detected_on_the_path(rule, where):
     recorder, result, report, output = _run(rule)

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..speculative import Drafter
 from ..drafters import training_free_drafters
-from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid
+from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid, window_options
 from .reporting import markdown_table, write_report
 
 
@@ -67,7 +67,7 @@ class SpecDiffTrainer(Trainer):
         ckpt_path: str | None = None,
         drafters: list[str | Drafter] | None = None,
         verifiers: list[str] | None = None,
-        windows: list[int] | None = None,
+        windows: list[int | str] | None = None,
         num_steps: list[int] | None = None,
         num_samples: int = 1000,
         batch_size: int | None = 256,
@@ -77,6 +77,7 @@ class SpecDiffTrainer(Trainer):
         num_permutations: int = 1000,
         feature_net: str | None = None,
         save_samples: bool = False,
+        cost_model: dict | None = None,
     ) -> dict:
         """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling.
 
@@ -90,7 +91,9 @@ class SpecDiffTrainer(Trainer):
             drafters: training-free drafter names (free-eps, free-x0, free-increment, frozen-eps,
                 frozen-x0, frozen-increment) or drafters by class_path (default: free-x0, free-eps, frozen-eps).
             verifiers: "block", "tokenwise" (reflection) and/or "tokenwise-residual" (default: block, tokenwise).
-            windows: drafted steps per round (default: 3, 8).
+            windows: drafted steps per round (default: 3, 8): each an int, 'auto' (cost-aware: chooses each
+                round's window, 0 to 16, that commits the most steps per second on this device; round times
+                measured as it runs) or 'heuristic' (+2 after a fully accepted round, -1 otherwise).
             num_steps: sampling steps to evaluate at (default: 100).
             num_samples: samples per method (seeds seed .. seed + num_samples - 1, shared by all methods).
             batch_size: chains sampled together.
@@ -103,22 +106,22 @@ class SpecDiffTrainer(Trainer):
             feature_net: feature network for image metrics (default: the shipped digits network, for images
                 of its input shape 1x8x8; other image shapes get no FID/KID without one).
             save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
+            cost_model: for reproducible 'auto' windows, round times instead of measured ones (`costs.CostModel`):
+                {target_rows: [...], target_s: [...] (seconds of a target call at those rows), draft_step_s, round_s}.
 
         With `--trainer.devices N --trainer.strategy ddp`, the seeds are split across the N processes
-        and gathered; the report equals the single-process one.
+        and gathered; the report equals the single-process one ('auto' windows' samples: in law only).
         """
+        # Every option for `_evaluate`: the parameters, as nothing else is defined yet.
+        options = {name: value for name, value in locals().items() if name not in ("self", "model", "datamodule")}
         check_permutations(num_permutations, alpha)  # before any sampling (and before DDP starts the ranks)
-        options = dict(
-            ckpt_path=ckpt_path, drafters=drafters, verifiers=verifiers, windows=windows, num_steps=num_steps,
-            num_samples=num_samples, batch_size=batch_size, seed=seed, out_dir=out_dir, alpha=alpha,
-            num_permutations=num_permutations, feature_net=feature_net, save_samples=save_samples,
-        )
+        window_options(windows, cost_model)  # a bad window or cost model: refused here too
         if self.strategy.launcher is not None:  # DDP: start the other ranks as fit does
             return self.strategy.launcher.launch(self._evaluate, model, datamodule, trainer=self, **options)
         return self._evaluate(model, datamodule, **options)
 
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
-                  batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples) -> dict:
+                  batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples, cost_model) -> dict:
         from ..models import load_target
         from ..drafters.checkpoints import check_drafter_target
 
@@ -134,7 +137,7 @@ class SpecDiffTrainer(Trainer):
         resolved = resolve_drafters(drafters or DEFAULT_DRAFTERS)
         # Learned drafters are compared with the target they are used with (weight fingerprints).
         notes = [note for make in resolved.values() if (note := check_drafter_target(make(), model))]
-        methods = method_grid(resolved, verifiers, windows)
+        methods = method_grid(resolved, verifiers, windows, cost_model)
         reference, extractor = None, image_feature_extractor(shape, feature_net)
         if datamodule is not None and hasattr(datamodule, "reference_samples"):
             reference = datamodule.reference_samples(num_samples, seed=seed)

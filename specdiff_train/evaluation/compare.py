@@ -5,6 +5,8 @@ Pure PyTorch (no Lightning): the evaluate command, the demo and the benchmark-li
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from ..sampling import ancestral_sample
 from ..sampling_stats import SamplingStats
 from ..speculative import Drafter, speculative_sample
 from ..speculative.verifiers import Verifier, parse_verifier
-from ..speculative.windows import FixedWindow
+from ..speculative.costs import CostModel
+from ..speculative.windows import WindowPolicy, as_window_policy
 from .metrics import two_sample_report
 
 NUM_TIME_BUCKETS = 10
@@ -61,24 +64,65 @@ class Method:
     """One speculative configuration: a drafter (made fresh per run) x verifier x window.
 
     `verifier` is a name of the registry ("block", "tokenwise", "tokenwise-residual", ...), a
-    `Verifier` or a verify function; `correction` is token-wise's (see `verifiers.parse_verifier`)."""
+    `Verifier` or a verify function; `correction` is token-wise's (see `verifiers.parse_verifier`).
+    `window` is an int (a fixed window), "auto" (the cost-aware policy), "heuristic" or a
+    `WindowPolicy` (copied for each run); `cost_model` (a `costs.CostModel` or its mapping) is auto's
+    only (default: round times measured as it runs)."""
 
     drafter: Callable[[], Drafter]
     verifier: str | Callable = "block"
-    window: int = 8
+    window: int | str | WindowPolicy = 8
     correction: str | None = None
     label: str = ""
+    cost_model: CostModel | dict | None = None
 
     def __post_init__(self):
         try:
             self.rule: Verifier = parse_verifier(self.verifier, self.correction)
-            FixedWindow(self.window)
+            self.policy()  # refuses a bad window or cost model before any sampling
         except ValueError as err:
             raise ValueError(f"method {self.label or '?'}: {err}") from None
 
+    def policy(self, default_cost_model: CostModel | dict | None = None) -> WindowPolicy:
+        """A fresh window policy for one run: policies learn as they run (auto keeps its pass counts
+        and round times across runs of one plan), so no two runs, warm-up included, share one.
+        `default_cost_model` serves an auto window that has no cost model of its own."""
+        if isinstance(self.window, WindowPolicy) and self.cost_model is None:
+            return copy.deepcopy(self.window)  # as given, before any run
+        cost_model = self.cost_model
+        if cost_model is None and self.window == "auto":
+            cost_model = default_cost_model
+        return as_window_policy(self.window, cost_model)
+
+    @property
+    def window_name(self) -> int | str:
+        """The window as reports show it: the int of a fixed window, else the policy's name ("auto")."""
+        return self.window.describe() if isinstance(self.window, WindowPolicy) else self.window
+
     @property
     def name(self) -> str:
-        return f"{self.label}/{self.rule.name}/w{self.window}"
+        window = self.window_name
+        return f"{self.label}/{self.rule.name}/" + (f"w{window}" if isinstance(window, int) else str(window))
+
+
+def window_option(value) -> int | str | WindowPolicy:
+    """A window as YAML or a command line gives it: a string of digits ("8") is the int; anything else
+    is kept (an int, "auto", "heuristic" or a policy; `Method` checks it)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _cost_model_dict(cost_model) -> dict | None:
+    """A cost model for the report (JSON), checked: a one-line ValueError naming the bad field."""
+    return None if cost_model is None else dataclasses.asdict(CostModel.from_dict(cost_model))
+
+
+def _check_cost_model_used(cost_model, windows) -> None:
+    """A cost model given for a grid without an auto window would be ignored: refuse it instead."""
+    if cost_model is not None and "auto" not in windows:
+        raise ValueError(f"cost_model: only window 'auto' uses a cost model, and the windows {list(windows)} have "
+                         "none; add 'auto' to the windows or drop cost_model")
 
 
 def min_permutations(alpha: float) -> int:
@@ -110,11 +154,24 @@ def exactness_seeds(seeds: Sequence[int]) -> list[int]:
     return list(range(start, start + len(seeds)))
 
 
+def window_options(windows: Sequence | None, cost_model: CostModel | dict | None = None) -> list:
+    """A grid's windows (default `DEFAULT_WINDOWS`) as `window_option`s, each checked with the cost model
+    it would get: a bad window or cost model fails once, naming its field, not once per method."""
+    windows = [window_option(window) for window in (windows or DEFAULT_WINDOWS)]
+    _check_cost_model_used(cost_model, windows)
+    for window in windows:
+        as_window_policy(window, cost_model if window == "auto" else None)
+    return windows
+
+
 def method_grid(drafters: dict[str, Callable[[], Drafter]], verifiers: Sequence[str] | None = None,
-                windows: Sequence[int] | None = None) -> list[Method]:
-    """The cross product drafter x verifier x window (defaults: `DEFAULT_VERIFIERS`, `DEFAULT_WINDOWS`)."""
-    return [Method(make, verifier, int(window), label=label) for label, make in drafters.items()
-            for verifier in (verifiers or DEFAULT_VERIFIERS) for window in (windows or DEFAULT_WINDOWS)]
+                windows: Sequence[int | str] | None = None,
+                cost_model: CostModel | dict | None = None) -> list[Method]:
+    """The cross product drafter x verifier x window (defaults: `DEFAULT_VERIFIERS`, `DEFAULT_WINDOWS`).
+    A window is an int, "auto" or "heuristic" (`window_option`); `cost_model` goes to every auto method."""
+    windows = window_options(windows, cost_model)
+    return [Method(make, verifier, window, label=label, cost_model=cost_model if window == "auto" else None)
+            for label, make in drafters.items() for verifier in (verifiers or DEFAULT_VERIFIERS) for window in windows]
 
 
 def time_buckets(drafted: Sequence[int], accepted: Sequence[int], num_steps: int, buckets: int = NUM_TIME_BUCKETS):
@@ -171,6 +228,7 @@ def compare_methods(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     warmup: bool = True,
+    cost_model: CostModel | dict | None = None,
 ) -> dict:
     """Run ancestral sampling and every method on the same seeds, for each num_steps; the exactness
     test compares each method with ancestral samples from other seeds (`exactness_seeds`).
@@ -191,20 +249,28 @@ def compare_methods(
     `min(num_steps, WARMUP_STEPS)` steps, at the timed run's batch shapes: the first call of a code path
     pays one-off costs (imports, kernel and allocator set-up) that would otherwise be charged to
     whichever method runs first (in a fresh process, ancestral sampling took 20x its warm time).
+
+    `cost_model` (a `costs.CostModel` or its mapping) serves every method with window "auto" that has
+    none of its own, for reproducible auto runs; the report's config records each method's
+    (`cost_models`, None where round times are measured). Every run, warm-up included, gets a fresh
+    window policy (`Method.policy`).
     """
     seeds = list(seeds)
     quality = quality or Quality()
     if len(seeds) < 2:
         raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
     check_permutations(quality.num_permutations, alpha)
-    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup)
+    _check_cost_model_used(cost_model, [m.window for m in methods])
+    cost_models = {m.name: _cost_model_dict(m.cost_model if m.cost_model is not None else cost_model)
+                   for m in methods if m.window == "auto"}
+    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup, cost_model)
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
     results = [row for steps in num_steps for row in _rows(run, steps, methods, quality, reference_feats, alpha, log)]
     config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
                   exactness_first_seed=exactness_seeds(seeds)[0], batch_size=batch_size,
                   alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
                   schedule=schedule.config(), num_permutations=quality.num_permutations,
-                  warmup_steps=WARMUP_STEPS if warmup else 0)
+                  warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models)
     return dict(config=config, results=results)
 
 
@@ -224,7 +290,7 @@ def _rows(run: "_Runs", steps: int, methods, quality: Quality, reference_feats, 
         exactness = quality.against(quality.features(samples), exact_ref_feats, samples, exact_ref)
         entry = dict(
             method=method.name, num_steps=steps, drafter=stats.drafter, verifier=stats.verifier,
-            window=method.window, **{key: stats[key] for key in REPORTED_STATS},
+            window=method.window_name, **{key: stats[key] for key in REPORTED_STATS},
             wall_clock_ratio=stats.wall_clock_s / base_stats.wall_clock_s,
             acceptance_by_time=time_buckets(stats.drafted_per_step, stats.accepted_per_step, steps),
             vs_ancestral=exactness, exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
@@ -255,6 +321,7 @@ class _Runs:
     batch_size: int | None
     progress: bool
     warmup: bool
+    cost_model: CostModel | dict | None = None  # auto methods without their own
 
     def _warm(self, run: Callable, steps: int) -> None:
         if self.warmup:
@@ -274,7 +341,8 @@ class _Runs:
     def method(self, method: Method, steps: int):
         def run(shard, num_steps=steps, progress=self.progress):
             out = speculative_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
-                                     drafter=method.drafter(), verifier=method.rule, window=method.window,
+                                     drafter=method.drafter(), verifier=method.rule,
+                                     window=method.policy(self.cost_model),
                                      batch_size=self.batch_size, progress=progress)
             return out.samples, out.stats
 

@@ -40,6 +40,18 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def window_order(window) -> tuple:
+    """Sort key of report windows: fixed windows (ints) by size, then policies ("auto", ...) by name."""
+    if window is None:
+        return (2, 0, "")
+    return (0, window, "") if isinstance(window, int) else (1, 0, str(window))
+
+
+def window_label(window) -> str:
+    """A window in a legend: "w8" for a fixed window, the policy's name ("auto") otherwise."""
+    return f"w{window}" if isinstance(window, int) else str(window)
+
+
 LINESTYLES = {"block": "-", "tokenwise-reflection": "--", "tokenwise-residual": ":"}
 MARKERS = "osD^vP*X"
 
@@ -53,7 +65,7 @@ def acceptance_plot(report: dict, path: Path | None = None):
 
     curves = [r for r in report["results"] if r.get("acceptance_by_time")]
     drafters = list(dict.fromkeys(r["method"].split("/")[0] for r in curves))
-    windows = sorted({r.get("window") for r in curves}, key=lambda w: (w is None, w))
+    windows = sorted({r.get("window") for r in curves}, key=window_order)
     steps = sorted({r["num_steps"] for r in curves})
     ncols = min(3, max(1, len(drafters)))
     nrows = max(1, -(-len(drafters) // ncols))
@@ -67,7 +79,7 @@ def acceptance_plot(report: dict, path: Path | None = None):
             xs = [(i + 0.5) / len(curve) for i, v in enumerate(curve) if v is not None]
             ys = [v for v in curve if v is not None]
             verifier = r["method"].split("/")[1]
-            label = f"{verifier}, w{r.get('window')}" + (f", {r['num_steps']} steps" if len(steps) > 1 else "")
+            label = f"{verifier}, {window_label(r.get('window'))}" + (f", {r['num_steps']} steps" if len(steps) > 1 else "")
             ax.plot(xs, ys, color=colours[windows.index(r.get("window"))], linestyle=LINESTYLES.get(verifier, "-."),
                     marker=MARKERS[steps.index(r["num_steps"]) % len(MARKERS)], ms=3, lw=1.4, label=label)
         ax.set_title(drafter, fontsize=10)

@@ -55,7 +55,9 @@ class SpeculativeEvaluation(Callback):
         drafters: training-free drafter names or Drafter objects (default, as `evaluate`: free-x0,
             free-eps, frozen-eps).
         verifiers: "block", "tokenwise", "tokenwise-residual" (default, as `evaluate`: block, tokenwise).
-        windows: drafted steps per round (default, as `evaluate`: 3, 8).
+        windows: drafted steps per round (default, as `evaluate`: 3, 8): each an int, 'auto' (cost-aware:
+            chooses each round's window, 0 to 16, that commits the most steps per second on this device;
+            round times measured as it runs) or 'heuristic' (+2 after a fully accepted round, -1 otherwise).
         num_steps: sampling steps (default: 50).
         num_samples: seeds 0..num_samples-1 (fixed across epochs, so numbers are comparable).
         batch_size: chains sampled together (default: all).
@@ -64,19 +66,22 @@ class SpeculativeEvaluation(Callback):
             1/(1 + num_permutations) is below alpha (100 for alpha 0.01), else refused.
         alpha: exactness check level (a method whose p-value against ancestral samples from other seeds
             falls below it is flagged, `exact_ok` False).
+        cost_model: for reproducible 'auto' windows, the round times instead of measuring them:
+            {target_rows: [...], target_s: [...], draft_step_s: ..., round_s: ...} (`costs.CostModel`).
     """
 
     def __init__(
         self,
         drafters: list | None = None,
         verifiers: list[str] | None = None,
-        windows: list[int] | None = None,
+        windows: list[int | str] | None = None,
         num_steps: list[int] | None = None,
         num_samples: int = 256,
         batch_size: int | None = None,
         every_n_epochs: int = 1,
         num_permutations: int = 100,
         alpha: float = 0.01,
+        cost_model: dict | None = None,
     ):
         if num_samples < 2:
             raise ValueError(f"SpeculativeEvaluation.num_samples: the two-sample tests need >= 2, got {num_samples}")
@@ -84,7 +89,8 @@ class SpeculativeEvaluation(Callback):
             raise ValueError(f"SpeculativeEvaluation.every_n_epochs: expected >= 0, got {every_n_epochs}")
         check_permutations(num_permutations, alpha, "SpeculativeEvaluation.num_permutations")
         self.alpha = alpha
-        self.methods = method_grid(resolve_drafters(drafters or DEFAULT_DRAFTERS), verifiers, windows)
+        # Methods keep the window options: each evaluation makes fresh policies (`Method.policy`).
+        self.methods = method_grid(resolve_drafters(drafters or DEFAULT_DRAFTERS), verifiers, windows, cost_model)
         self.num_steps = num_steps or [50]
         self.num_samples, self.batch_size = num_samples, batch_size
         self.every_n_epochs, self.num_permutations = every_n_epochs, num_permutations

@@ -123,10 +123,11 @@ class CostAwareWindow(WindowPolicy):
     the run's recent pass rate, itself shrunk towards `prior`. Block verification commits at least that
     in expectation. The seconds of each window come from `cost_model`, or are measured as the sampler
     runs (`costs.MeasuredRoundTimes`): until a drafting round is timed, the window fills about
-    `FIRST_ROWS` rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then the policy also times a
-    plain step, and tries windows twice as long as the longest timed only where the times' slope says
-    they may pay (and half as short by interpolation with the plain step's time). A policy object given to several runs of the same plan keeps what it learned
-    (pass counts and round times); `window="auto"` starts afresh each run.
+    `FIRST_ROWS` rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then untimed windows are
+    estimated from the timed ones (a plain step optimistically, so that it gets tried; longer windows
+    one doubling at a time, where the times' slope says they may pay). A policy object given to
+    several runs of the same plan keeps what it learned (pass counts and round times);
+    `window="auto"` starts afresh each run.
 
     The window depends only on rounds already verified (and, when measured, their wall-clock), never
     on the round it is chosen for, so sampling stays exact (in law). With an explicit `cost_model` a
@@ -149,7 +150,8 @@ class CostAwareWindow(WindowPolicy):
         self.cost_model = None if cost_model is None else CostModel.from_dict(cost_model)
         self.prior = _check_prior(prior)
         if not (isinstance(prior_weight, (int, float)) and math.isfinite(prior_weight) and prior_weight > 0):
-            raise ValueError(f"prior_weight: expected a number > 0 (observed drafts the prior is worth), got {prior_weight!r}")
+            raise ValueError(f"prior_weight: expected a number > 0 (observed drafts the prior is worth), "
+                             f"got {prior_weight!r}")
         self.prior_weight = float(prior_weight)
 
     def start(self, plan, capacity, device) -> int:
