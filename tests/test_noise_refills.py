@@ -22,6 +22,7 @@ from specdiff_train.noise import Stream, gaussian, step_noise_blocks, uniform
 from specdiff_train.sampling import ancestral_sample
 from specdiff_train.speculative import FreeDrafter, FrozenTargetDrafter, speculative_sample
 from specdiff_train.speculative.verify import verify_block, verify_tokenwise
+from specdiff_train.speculative.windows import WindowPolicy
 from specdiff_train.testing import GaussianDataDenoiser
 
 NUM_STEPS = 20
@@ -185,3 +186,44 @@ def test_tokenwise_ledger_sees_the_same_keys(chain):
         want = expected_round_noise(SEEDS[seed_index], chain_round, 5)
         L = draft.shape[0]
         assert torch.equal(draft.reshape(L, *SHAPE), want[0][:L]) and torch.equal(accept, want[2][:L])
+
+
+class GrowingWindow(WindowPolicy):
+    """Windows 1, 1, 2, 2, 3, 3, 4, ... (every chain), from a noise buffer that starts one draft wide:
+    the engine widens the buffer as the windows grow (as it does for `window="auto"`)."""
+
+    def start(self, plan, capacity, device):
+        super().start(plan, capacity, device)
+        self.rounds = 0
+        return 4
+
+    def noise_window(self) -> int:
+        return 1
+
+    def learn(self, slots, steps, lengths, accepted):
+        self.rounds += 1
+
+    def windows(self, slots, steps, ready):
+        return self.steps_left(steps).clamp(min=0, max=min(4, 1 + self.rounds // 2)) * ready
+
+
+@pytest.mark.parametrize("rounds_ahead", [1, 64])
+def test_a_widened_noise_buffer_gives_every_round_its_own_keys(chain, rounds_ahead):
+    schedule, model = chain
+    ledger = NoiseLedger(verify_block)
+    result = speculative_sample(model, schedule, SHAPE, num_steps=NUM_STEPS, seeds=SEEDS, batch_size=7,
+                                drafter=ledger.drafter(FreeDrafter, freeze="x0"), window=GrowingWindow(),
+                                verifier=ledger, noise_buffer=round_buffer(7, 4, rounds_ahead))
+    widths = set()
+    for seed_index, chain_round, draft, xi, accept, residual in ledger.records:
+        want = expected_round_noise(SEEDS[seed_index], chain_round, 4)
+        L = draft.shape[0]
+        widths.add(L)
+        where = f"seed {SEEDS[seed_index]}, round {chain_round}"
+        assert torch.equal(draft.reshape(L, *SHAPE), want[0][:L].to(draft.dtype)), where
+        assert torch.equal(xi, want[1].to(xi.dtype)) and torch.equal(accept, want[2][:L].to(accept.dtype)), where
+        assert torch.equal(residual, want[3].to(residual.dtype)), where
+    assert {1, 2, 4} <= widths  # the buffer was widened twice
+    reference = speculative_sample(model, schedule, SHAPE, num_steps=NUM_STEPS, seeds=SEEDS, batch_size=7,
+                                   drafter=FreeDrafter("x0"), window=GrowingWindow())
+    assert torch.equal(result.samples, reference.samples)  # the same samples whatever the buffer's history

@@ -82,10 +82,10 @@ ROUND_BOUNDS = {
 # in proportion to rows (the compute-bound extreme: plain rounds, the policy's choice included).
 COST_MODELS = {"flat": CostModel.flat(), "per-row": CostModel.per_row()}
 AUTO_ROUND_BOUNDS = {
-    ("free-x0", "block", 1, 1, 100, "flat"): (306.3, 1.55),  # 305.72 / 1.44 / 18
-    ("medusa", "block", 1, 1, 100, "flat"): (452.6, 1.72),  # 452.08 / 1.62 / 13
-    ("free-x0", "block", 64, 64, 10, "per-row"): (149.1, 1.9),  # 148.60 / 1.80 / 10
-    ("free-x0", "block", 1, 1, 100, "per-row"): (98.4, 1.19),  # 97.85 / 1.08 / 100
+    ("free-x0", "block", 1, 1, 100, "flat"): (316.2, 1.55),  # 315.67 / 1.44 / 18
+    ("medusa", "block", 1, 1, 100, "flat"): (462.5, 1.72),  # 462.00 / 1.62 / 13
+    ("free-x0", "block", 64, 64, 10, "per-row"): (158.0, 1.9),  # 157.50 / 1.80 / 10
+    ("free-x0", "block", 1, 1, 100, "per-row"): (108.4, 1.19),  # 107.84 / 1.08 / 100
 }
 
 # (batch, num_steps) -> max operators per ancestral step (host syncs: none); seeds range(batch), seed 1 at batch 1.

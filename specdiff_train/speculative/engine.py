@@ -271,8 +271,9 @@ class RoundEngine:
         drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,
                                   setup.dtype, all_slots=self.pool.all_slots))
         numel = int(torch.Size(setup.shape).numel())
-        window = policy.start(setup.plan, capacity, seeds.device)
-        self.noise = RoundNoise(capacity, window, numel, seeds.device, max_elements=setup.noise_buffer)
+        self._longest_window = policy.start(setup.plan, capacity, seeds.device)
+        noise_window = getattr(policy, "noise_window", lambda: self._longest_window)()
+        self.noise = RoundNoise(capacity, noise_window, numel, seeds.device, max_elements=setup.noise_buffer)
         self._step_noise: RoundNoise | None = None  # made at the first plain round that needs it
         self.rounds = self.draft_calls = 0
         self._live_changed = True  # then the live slots, their windows and the longest are recomputed
@@ -299,6 +300,8 @@ class RoundEngine:
         """The buffer this round draws from, its expired slots filled first (`noise.RoundNoise`): the
         full window's, or in a plain round after a plain round, when the full window's draws ran out,
         the bonus Gaussian's alone."""
+        if L > self.noise.window:
+            self._widen_noise(L)
         live, buffer = self.pool.live, self.noise
         expired = buffer.expired(self.rounds, live)
         plain_again, self._last_plain = self._last_plain and L == 0, L == 0
@@ -309,6 +312,16 @@ class RoundEngine:
             fill = slots if len(expired) == len(live) else torch.tensor(expired, device=slots.device)
             buffer.fill(fill, self.pool.rounds[fill], self.rounds, expired)
         return buffer
+
+    def _widen_noise(self, L: int) -> None:
+        """A round drafts more steps than the noise buffer holds (a policy that began with short windows,
+        `noise_window`): a wider buffer, at least twice as wide, drawn afresh. Draws are keyed, so the
+        numbers are those the narrower buffer would have given; only the hashing of unused drafts differs."""
+        old = self.noise
+        width = min(self._longest_window, max(L, 2 * old.window))
+        self.noise = RoundNoise(len(self.pool.all_slots), width, old.numel, old.seed_keys.device,
+                                max_elements=self.setup.noise_buffer)
+        self.noise.seed_keys.copy_(old.seed_keys)
 
     def _plain_noise(self) -> RoundNoise:
         """Plain rounds need only the bonus Gaussian: drawn apart once the full window's draws have run

@@ -119,13 +119,15 @@ class CostAwareWindow(WindowPolicy):
 
     Expected steps of a chain at step n with window L: 1 + sum_{i<L} prod_{j<=i} a(n + j), where a(s)
     is the probability that a draft of transition s passes, estimated from this run's rounds: drafts
-    passed / drafts tried at step s (a draft after the first rejection was not tried), shrunk towards
-    the run's recent pass rate, itself shrunk towards `prior`. Block verification commits at least that
+    passed / drafts tried at step s by all chains (a draft after the first rejection was not tried),
+    shrunk towards the chain's recent pass rate (which starts at `prior`), or towards `prior` itself
+    when it gives one value per step. Block verification commits at least that
     in expectation. The seconds of each window come from `cost_model`, or are measured as the sampler
     runs (`costs.MeasuredRoundTimes`): until a drafting round is timed, the window fills about
     `FIRST_ROWS` rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then untimed windows are
     estimated from the timed ones (a plain step optimistically, so that it gets tried; longer windows
-    one doubling at a time, where the times' slope says they may pay). A policy object given to
+    one doubling at a time, where the times' slope says they may pay), and every `RETIME_EVERY`-th
+    round takes the runner-up, so that a window timed once in a slow round is timed again. A policy object given to
     several runs of the same plan keeps what it learned (pass counts and round times);
     `window="auto"` starts afresh each run.
 
@@ -142,7 +144,8 @@ class CostAwareWindow(WindowPolicy):
     """
 
     FIRST_ROWS = 64  # measured costs: the first drafting round's window fills about this many rows
-    MEMORY = 0.8  # per round, the weight the recent pass rate keeps of its past
+    FORGET = 0.15  # the weight of a chain's latest draft in its recent pass rate
+    RETIME_EVERY = 10  # measured costs: every 10th round takes the runner-up window, whose time may be stale
 
     def __init__(self, max_window: int = 16, cost_model: CostModel | dict | None = None,
                  prior: float | Sequence[float] = 0.8, prior_weight: float = 2.0):
@@ -167,58 +170,84 @@ class CostAwareWindow(WindowPolicy):
             raise ValueError(f"prior: {len(prior)} values for a plan of {N} steps; give one per step or one number")
         self.prior_t = prior.to(device)
         self.passed, self.tried = torch.zeros(N, dtype=dtype, device=device), torch.zeros(N, dtype=dtype, device=device)
-        self.recent = torch.zeros(2, dtype=dtype, device=device)  # decayed (passed, tried) over all chains
-        offsets = arange(0, self.longest, device)
-        self._at = (arange(0, N, device).unsqueeze(1) + offsets).clamp(max=N - 1)  # (N, longest): step of draft i
-        left = (plan.num_stochastic_steps - arange(0, N, device)).clamp(min=0)
-        self._in_chain = offsets < left.unsqueeze(1)  # (N, longest): draft i exists for a chain at step n
+        self.recent = torch.zeros(capacity, dtype=dtype, device=device)  # each chain's recent pass rate
+        self._in_chain = arange(0, self.longest, device) < (plan.num_stochastic_steps - arange(0, N, device)).unsqueeze(1)
         self._measured = MeasuredRoundTimes() if self.cost_model is None else None
         self._measured is None or self._measured.start()
         self._costs: dict[int, torch.Tensor] = {}
-        self._device = device
-        self._update_expected()
+        self._plain_pending, self._device, self._rounds = False, device, 0
+        self.join(arange(0, capacity, device))
         return self.longest
 
-    def _update_expected(self) -> None:
-        """expected[n, L]: steps a chain at step n is expected to commit with window L (from the counts)."""
-        passed, tried = self.recent.unbind()
-        run_rate = (passed + self.prior_weight * self.prior_t) / (tried + self.prior_weight)
-        rate = (self.passed + self.prior_weight * run_rate) / (self.tried + self.prior_weight)
-        reach = torch.cumprod(rate[self._at], 1) * self._in_chain  # P(draft i of a window from n passes)
-        self.expected = torch.nn.functional.pad(reach.cumsum(1), (1, 0)) + 1
+    def join(self, slots) -> None:
+        """A new chain's recent pass rate starts at the prior (at step 0 for a per-step prior)."""
+        self.recent[slots] = (self.prior_t if self.prior_t.ndim == 0 else self.prior_t[0]).to(self.recent.dtype)
 
     def learn(self, slots, steps, lengths, accepted) -> None:
+        """Count the drafts tried and passed at each step (all chains), and update each chain's recent
+        pass rate: an average over its drafts in step order with weight FORGET on the latest, so that a
+        chain entering steps where drafts fail (near the data) shortens its windows within a round or two."""
         offsets = arange(0, self.longest, steps.device)
-        tried = offsets < torch.minimum(accepted + 1, lengths).unsqueeze(1)  # drafts up to the first rejection
-        passed = offsets < accepted.unsqueeze(1)
-        at = self._at[steps].reshape(-1)
+        tried_count = torch.minimum(accepted + 1, lengths)  # drafts up to the first rejection
+        tried, passed = offsets < tried_count.unsqueeze(1), offsets < accepted.unsqueeze(1)
+        at = (steps.unsqueeze(1) + offsets).clamp(max=len(self.tried) - 1).reshape(-1)
         self.tried.index_add_(0, at, tried.reshape(-1).to(self.tried.dtype))
         self.passed.index_add_(0, at, passed.reshape(-1).to(self.passed.dtype))
-        counts = torch.stack([passed.sum(), tried.sum()]).to(self.recent.dtype)
-        self.recent.mul_(self.MEMORY).add_(counts)
-        self._update_expected()
+        keep = 1 - self.FORGET  # tau passes, then the failure if any: the failure is the latest draft
+        after_passes = keep ** (tried_count - accepted).to(self.recent.dtype)
+        recent = keep ** tried_count.to(self.recent.dtype) * self.recent[slots] + after_passes * (1 - keep ** accepted)
+        self.recent[slots] = recent
+        self._rounds += 1
+
+    def expected_steps(self, slots, steps) -> torch.Tensor:
+        """(C, longest + 1): the steps each chain is expected to commit with window 0..longest."""
+        steps = steps.clamp(max=len(self.tried) - 1)  # a chain that just finished is retired before the round
+        at = (steps.unsqueeze(1) + arange(0, self.longest, steps.device)).clamp(max=len(self.tried) - 1)
+        prior = self.prior_t[at] if self.prior_t.ndim else self.recent[slots].unsqueeze(1)
+        rate = (self.passed[at] + self.prior_weight * prior) / (self.tried[at] + self.prior_weight)
+        reach = torch.cumprod(rate, 1) * self._in_chain[steps]  # P(draft i of the window passes)
+        return torch.nn.functional.pad(reach.cumsum(1), (1, 0)) + 1
 
     def on_round_end(self, record) -> None:
-        if self._measured is not None and self._measured.observe(record.window, len(record.slots) == self.capacity):
+        measured = self._measured
+        if measured is None:
+            return
+        if measured.observe(record.window, len(record.slots) == self.capacity):
             self._costs.clear()  # rebuilt from the new times at the next choice
+        pending = record.host.next_window == 0 and 0 not in measured.fastest  # a plain round chosen, not yet timed
+        if pending != self._plain_pending:
+            self._plain_pending = pending
+            self._costs.clear()
 
     def _round_costs(self, chains: int) -> torch.Tensor:
         if chains not in self._costs:
-            source = self.cost_model or self._measured
-            secs = torch.tensor(source.round_times(chains, self.longest), dtype=torch.float64)
+            if self.cost_model is not None:
+                secs = self.cost_model.round_times(chains, self.longest)
+            else:  # a plain round once chosen is not chosen again until its time is known
+                secs = self._measured.round_times(chains, self.longest)
+                secs[0] = math.inf if self._plain_pending else secs[0]
+            secs = torch.tensor(secs, dtype=torch.float64)
             if self._device is not None and torch.device(self._device).type == "cuda":
                 secs = secs.pin_memory().to(self._device, non_blocking=True)  # no stream sync
             self._costs[chains] = secs.to(self._device)
         return self._costs[chains]
 
+    def noise_window(self) -> int:
+        """The engine's first noise buffer holds this many drafts per round (it widens as windows grow):
+        measured, the first window; a large batch that mostly takes plain steps or short windows then
+        does not hash the noise of 16 drafts per chain and round."""
+        return self._first_window() if self.cost_model is None else self.longest
+
+    def _first_window(self) -> int:
+        return min(max(1, self.FIRST_ROWS // self.capacity - 1), self.longest)
+
     def windows(self, slots, steps, ready):
         left = self.steps_left(steps).clamp(min=0)
-        if self._measured is not None:
-            if not self._measured.drafting_timed:
-                first = min(max(1, self.FIRST_ROWS // len(slots) - 1), self.longest)
-                return left.clamp(max=first) * ready
-        at = steps.clamp(max=len(self.expected) - 1)  # a chain that just finished is retired before the round
-        rate = self.expected[at].sum(0) / self._round_costs(len(slots))  # steps per second, by window
+        if self._measured is not None and not self._measured.drafting_timed:
+            return left.clamp(max=self._first_window()) * ready
+        rate = self.expected_steps(slots, steps).sum(0) / self._round_costs(len(slots))  # steps per second
+        if self._measured is not None and self._rounds % self.RETIME_EVERY == self.RETIME_EVERY - 1:
+            rate = rate.scatter(0, rate.argmax().unsqueeze(0), rate.new_zeros(1))  # the runner-up, re-timed
         return torch.minimum(left, rate.argmax()) * ready
 
     def describe(self) -> str:
