@@ -1,7 +1,8 @@
 """Adaptive windows against fixed ones (issue 17's goals), wall-clock ratios measured in one run.
 
 1. Batch 1 (latency): digits, Free Drafter (x0), block verification, each seed sampled alone; ancestral
-   sampling, every fixed window of {1, 2, 3, 4, 6, 8, 12, 16} and `auto`; median over the seeds.
+   sampling, every fixed window of {1, 2, 3, 4, 6, 8, 12, 16}, `auto` (a fresh policy per call) and one
+   `CostAwareWindow` object reused from call to call (what it learned carries over); median over the seeds.
 2. Large batches (throughput): batch 64 and 128, 100 steps, every drafter of the demo; ancestral
    sampling against `auto` (and the demo's fixed window 8); median over the repeats.
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from specdiff_train.evaluation.latency import latency_by_window, throughput_by_drafter  # noqa: E402
 from specdiff_train.models import load_target  # noqa: E402
 from specdiff_train.speculative import FreeDrafter, MedusaDrafter  # noqa: E402
+from specdiff_train.speculative.windows import CostAwareWindow  # noqa: E402
 
 FIXED = [1, 2, 3, 4, 6, 8, 12, 16]
 DIGITS = ROOT / "checkpoints" / "digits"
@@ -73,7 +75,8 @@ def main(argv=None):
     print(header, flush=True)
     tables = [header]
     for num_steps in args.num_steps:
-        rows = latency_by_window(target, DEMO_DRAFTERS["free-x0"], num_steps=num_steps, windows=[*FIXED, "auto"],
+        windows = [*FIXED, "auto", CostAwareWindow()]  # the object: one policy for every call
+        rows = latency_by_window(target, DEMO_DRAFTERS["free-x0"], num_steps=num_steps, windows=windows,
                                  seeds=range(args.seeds))
         tables.append(latency_table(rows, num_steps, args.seeds))
         print("\n" + tables[-1], flush=True)

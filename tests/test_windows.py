@@ -226,3 +226,24 @@ def test_plain_rounds_give_the_verifiers_window_0_result_bit_for_bit(chain, draf
     assert fast.stats.target_calls_per_sample == slow.stats.target_calls_per_sample
     assert fast.stats.accepted_per_step == slow.stats.accepted_per_step
     assert 0 < fast.stats.drafted_steps < NUM_STEPS * 20  # both kinds of rounds ran
+
+
+# --- the latency tables of `make demo` and scripts/bench_windows.py -------------------------------
+
+def test_latency_and_throughput_tables_time_every_window_against_ancestral():
+    from helpers import ROOT
+    from specdiff_train.evaluation.latency import latency_by_window, throughput_by_drafter
+    from specdiff_train.models import load_target
+
+    model = load_target(ROOT / "checkpoints" / "toy2d" / "target.ckpt")
+    shared = CostAwareWindow(max_window=4)
+    rows = latency_by_window(model, lambda: FreeDrafter("x0"), num_steps=20, windows=[2, 4, "auto", shared],
+                             seeds=range(3))
+    assert [r["window"] for r in rows] == ["ancestral", 2, 4, "auto", "auto(4) (one policy, reused)"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["calls"] == 20 and all(r["samples"] == 3 for r in rows)
+    assert min(r["vs_best_fixed"] for r in rows[1:3]) == 1.0
+    assert shared.tried.sum() > 0  # the object was used by every call (and kept what it learned)
+    rows = throughput_by_drafter(model, {"free-x0": lambda: FreeDrafter("x0")}, num_steps=20, batch_size=8,
+                                 repeats=2, windows=(3, "auto"))
+    assert [(r["drafter"], r["window"]) for r in rows] == [("ancestral", None), ("free-x0", 3), ("free-x0", "auto")]
+    assert rows[1]["calls"] < 20 and all(r["median_s"] > 0 for r in rows)

@@ -42,17 +42,23 @@ def _runs(model, shape, num_steps: int, make_drafter, windows, verifier: str, ba
     return {ANCESTRAL: ancestral} | {window: speculative(window) for window in windows}
 
 
+def window_label(window) -> int | str:
+    """An int or a name as given; a policy object by its name, marked as one object for every call."""
+    return window if window is None or isinstance(window, (int, str)) else f"{window.describe()} (one policy, reused)"
+
+
 def _row(config, times: list[float], stats: list, base: float) -> dict:
     calls = [s.target_calls_per_sample for s in stats]
     median = statistics.median(times)
-    return dict(window=config, median_s=median, ratio=median / base, calls=sum(calls) / len(calls),
+    return dict(window=window_label(config), median_s=median, ratio=median / base, calls=sum(calls) / len(calls),
                 samples=len(times))
 
 
 def latency_by_window(model, make_drafter: Callable, *, num_steps: int, windows: Sequence, seeds: Sequence[int],
                       verifier: str = "block") -> list[dict]:
     """Batch 1: each seed sampled alone with ancestral sampling and with every window (an int, "auto",
-    a policy factory's product...), timed whole. Rows: window, median seconds per sample over the seeds,
+    "heuristic", or a policy object, which then keeps what it learned from call to call, the warm-up
+    call included: a server's case), timed whole. Rows: window, median seconds per sample over the seeds,
     ratio to ancestral's median, calls per sample, and `vs_best_fixed`: the ratio to the fastest int window."""
     shape = tuple(model.sample_shape)
     runs = _runs(model, shape, num_steps, make_drafter, windows, verifier, batch_size=1)

@@ -127,7 +127,8 @@ class CostAwareWindow(WindowPolicy):
     `FIRST_ROWS` rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then untimed windows are
     estimated from the timed ones (a plain step optimistically, so that it gets tried; longer windows
     one doubling at a time, where the times' slope says they may pay), and every `RETIME_EVERY`-th
-    round takes the runner-up, so that a window timed once in a slow round is timed again. A policy object given to
+    round takes the runner-up if it is within `RETIME_GAP` of the best, so that a near tie decided by
+    one slow round is timed again. A policy object given to
     several runs of the same plan keeps what it learned (pass counts and round times);
     `window="auto"` starts afresh each run.
 
@@ -145,7 +146,8 @@ class CostAwareWindow(WindowPolicy):
 
     FIRST_ROWS = 64  # measured costs: the first drafting round's window fills about this many rows
     FORGET = 0.15  # the weight of a chain's latest draft in its recent pass rate
-    RETIME_EVERY = 10  # measured costs: every 10th round takes the runner-up window, whose time may be stale
+    RETIME_EVERY = 10  # measured costs: every 10th round takes the runner-up window if it is a near tie
+    RETIME_GAP = 0.1  # ... within 10% of the best's steps per second
 
     def __init__(self, max_window: int = 16, cost_model: CostModel | dict | None = None,
                  prior: float | Sequence[float] = 0.8, prior_weight: float = 2.0):
@@ -247,8 +249,14 @@ class CostAwareWindow(WindowPolicy):
             return left.clamp(max=self._first_window()) * ready
         rate = self.expected_steps(slots, steps).sum(0) / self._round_costs(len(slots))  # steps per second
         if self._measured is not None and self._rounds % self.RETIME_EVERY == self.RETIME_EVERY - 1:
-            rate = rate.scatter(0, rate.argmax().unsqueeze(0), rate.new_zeros(1))  # the runner-up, re-timed
+            return torch.minimum(left, self._near_runner_up(rate)) * ready
         return torch.minimum(left, rate.argmax()) * ready
+
+    def _near_runner_up(self, rate: torch.Tensor) -> torch.Tensor:
+        """The second-best window if it is within RETIME_GAP of the best (a near tie, which a stale time
+        could decide), else the best: re-timing a window that is far behind would only cost time."""
+        top, index = rate.topk(2)
+        return torch.where(top[1] >= (1 - self.RETIME_GAP) * top[0], index[1], index[0])
 
     def describe(self) -> str:
         return "auto" if self.max_window == 16 else f"auto({self.max_window})"
