@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast benchmark bench-rounds bench-gpu clean
+.PHONY: install demo test test-fast benchmark bench-rounds bench-windows bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,11 +34,17 @@ benchmark: install
 bench-rounds: install
 	$(PY) scripts/bench_rounds.py
 
+# window="auto" against every fixed window at batch 1, and against ancestral sampling at batch 64 and 128
+# (docs/benchmarks.md "Adaptive windows"; about 15 minutes on a 2-core CPU).
+bench-windows: install
+	$(PY) scripts/bench_windows.py
+
 # The same on one GPU, eager and compiled (a few minutes); run with the GPU's python:
 #   make bench-gpu PY=python3
 bench-gpu:
 	$(PY) scripts/bench_rounds.py --device cuda --samples 3
 	$(PY) scripts/bench_rounds.py --device cuda --compile --samples 3 --verifiers block
+	$(PY) scripts/bench_windows.py --device cuda --seeds 3 --repeats 3
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache

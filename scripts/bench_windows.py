@@ -66,12 +66,15 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="*", type=int, default=[64, 128], help="large batches (100 steps)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats at each large batch")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (make bench-gpu)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    target = load_target(DIGITS / "target.ckpt").eval()
-    header = (f"device: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s), "
-              f"torch {torch.__version__}; `python scripts/bench_windows.py {shlex.join(argv or sys.argv[1:])}`")
+    target = load_target(DIGITS / "target.ckpt").eval().to(args.device)
+    name = (torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s)")
+    header = (f"device: {name}, torch {torch.__version__}; "
+              f"`python scripts/bench_windows.py {shlex.join(argv or sys.argv[1:])}`")
     print(header, flush=True)
     tables = [header]
     for num_steps in args.num_steps:

@@ -20,9 +20,16 @@ from ..speculative import speculative_sample
 ANCESTRAL = "ancestral"
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a GPU's queued work belongs to the call that queued it
+
+
 def _timed(run: Callable) -> tuple[float, object]:
+    _sync()
     start = time.perf_counter()
     out = run()
+    _sync()
     return time.perf_counter() - start, out
 
 

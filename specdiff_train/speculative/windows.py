@@ -121,16 +121,16 @@ class CostAwareWindow(WindowPolicy):
     is the probability that a draft of transition s passes, estimated from this run's rounds: drafts
     passed / drafts tried at step s by all chains (a draft after the first rejection was not tried),
     shrunk towards the chain's recent pass rate (which starts at `prior`), or towards `prior` itself
-    when it gives one value per step. Block verification commits at least that
-    in expectation. The seconds of each window come from `cost_model`, or are measured as the sampler
-    runs (`costs.MeasuredRoundTimes`): until a drafting round is timed, the window fills about
-    `FIRST_ROWS` rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then untimed windows are
-    estimated from the timed ones (a plain step optimistically, so that it gets tried; longer windows
-    one doubling at a time, where the times' slope says they may pay), and every `RETIME_EVERY`-th
-    round takes the runner-up if it is within `RETIME_GAP` of the best, so that a near tie decided by
-    one slow round is timed again. A policy object given to
-    several runs of the same plan keeps what it learned (pass counts and round times);
-    `window="auto"` starts afresh each run.
+    when it gives one value per step. Block verification commits at least that in expectation.
+
+    The seconds of each window come from `cost_model`, or are measured as the sampler runs
+    (`costs.MeasuredRoundTimes`): until a drafting round is timed, the window fills about `FIRST_ROWS`
+    rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then untimed windows are estimated from the
+    timed ones (a plain step optimistically, so that it gets tried; longer windows one doubling at a
+    time, where the times' slope says they may pay), and every `RETIME_EVERY`-th round takes the
+    runner-up if it is within `RETIME_GAP` of the best, so that a near tie decided by one slow round is
+    timed again. A policy object given to several runs of the same plan keeps what it learned (pass
+    counts and round times); `window="auto"` starts afresh each run.
 
     The window depends only on rounds already verified (and, when measured, their wall-clock), never
     on the round it is chosen for, so sampling stays exact (in law). With an explicit `cost_model` a
