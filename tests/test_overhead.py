@@ -82,10 +82,10 @@ ROUND_BOUNDS = {
 # in proportion to rows (the compute-bound extreme: plain rounds, the policy's choice included).
 COST_MODELS = {"flat": CostModel.flat(), "per-row": CostModel.per_row()}
 AUTO_ROUND_BOUNDS = {
-    ("free-x0", "block", 1, 1, 100, "flat"): (316.2, 1.55),  # 315.67 / 1.44 / 18
-    ("medusa", "block", 1, 1, 100, "flat"): (462.5, 1.72),  # 462.00 / 1.62 / 13
-    ("free-x0", "block", 64, 64, 10, "per-row"): (158.0, 1.9),  # 157.50 / 1.80 / 10
-    ("free-x0", "block", 1, 1, 100, "per-row"): (108.4, 1.19),  # 107.84 / 1.08 / 100
+    ("free-x0", "block", 1, 1, 100, "flat"): (314.6, 1.55),  # 314.06 / 1.44 / 18
+    ("medusa", "block", 1, 1, 100, "flat"): (460.3, 1.72),  # 459.77 / 1.62 / 13
+    ("free-x0", "block", 64, 64, 10, "per-row"): (132.8, 1.9),  # 132.30 / 1.80 / 10
+    ("free-x0", "block", 1, 1, 100, "per-row"): (79.7, 1.19),  # 79.13 / 1.08 / 100
 }
 
 # (batch, num_steps) -> max operators per ancestral step (host syncs: none); seeds range(batch), seed 1 at batch 1.

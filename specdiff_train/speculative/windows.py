@@ -177,7 +177,7 @@ class CostAwareWindow(WindowPolicy):
         self._measured = MeasuredRoundTimes() if self.cost_model is None else None
         self._measured is None or self._measured.start()
         self._costs: dict[int, torch.Tensor] = {}
-        self._plain_pending, self._device, self._rounds = False, device, 0
+        self._plain_pending, self._device, self._rounds, self._next_plain = False, device, 0, False
         self.join(arange(0, capacity, device))
         return self.longest
 
@@ -189,6 +189,9 @@ class CostAwareWindow(WindowPolicy):
         """Count the drafts tried and passed at each step (all chains), and update each chain's recent
         pass rate: an average over its drafts in step order with weight FORGET on the latest, so that a
         chain entering steps where drafts fail (near the data) shortens its windows within a round or two."""
+        self._rounds += 1
+        if self._next_plain:  # a plain round drafts nothing: nothing to count
+            return
         offsets = arange(0, self.longest, steps.device)
         tried_count = torch.minimum(accepted + 1, lengths)  # drafts up to the first rejection
         tried, passed = offsets < tried_count.unsqueeze(1), offsets < accepted.unsqueeze(1)
@@ -199,7 +202,6 @@ class CostAwareWindow(WindowPolicy):
         after_passes = keep ** (tried_count - accepted).to(self.recent.dtype)
         recent = keep ** tried_count.to(self.recent.dtype) * self.recent[slots] + after_passes * (1 - keep ** accepted)
         self.recent[slots] = recent
-        self._rounds += 1
 
     def expected_steps(self, slots, steps) -> torch.Tensor:
         """(C, longest + 1): the steps each chain is expected to commit with window 0..longest."""
@@ -211,6 +213,9 @@ class CostAwareWindow(WindowPolicy):
         return torch.nn.functional.pad(reach.cumsum(1), (1, 0)) + 1
 
     def on_round_end(self, record) -> None:
+        # The next round is plain when the host read says so and no chain finished (then the windows
+        # would be chosen again for the new set of chains).
+        self._next_plain = record.host.next_window == 0 and not record.host.any_finished
         measured = self._measured
         if measured is None:
             return
