@@ -117,8 +117,9 @@ class MeasuredRoundTimes:
     A window's time is the fastest of its rounds (timing noise only adds time). Untimed windows are
     estimated from the timed ones: linearly between them; a plain step (window 0) before it is timed,
     in proportion to the rows of the shortest timed window (optimistic, so that it gets tried); beyond
-    the longest timed window W, up to 2 W only, with the slope of the two longest timed (longer windows
-    are tried one doubling at a time, where the slope says they may pay). Rounds are timed at whatever
+    the longest timed window W, up to 2 W only, with the slope of the two longest timed; below the
+    shortest timed drafting window w, down to w / 2 only, once the plain step is timed (untimed windows
+    are tried one doubling or halving at a time, where the times say they may pay). Rounds are timed at whatever
     number of chains is live: only rounds of the full batch are timed, and their times are kept while
     chains finish.
     """
@@ -151,7 +152,8 @@ class MeasuredRoundTimes:
             raise ValueError("MeasuredRoundTimes: no drafting round has been timed yet")
         plain = self.fastest.get(0, self.fastest[drafting[0]] / (drafting[0] + 1))
         windows, secs = [0, *drafting], [plain, *(self.fastest[w] for w in drafting)]
-        reach = 2 * windows[-1]
-        return [_interpolate(windows, secs, L) if L <= windows[-1] else
-                max(_interpolate(windows, secs, L), secs[-1]) if L <= reach else math.inf
+        low, high = drafting[0] // 2, 2 * drafting[-1]  # one halving, one doubling beyond the timed
+        low = low if 0 in self.fastest else drafting[0]  # no halving on the plain step's guessed time
+        return [math.inf if 0 < L < low or L > high else
+                _interpolate(windows, secs, L) if L <= drafting[-1] else max(_interpolate(windows, secs, L), secs[-1])
                 for L in range(longest + 1)]

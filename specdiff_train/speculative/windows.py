@@ -125,7 +125,8 @@ class CostAwareWindow(WindowPolicy):
 
     The seconds of each window come from `cost_model`, or are measured as the sampler runs
     (`costs.MeasuredRoundTimes`): until a drafting round is timed, the window fills about `FIRST_ROWS`
-    rows (16 at batch 1, 3 at batch 16, 1 from batch 32); then untimed windows are estimated from the
+    rows (7 at batch 1, 3 at batch 2, 1 from batch 4), and a plain step follows it while it is timed
+    (the round after it is chosen before its time is known); then untimed windows are estimated from the
     timed ones (a plain step optimistically, so that it gets tried; longer windows one doubling at a
     time, where the times' slope says they may pay), and every `RETIME_EVERY`-th round takes the
     runner-up if it is within `RETIME_GAP` of the best, so that a near tie decided by one slow round is
@@ -144,7 +145,7 @@ class CostAwareWindow(WindowPolicy):
         prior_weight: how many observed drafts the prior is worth (> 0).
     """
 
-    FIRST_ROWS = 64  # measured costs: the first drafting round's window fills about this many rows
+    FIRST_ROWS = 8  # measured costs: the first drafting round's window fills about this many rows
     FORGET = 0.15  # the weight of a chain's latest draft in its recent pass rate
     RETIME_EVERY = 10  # measured costs: every 10th round takes the runner-up window if it is a near tie
     RETIME_GAP = 0.1  # ... within 10% of the best's steps per second
@@ -178,6 +179,7 @@ class CostAwareWindow(WindowPolicy):
         self._measured is None or self._measured.start()
         self._costs: dict[int, torch.Tensor] = {}
         self._plain_pending, self._device, self._rounds, self._next_plain = False, device, 0, False
+        self._drafting_pending = False  # measured: a first drafting round is on its way, not yet timed
         self.join(arange(0, capacity, device))
         return self.longest
 
@@ -221,6 +223,7 @@ class CostAwareWindow(WindowPolicy):
             return
         if measured.observe(record.window, len(record.slots) == self.capacity):
             self._costs.clear()  # rebuilt from the new times at the next choice
+        self._drafting_pending = record.host.next_window > 0 and not measured.drafting_timed
         pending = record.host.next_window == 0 and 0 not in measured.fastest  # a plain round chosen, not yet timed
         if pending != self._plain_pending:
             self._plain_pending = pending
@@ -250,8 +253,9 @@ class CostAwareWindow(WindowPolicy):
 
     def windows(self, slots, steps, ready):
         left = self.steps_left(steps).clamp(min=0)
-        if self._measured is not None and not self._measured.drafting_timed:
-            return left.clamp(max=self._first_window()) * ready
+        if self._measured is not None and not self._measured.drafting_timed:  # nothing timed yet
+            first = 0 if self._drafting_pending else self._first_window()  # a plain step meanwhile
+            return left.clamp(max=first) * ready
         rate = self.expected_steps(slots, steps).sum(0) / self._round_costs(len(slots))  # steps per second
         if self._measured is not None and self._rounds % self.RETIME_EVERY == self.RETIME_EVERY - 1:
             return torch.minimum(left, self._near_runner_up(rate)) * ready
