@@ -140,19 +140,44 @@ class EvaluateChecker:
         return out, features, x0, means
 
 
+class PlainEvaluateChecker:
+    """Wraps `engine.evaluate_plain` (a plain round: the Free Drafter's first round, a chain's last
+    step) like `EvaluateChecker`, its step std included, recording the steps it saw in `seen`."""
+
+    def __init__(self, net, schedule, plan, seen: set):
+        self.net, self.schedule, self.plan, self.seen = net, schedule, plan, seen
+        self.original = engine_module.evaluate_plain
+
+    def __call__(self, target, tables, x, n, wants_features, schedule):
+        out, features, x0, mean, std = self.original(target, tables, x, n, wants_features, schedule)
+        t = self.plan.t(n)
+        what = f"plain round at steps {sorted(set(n.tolist()))}"
+        assert_close(out, self.net(x, t), f"{what}: target outputs")
+        assert_close(x0, self.schedule.denoised(out.double(), x.double(), t), f"{what}: x0 estimates")
+        reference_mean, reference_std = self.plan.transition(x.double(), n, out.double())
+        assert_close(mean, reference_mean, f"{what}: target means")
+        assert_close(std, reference_std.reshape(std.shape), f"{what}: step std")
+        self.seen.update(n.tolist())
+        return out, features, x0, mean, std
+
+
 @pytest.mark.parametrize("num_chains", [16, 3], ids=["compacted", "uncompacted"])
 @pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_speculative_target_evaluation_is_the_plan_transition(prediction, clip, num_chains, monkeypatch):
     """The round's x0 estimates and target means (window coefficients; from COMPACT_MIN_ROWS padded rows,
-    only the needed rows evaluated) are the reference's at every row the round uses."""
+    only the needed rows evaluated) are the reference's at every row the round uses; so are a plain
+    round's, and its step std."""
     schedule, num_steps, window = make_schedule(prediction, clip), 10, 4
     net = TanhNet()
     checker = EvaluateChecker(net, schedule, schedule.plan(num_steps))
+    plain = PlainEvaluateChecker(net, schedule, schedule.plan(num_steps), checker.steps_seen)
     monkeypatch.setattr(engine_module, "evaluate", checker)
+    monkeypatch.setattr(engine_module, "evaluate_plain", plain)
     speculative_sample(net, schedule, SHAPE, num_steps=num_steps, seeds=range(num_chains), drafter=FreeDrafter(),
                        window=window)
     assert checker.steps_seen == set(range(num_steps)), "every step, the deterministic last one included"
+    assert plain.seen >= {0, num_steps - 1}  # the Free Drafter's first round and the last step were plain
     compact = [rows >= engine_module.COMPACT_MIN_ROWS for rows in checker.row_counts]
     assert any(compact) if num_chains == 16 else not any(compact), checker.row_counts
 

@@ -192,6 +192,16 @@ def evaluate(target: CountingTarget, window: DraftWindow, states, evaluated, wan
     return unflat(out), unflat(features), unflat(x0), unflat(means)
 
 
+def evaluate_plain(target: CountingTarget, tables, x, n, wants_features: bool, schedule):
+    """A plain round's target call on the chains' states X (C, *shape) at steps n, and the target's x0
+    estimate, step mean and step std there: (outputs, features or None, x0, mean, std)."""
+    out = target.evaluate(x, tables.timesteps[n], wants_features)
+    out, features = out if wants_features else (out, None)
+    coef = StepCoefficients(*tables.coefficients[n].reshape(len(x), 5, *([1] * (x.dim() - 1))).unbind(1))
+    x0 = denoise(coef, x, out, schedule)
+    return out, features, x0, step_mean(coef, x, x0), tables.std[n]
+
+
 @dataclass(frozen=True)
 class HostRead:
     """The one host read of a round, and what the host decides from it."""
@@ -398,15 +408,11 @@ class RoundEngine:
         """Every chain takes one ancestral step: the target call on the chains' states and
         X' = mu_P(X) + s xi, the same numbers the verifiers give a window of 0 (its bonus step),
         without their drafting and verification work."""
-        setup, C = self.setup, len(x)
-        tables, ones = setup.tables, torch.ones(C, 1, dtype=torch.bool, device=n.device)
-        out = self.target.evaluate(x, tables.timesteps[n], self.drafter.wants_features)
-        out, features = out if self.drafter.wants_features else (out, None)
-        coef = StepCoefficients(*tables.coefficients[n].reshape(C, 5, *([1] * len(setup.shape))).unbind(1))
-        x0 = denoise(coef, x, out, setup.schedule)
-        mean = step_mean(coef, x, x0)
-        next_state = torch.addcmul(mean.reshape(C, -1), tables.std[n].to(xi.dtype).unsqueeze(-1), xi)
-        zeros = n * 0
+        C = len(x)
+        out, features, x0, mean, std = evaluate_plain(self.target, self.setup.tables, x, n,
+                                                      self.drafter.wants_features, self.setup.schedule)
+        next_state = torch.addcmul(mean.reshape(C, -1), std.to(xi.dtype).unsqueeze(-1), xi)
+        ones, zeros = torch.ones(C, 1, dtype=torch.bool, device=n.device), n * 0
         result = RoundOutcome(accepted=zeros, next_state=next_state, advanced=zeros + 1)
         unsqueeze = lambda v: None if v is None else v.unsqueeze(1)  # noqa: E731
         return result, Verification(states=x.unsqueeze(1), steps=n, outputs=out.unsqueeze(1),
