@@ -327,21 +327,21 @@ class RoundEngine:
         """A round drafts more steps than the noise buffer holds (a policy that began with short windows,
         `noise_window`): a wider buffer, at least twice as wide, drawn afresh. Draws are keyed, so the
         numbers are those the narrower buffer would have given; only the hashing of unused drafts differs."""
-        old = self.noise
-        width = min(self._longest_window, max(L, 2 * old.window))
-        self.noise = RoundNoise(len(self.pool.all_slots), width, old.numel, old.seed_keys.device,
-                                max_elements=self.setup.noise_buffer)
-        self.noise.seed_keys.copy_(old.seed_keys)
+        self.noise = self._noise_like(min(self._longest_window, max(L, 2 * self.noise.window)))
 
     def _plain_noise(self) -> RoundNoise:
         """Plain rounds need only the bonus Gaussian: drawn apart once the full window's draws have run
         out, so that a policy taking plain steps does not hash drafts it never makes."""
         if self._step_noise is None:
-            pool, noise = self.pool, self.noise
-            self._step_noise = RoundNoise(len(pool.all_slots), 0, noise.numel, pool.all_slots.device,
-                                          max_elements=self.setup.noise_buffer)
-            self._step_noise.seed_keys.copy_(noise.seed_keys)
+            self._step_noise = self._noise_like(0)
         return self._step_noise
+
+    def _noise_like(self, window: int) -> RoundNoise:
+        """An empty noise buffer for `window` drafts per round, for the chains in the slots now."""
+        noise = RoundNoise(len(self.pool.all_slots), window, self.noise.numel, self.noise.seed_keys.device,
+                           max_elements=self.setup.noise_buffer)
+        noise.seed_keys.copy_(self.noise.seed_keys)
+        return noise
 
     def _round_noise(self, slots, chain_rounds, L: int) -> RoundNoiseDraw:
         noise = self._noise_buffer(slots, L)
@@ -377,7 +377,7 @@ class RoundEngine:
     def run_round(self) -> RoundRecord:
         """draft -> evaluate -> verify -> the host read -> commit (and retire / admit). A round in which
         no chain drafts is a plain target step (`_plain_round`) when the verifier allows it."""
-        pool, setup = self.pool, self.setup
+        pool = self.pool
         if self._live_changed:  # the live slots, their windows and the longest window (a host read)
             self._live_changed = False
             self._slots = pool.live_slots()
