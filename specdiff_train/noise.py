@@ -213,8 +213,8 @@ class RoundNoise:
 
     def __init__(self, capacity: int, window: int, numel: int, device, max_elements: int = NOISE_BUFFER_ELEMENTS):
         self.window, self.numel = window, numel
-        self.ahead = max(1, min(MAX_ROUNDS_AHEAD, max_elements // (capacity * (window + 1) * numel)))
-        per_round = capacity * (window + 1) * numel
+        per_round = capacity * (window + 1) * numel  # values drawn per round of every slot
+        self.ahead = max(1, min(MAX_ROUNDS_AHEAD, max_elements // per_round))
         self._fill_rounds = max(1, min(self.ahead, max_elements // FIRST_FILL_SHARE // per_round))
         self.gaussians = torch.zeros(capacity, self.ahead, window + 1, numel, device=device)
         self.uniforms = torch.zeros(capacity, self.ahead, window + 1, dtype=torch.float64, device=device)
@@ -246,7 +246,8 @@ class RoundNoise:
                                                         self._gauss_streams, self._gauss_salts, self.numel)
         u_keys = row_keys(keys[:, None, None], base, self._unif_streams, small_counters=True)
         accept, residual = uniform_from_words(words(u_keys, self._unif_salts)).unbind(-2)
-        self.uniforms[slots, :ahead] = torch.cat([accept[..., : self.window], residual[..., :1]], dim=-1)  # W accept, 1 residual
+        # W accept uniforms, then 1 residual uniform
+        self.uniforms[slots, :ahead] = torch.cat([accept[..., : self.window], residual[..., :1]], dim=-1)
         self.first_round[slots] = chain_rounds
         for slot in slot_list:
             self.expires[slot] = sampler_round + ahead
