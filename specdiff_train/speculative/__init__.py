@@ -12,12 +12,15 @@ from ..drafters import (
     Verification,
     relative_draft_cost,
 )
+from .costs import CostModel
 from .engine import RoundRecord
 from .sampler import SpeculativeResult, speculative_sample
 from .verifiers import Verifier, parse_verifier
-from .windows import FixedWindow, HeuristicWindow, WindowPolicy
+from .windows import CostAwareWindow, FixedWindow, HeuristicWindow, WindowPolicy
 
 __all__ = [
+    "CostAwareWindow",
+    "CostModel",
     "DraftContext",
     "Drafter",
     "DraftNetworkDrafter",
