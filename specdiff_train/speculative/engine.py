@@ -185,11 +185,17 @@ def evaluate(target: CountingTarget, window: DraftWindow, states, evaluated, wan
     else:
         out = target.evaluate(flat, flat_t, wants_features)
         out, features = out if wants_features else (out, None)
-    coef = StepCoefficients(*window.coefficients.reshape(C * L1, 5, *([1] * len(shape))).unbind(1))
-    x0 = denoise(coef, flat, out, schedule)
-    means = step_mean(coef, flat, x0)
+    x0, means = denoised_and_mean(window.coefficients, flat, out, schedule)
     unflat = lambda v: None if v is None else v.reshape(C, L1, *v.shape[1:])  # noqa: E731
     return unflat(out), unflat(features), unflat(x0), unflat(means)
+
+
+def denoised_and_mean(coefficients, x, out, schedule):
+    """The target's x0 estimate and step mean at states x (rows, *shape) from its outputs, with each
+    row's transition coefficients (any shape holding rows x 5 values, in row order)."""
+    coef = StepCoefficients(*coefficients.reshape(len(x), 5, *([1] * (x.dim() - 1))).unbind(1))
+    x0 = denoise(coef, x, out, schedule)
+    return x0, step_mean(coef, x, x0)
 
 
 def evaluate_plain(target: CountingTarget, tables, x, n, wants_features: bool, schedule):
@@ -197,9 +203,8 @@ def evaluate_plain(target: CountingTarget, tables, x, n, wants_features: bool, s
     estimate, step mean and step std there: (outputs, features or None, x0, mean, std)."""
     out = target.evaluate(x, tables.timesteps[n], wants_features)
     out, features = out if wants_features else (out, None)
-    coef = StepCoefficients(*tables.coefficients[n].reshape(len(x), 5, *([1] * (x.dim() - 1))).unbind(1))
-    x0 = denoise(coef, x, out, schedule)
-    return out, features, x0, step_mean(coef, x, x0), tables.std[n]
+    x0, mean = denoised_and_mean(tables.coefficients[n], x, out, schedule)
+    return out, features, x0, mean, tables.std[n]
 
 
 @dataclass(frozen=True)
