@@ -1,13 +1,16 @@
 """Plain DDPM ancestral sampling: the baseline that speculative sampling must reproduce exactly."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import DDPMSchedule, denoise, step_mean
+from .compiling import CompileClock, compile_graphs, compile_mode, uses_cuda_graphs
+from .diffusion import DDPMSchedule, StepCoefficients, denoise, step_mean
 from .noise import NOISE_BUFFER_ELEMENTS, Stream, as_seed_tensor, check_noise_buffer, gaussian, step_noise_blocks
 from .sampling_stats import SamplingResult, SamplingStats
 
@@ -46,19 +49,33 @@ def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32
     return gaussian(seeds, 0, Stream.INIT, shape, dtype=dtype)
 
 
-def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer, bar):
-    """The ancestral chains of the seeds in `chunk`, run together: their samples."""
+def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer, bar, step=None):
+    """The ancestral chains of the seeds in `chunk`, run together: their samples. `step`: a compiled
+    `ancestral_step` (`compiling.py`), called with the step's coefficient row as a tensor."""
     # Everything a step needs is prepared here: a step is the network, ~8 operators and no host read.
     coefficients, stds = tables.scalar_coefficients, tables.scalar_std
     x = initial_noise(chunk, shape).to(dtype=dtype)
     timesteps = tables.timesteps[:, None].expand(plan.num_steps, len(chunk)).unbind(0)
     noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps, max_elements=noise_buffer)
+    rows = tables.coefficients.unbind(0) if step is not None else None
     for k in range(plan.num_steps):
-        output = model(x.to(model_dtype), timesteps[k]).to(dtype)
-        mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))
-        x = torch.add(mean, next(noise).to(dtype), alpha=stds[k]) if stds[k] > 0 else mean
+        if step is not None:
+            x = step(model, schedule, model_dtype, x, timesteps[k], rows[k], next(noise) if stds[k] > 0 else None)
+        else:
+            output = model(x.to(model_dtype), timesteps[k]).to(dtype)
+            mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))
+            x = torch.add(mean, next(noise).to(dtype), alpha=stds[k]) if stds[k] > 0 else mean
         bar.update(len(chunk))
     return x
+
+
+def ancestral_step(model, schedule, model_dtype, x, t, coefficients, noise):
+    """One ancestral step with its coefficients as a (5,) tensor row (std last): what `compile=True`
+    captures as one graph, the same for every step (noise None: the zero-variance last step)."""
+    coef = StepCoefficients(*coefficients.unbind(0))
+    output = model(x.to(model_dtype), t).to(x.dtype)
+    mean = step_mean(coef, x, denoise(coef, x, output, schedule))
+    return mean if noise is None else torch.addcmul(mean, coef.std, noise.to(x.dtype))
 
 
 @torch.no_grad()
@@ -75,6 +92,7 @@ def ancestral_sample(
     progress: bool = False,
     noise_buffer: int = NOISE_BUFFER_ELEMENTS,
     return_stats: bool = False,
+    compile=False,
 ):
     """Draw one sample per seed with the DDPM ancestral sampler.
 
@@ -93,6 +111,9 @@ def ancestral_sample(
         noise_buffer: step noise values drawn ahead in one batched hash (a memory bound); any size
             gives the same samples.
         return_stats: also return the run's `SamplingStats` (calls, wall-clock).
+        compile: capture a step (the network and the update) with `torch.compile(fullgraph=True)`: True
+            ("reduce-overhead", CUDA graphs, on a GPU; inductor's default elsewhere) or a mode
+            (`compiling.py`). The calls that compiled are `stats.compile_s`, apart from `wall_clock_s`.
 
     Returns:
         Tensor (len(seeds), *shape), rows in the order of `seeds`; with `return_stats`,
@@ -105,13 +126,33 @@ def ancestral_sample(
     dtype = state_dtype(model_dtype)
     seeds_t = as_seed_tensor(seeds, device=device)
     tables = plan.tables(device, dtype)
+    mode = compile_mode(compile, device)
+    clock = CompileClock()
+    step = None if mode is None else partial(clock.call, _compiled_step(mode))
     bar = tqdm(total=len(seeds_t) * plan.num_steps, disable=not progress, desc="ancestral", unit="step")
     start = time.perf_counter()
     chunks = seeds_t.split(batch_size or len(seeds_t))
     samples = torch.cat([_ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer,
-                                          bar) for chunk in chunks])
+                                          bar, step) for chunk in chunks])
     elapsed = time.perf_counter() - start
     bar.close()
     if not return_stats:
         return samples
-    return SamplingResult(samples, SamplingStats.ancestral(len(seeds_t), plan.num_steps, len(chunks), elapsed))
+    stats = SamplingStats.ancestral(len(seeds_t), plan.num_steps, len(chunks), elapsed - clock.compile_s)
+    return SamplingResult(samples, dataclasses.replace(stats, compile_s=clock.compile_s))
+
+
+_COMPILED_STEPS: dict[str, object] = {}
+
+
+def _compiled_step(mode: str):
+    """One compiled `ancestral_step` per mode for the process: dynamo keeps its graphs by shape and model."""
+    if mode not in _COMPILED_STEPS:
+        compiled = compile_graphs(ancestral_step, mode)
+        if uses_cuda_graphs(mode):
+            def compiled(*args, _graph=compiled):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output has been consumed
+                x = _graph(*args)
+                return x.clone() if x.is_cuda else x  # out of the CUDA graphs' pool before the next replay
+        _COMPILED_STEPS[mode] = compiled
+    return _COMPILED_STEPS[mode]

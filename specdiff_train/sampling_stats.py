@@ -34,7 +34,8 @@ class SamplingStats:
     draft_calls: int  # drafter proposals (one per drafted position of a round)
     drafted_per_step: list[int] = field(default_factory=list)
     accepted_per_step: list[int] = field(default_factory=list)
-    wall_clock_s: float = math.nan
+    wall_clock_s: float = math.nan  # sampling, without `compile_s`
+    compile_s: float = 0.0  # compiled sampling: the calls that compiled a graph (warm-up)
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -102,6 +103,7 @@ class SamplingStats:
             target_batches=max(p.target_batches for p in parts), target_rows=sum(p.target_rows for p in parts),
             draft_calls=max(p.draft_calls for p in parts), drafted_per_step=per_step("drafted_per_step"),
             accepted_per_step=per_step("accepted_per_step"), wall_clock_s=max(p.wall_clock_s for p in parts),
+            compile_s=max(p.compile_s for p in parts),
         )
 
 

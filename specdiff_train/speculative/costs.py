@@ -134,7 +134,8 @@ class MeasuredRoundTimes:
 
     def observe(self, window: int, full: bool = True) -> bool:
         """A round with longest window `window` just ended; whether that window's time changed. Only
-        rounds of a `full` batch count (the tail of a run, with fewer live chains, is faster)."""
+        rounds of a `full` batch count (the tail of a run, with fewer live chains, is faster; the caller
+        also passes False for a round whose time was mostly compilation)."""
         now, last = time.perf_counter(), self._last
         self._last = now
         if last is None or not full or now - last >= self.fastest.get(window, math.inf):

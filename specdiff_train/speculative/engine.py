@@ -43,6 +43,7 @@ class CountingTarget:
         self.per_slot = torch.zeros(len(all_slots), dtype=torch.int64, device=all_slots.device)
         self._drafting: torch.Tensor | None = None
         self.batches = self.rows = 0
+        self.traced_rows: tuple[int, ...] = ()  # calls inside a compiled round, counted after it (`count_traced`)
 
     @contextmanager
     def drafting(self, lengths: torch.Tensor):
@@ -62,8 +63,11 @@ class CountingTarget:
         return self.evaluate(x, self.tables.timesteps[k], return_features)
 
     def evaluate(self, x, t, return_features: bool = False):
-        self.batches += 1
-        self.rows += len(x)
+        if torch.compiler.is_compiling():  # a Python counter in a graph would be a constant: counted after the call
+            self.traced_rows = self.traced_rows + (len(x),)
+        else:
+            self.batches += 1
+            self.rows += len(x)
         x = x.to(self.model_dtype)
         if not return_features:
             return self.model(x, t).to(self.dtype)
@@ -75,6 +79,12 @@ class CountingTarget:
                 "`return_features=True`; use a target network that exposes its features"
             ) from err
         return out.to(self.dtype), features.to(self.dtype)
+
+    def count_traced(self) -> None:
+        """Count the calls a compiled round made (its graph replays them without running this code)."""
+        self.batches += len(self.traced_rows)
+        self.rows += sum(self.traced_rows)
+        self.traced_rows = ()
 
 
 class SlotPool:
@@ -175,7 +185,7 @@ def evaluate(target: CountingTarget, window: DraftWindow, states, evaluated, wan
     shape = states.shape[2:]
     flat = states.reshape(C * L1, *shape)
     flat_t = window.timesteps.reshape(-1)
-    if C * L1 >= COMPACT_MIN_ROWS:
+    if C * L1 >= COMPACT_MIN_ROWS and not torch.compiler.is_compiling():  # compiled: static shapes
         needed = evaluated.reshape(-1).nonzero().squeeze(1)  # the round's second host read, large batches only
         out = target.evaluate(flat[needed], flat_t[needed], wants_features)
         out, features = out if wants_features else (out, None)
@@ -217,13 +227,23 @@ class HostRead:
     needs_correction: bool  # a chain stopped short: draw the deferred corrections
 
 
-def read_host(finished, lengths, advanced, needs_correction) -> HostRead:
-    """One device-to-host copy of four counts."""
+def host_flags(finished, lengths, advanced, needs_correction) -> torch.Tensor:
+    """What the host reads after a round, in one small tensor (`read_flags`)."""
     flags = [finished.sum(), lengths.max(), advanced.sum()]
     if needs_correction is not None:
         flags.append(needs_correction.sum())
-    any_finished, next_window, total, *needs = torch.stack(flags).tolist()
+    return torch.stack(flags)
+
+
+def read_flags(flags: torch.Tensor) -> HostRead:
+    """One device-to-host copy of the round's flags (`host_flags`)."""
+    any_finished, next_window, total, *needs = flags.tolist()
     return HostRead(bool(any_finished), int(next_window), int(total), bool(needs and needs[0]))
+
+
+def read_host(finished, lengths, advanced, needs_correction) -> HostRead:
+    """One device-to-host copy of four counts."""
+    return read_flags(host_flags(finished, lengths, advanced, needs_correction))
 
 
 @dataclass
@@ -241,6 +261,7 @@ class RoundRecord:
     finished: torch.Tensor  # bool: the chain reached its last step
     verification: Verification
     host: HostRead
+    compiled: bool = False  # the round compiled a graph (its wall-clock is mostly compilation)
 
 
 @dataclass
@@ -255,6 +276,7 @@ class RoundSetup:
     dtype: torch.dtype
     noise_buffer: int
     refill: bool
+    compile_mode: str | None = None  # torch.compile mode of the round (`compiled.py`); None: eager
 
 
 @dataclass
@@ -295,6 +317,11 @@ class RoundEngine:
         self._slots = self._lengths = None
         self._longest = 0
         self._last_plain = False
+        self.compiled = None
+        if setup.compile_mode is not None:
+            from .compiled import CompiledRounds
+
+            self.compiled = CompiledRounds(self, setup.compile_mode)
         self._admit(list(range(capacity)))
 
     def _admit(self, free: list[int]) -> None:
@@ -360,7 +387,6 @@ class RoundEngine:
         if window.length > 0:  # else every chain takes a plain target step (warm-up, or the chain's last step)
             with self.target.drafting(lengths):
                 self.drafter.start_round(slots, x, n)
-        self.draft_calls += window.length
         return draft(self.drafter, slots, x, window, noise, self.setup.shape)
 
     def _rows_to_evaluate(self, n, lengths, L: int):
@@ -382,6 +408,8 @@ class RoundEngine:
     def run_round(self) -> RoundRecord:
         """draft -> evaluate -> verify -> the host read -> commit (and retire / admit). A round in which
         no chain drafts is a plain target step (`_plain_round`) when the verifier allows it."""
+        if self.compiled is not None:
+            return self._run_compiled_round()
         pool = self.pool
         if self._live_changed:  # the live slots, their windows and the longest window (a host read)
             self._live_changed = False
@@ -401,6 +429,7 @@ class RoundEngine:
     def _speculative_round(self, slots, x, n, lengths, L: int, noise: RoundNoiseDraw):
         setup = self.setup
         window = window_of(setup.tables, n, L, len(setup.shape))
+        self.draft_calls += L
         states, draft_means = self._draft(slots, x, n, window, lengths, noise.draft)
         evaluated, has_next = self._rows_to_evaluate(n, lengths, L)
         out, features, x0, target_means = evaluate(self.target, window, states, evaluated, self.drafter.wants_features,
@@ -446,3 +475,51 @@ class RoundEngine:
         if self.setup.refill or not self.pool.live:
             self._admit(free if self.setup.refill else list(range(len(self.pool.all_slots))))
         self._live_changed = True
+
+    # --- compiled rounds (`compiled.py`): every slot, padded windows, one graph per shape -----------------
+    def _run_compiled_round(self) -> RoundRecord:
+        pool, policy, capacity = self.pool, self.policy, len(self.pool.all_slots)
+        if self._live_changed:
+            self._live_changed = False
+            self._slots = pool.live_slots()
+            self._live = torch.zeros(capacity, dtype=torch.bool, device=self._slots.device).index_fill_(0, self._slots, True)
+            self._lengths = self._scatter(self._windows(self._slots, pool.pick(pool.step, self._slots)))
+            self._longest = int(self._lengths.max())
+        slots, live, lengths, L = self._slots, self._live, self._lengths, self._longest
+        width = policy.padded_width(L, self._longest_window)
+        noise = self._noise_buffer(slots, width)
+        n = pool.step
+        out = self.compiled.run(pool.state, n, lengths, live, pool.rounds, (noise.gaussians, noise.uniforms,
+                                noise.first_round), width, L == 0 and self.verifier.plain_steps)
+        compiled_now = self.compiled.clock.compiled_last
+        if "flags" not in out:  # the policy learns and chooses eagerly, on the live chains
+            pick = lambda v: pool.pick(v, slots)  # noqa: E731
+            policy.learn(slots, pick(n), pick(lengths), pick(out["accepted"]))
+            out["next_lengths"] = self._scatter(self._windows(slots, pick(out["new_step"])))
+            out["flags"] = host_flags(out["finished"], out["next_lengths"], out["advanced"], out["needs_correction"])
+        host = read_flags(out["flags"])
+        self.draft_calls += L
+        self._lengths, self._longest = out["next_lengths"], host.next_window
+        pool.state, pool.step, pool.rounds = out["next_state"], out["new_step"], out["rounds"]
+        record = self._compiled_record(slots, n, lengths, L, out, host, compiled_now)
+        self.rounds += 1
+        if host.any_finished:
+            self._retire(pool.all_slots[out["finished"]])
+        return record
+
+    def _scatter(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Windows of the live chains -> windows of every slot (0 where no chain is live)."""
+        if self._slots is self.pool.all_slots:
+            return lengths
+        return torch.zeros(len(self.pool.all_slots), dtype=lengths.dtype, device=lengths.device).index_copy_(
+            0, self._slots, lengths)
+
+    def _compiled_record(self, slots, n, lengths, L: int, out, host, compiled_now: bool) -> RoundRecord:
+        """The round's record on the live chains (a compiled round computed every slot)."""
+        pick = lambda v: None if v is None else self.pool.pick(v, slots)  # noqa: E731
+        v = out["verification"]
+        verification = Verification(states=pick(v.states), steps=pick(v.steps), outputs=pick(v.outputs),
+                                    features=pick(v.features), evaluated=pick(v.evaluated), accepted=pick(v.accepted),
+                                    denoised=pick(v.denoised), means=pick(v.means))
+        return RoundRecord(self.rounds, slots, pick(n), pick(lengths), L, pick(out["accepted"]), pick(out["advanced"]),
+                           pick(out["finished"]), verification, host, compiled=compiled_now)

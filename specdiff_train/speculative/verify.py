@@ -191,7 +191,8 @@ def verify_block(
 
     def fixed():
         rows, row = arange(0, C, tau.device), tau.clamp(max=L - 1)  # the residual sits at X_tau
-        if C >= COMPACT_MIN_CHAINS:  # many chains: draw only where a correction is needed (one host read)
+        compact = C >= COMPACT_MIN_CHAINS and not torch.compiler.is_compiling()  # compiled: static shapes
+        if compact:  # many chains: draw only where a correction is needed (one host read)
             rows = (tau < lengths).nonzero().squeeze(1)
             row, tau_rows = row[rows], tau[rows]
         else:
@@ -200,7 +201,7 @@ def verify_block(
             target_means[rows, row], draft_means[rows, row], stds[rows, row], log_w[rows, tau_rows], xi[rows],
             residual_u[rows], noise[rows, row], d=d[rows, row], delta=delta[rows, row], log_mass=log_rho[rows, row],
         )
-        if C >= COMPACT_MIN_CHAINS:
+        if compact:
             return target_means[:, 0].index_copy(0, rows, drawn.to(target_means.dtype))
         return drawn
 

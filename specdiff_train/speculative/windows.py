@@ -21,7 +21,13 @@ class WindowPolicy:
     """Base class. The engine calls `start` once per sampling run, `join(slots)` when new chains take
     slots, `learn` with each round's outcome right after its verification, and `windows` with the live
     chains for their next round. A policy that defines `on_round_end(record)` also gets every round's
-    full record as an observer (after the next windows are chosen)."""
+    full record as an observer (after the next windows are chosen).
+
+    `capturable`: `learn` and `windows` are whole-tensor code whose Python state does not change during
+    a run, so that a compiled round (`compiled.py`) captures them in its graph; otherwise they run eagerly
+    between compiled rounds."""
+
+    capturable = False
 
     def start(self, plan, capacity: int, device) -> int:
         """Set up for a run of `plan` with `capacity` slots; return the longest window the policy will
@@ -46,6 +52,11 @@ class WindowPolicy:
     def describe(self) -> int | str:
         return type(self).__name__
 
+    def padded_width(self, window: int, longest: int) -> int:
+        """The width a compiled round pads a round's longest window to (few widths, few graphs): the
+        next power of two, at most `longest` (the longest window of the run); 0 stays 0 (a plain step)."""
+        return window if window == 0 else min(longest, 1 << (window - 1).bit_length())
+
 
 def _check_window(window, field: str = "window") -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -62,6 +73,8 @@ class FixedWindow(WindowPolicy):
         window: drafted steps per round (>= 1).
     """
 
+    capturable = True
+
     def __init__(self, window: int):
         self.window = self.longest = _check_window(window)
 
@@ -75,6 +88,9 @@ class FixedWindow(WindowPolicy):
     def describe(self) -> int:
         return self.window
 
+    def padded_width(self, window: int, longest: int) -> int:
+        return window and longest  # one graph: the windows shortened at the chains' ends are padded
+
 
 class HeuristicWindow(WindowPolicy):
     """The schedule of Hugging Face transformers' assisted generation ("heuristic"), per chain: after
@@ -85,6 +101,8 @@ class HeuristicWindow(WindowPolicy):
         initial: every chain's first window.
         max_window: the longest window (sizes the noise buffers).
     """
+
+    capturable = True
 
     def __init__(self, initial: int = 4, max_window: int = 16):
         self.initial = _check_window(initial, "initial")
@@ -221,7 +239,8 @@ class CostAwareWindow(WindowPolicy):
         measured = self._measured
         if measured is None:
             return
-        if measured.observe(record.window, len(record.slots) == self.capacity):
+        # A round that compiled a graph (compile=True) timed the compiler, not the round.
+        if measured.observe(record.window, len(record.slots) == self.capacity and not record.compiled):
             self._costs.clear()  # rebuilt from the new times at the next choice
         self._drafting_pending = record.host.next_window > 0 and not measured.drafting_timed
         pending = record.host.next_window == 0 and 0 not in measured.fastest  # a plain round chosen, not yet timed
