@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast benchmark bench-rounds bench-windows bench-gpu clean
+.PHONY: install demo test test-fast test-compiled benchmark bench-rounds bench-windows bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ demo: install
 	$(PY) -m specdiff_train.demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not compile_matrix"
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" --timeout=600
+	$(PY) -m pytest -q -m "not slow and not compile_matrix" --timeout=600
+
+# Compiled rounds for every shipped drafter x verifier (about 4 minutes of inductor compilation).
+test-compiled: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests/test_compiled.py
 
 benchmark: install
 	$(PY) scripts/benchmark.py

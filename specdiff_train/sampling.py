@@ -126,9 +126,7 @@ def ancestral_sample(
     dtype = state_dtype(model_dtype)
     seeds_t = as_seed_tensor(seeds, device=device)
     tables = plan.tables(device, dtype)
-    mode = compile_mode(compile, device)
-    clock = CompileClock()
-    step = None if mode is None else partial(clock.call, _compiled_step(mode))
+    clock, step = _step_function(compile_mode(compile, device))
     bar = tqdm(total=len(seeds_t) * plan.num_steps, disable=not progress, desc="ancestral", unit="step")
     start = time.perf_counter()
     chunks = seeds_t.split(batch_size or len(seeds_t))
@@ -143,6 +141,12 @@ def ancestral_sample(
 
 
 _COMPILED_STEPS: dict[str, object] = {}
+
+
+def _step_function(mode: str | None):
+    """(a `CompileClock`, the compiled step timed by it, or None to step eagerly)."""
+    clock = CompileClock()
+    return clock, None if mode is None else partial(clock.call, _compiled_step(mode))
 
 
 def _compiled_step(mode: str):

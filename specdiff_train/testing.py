@@ -111,28 +111,52 @@ class TransitionRecorder:
             args = self.perturb(args)
         result = self.verify(**args, **kwargs)
         next_state = result.settle(True)
-        states, target_means, stds = args["states"], args["target_means"], args["stds"]
-        tau, advanced = result.accepted, result.advanced
-        n = self._step_index(stds)
-        L = accept_u.shape[1]
-        for j in range(L + 1):
-            rows = (j < advanced).nonzero().squeeze(1)
-            if len(rows) == 0:
-                continue
-            if j < L:
-                after = torch.where((j < tau[rows]).unsqueeze(-1), states[rows, j + 1], next_state[rows])
-            else:
-                after = next_state[rows]
-            s = stds[rows, j].double().unsqueeze(-1)
-            z = (after.double() - target_means[rows, j].double()) / s.clamp(min=1e-300)
-            self.steps.append((n[rows] + j).cpu())
-            self.after.append(after.double().cpu())
-            self.z.append(torch.where(s > 0, z, torch.nan).cpu())
-        return type(result)(accepted=tau, next_state=next_state, advanced=advanced)
+        record_transitions(self, args["states"], args["target_means"], args["stds"], result.accepted, result.advanced,
+                           next_state, self._step_index(args["stds"]))
+        return type(result)(accepted=result.accepted, next_state=next_state, advanced=result.advanced)
 
     def by_step(self):
         """(steps (M,), states after the step (M, d), z (M, d), NaN at deterministic steps)."""
         return torch.cat(self.steps), torch.cat(self.after), torch.cat(self.z)
+
+
+def record_transitions(recorder, states, target_means, stds, tau, advanced, next_state, n) -> None:
+    """Append a round's transitions to `recorder.steps / after / z`: states (C, L+1, d), target means
+    (C, L+1, d), stds (C, L+1), tau and steps advanced (C,), the committed states (C, d), steps n (C,)."""
+    L = states.shape[1] - 1
+    for j in range(L + 1):
+        rows = (j < advanced).nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        if j < L:
+            after = torch.where((j < tau[rows]).unsqueeze(-1), states[rows, j + 1], next_state[rows])
+        else:
+            after = next_state[rows]
+        s = stds[rows, j].double().unsqueeze(-1)
+        z = (after.double() - target_means[rows, j].double()) / s.clamp(min=1e-300)
+        recorder.steps.append((n[rows] + j).cpu())
+        recorder.after.append(after.double().cpu())
+        recorder.z.append(torch.where(s > 0, z, torch.nan).cpu())
+
+
+class PathObserver:
+    """`TransitionRecorder`'s record made from the rounds' records (pass it in `callbacks`) instead of by
+    wrapping the verifier: it sees rounds whose verification runs inside a compiled graph, and plain rounds."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.steps, self.after, self.z = [], [], []
+
+    def on_round_end(self, record) -> None:
+        v = record.verification
+        C, L1 = v.states.shape[:2]
+        steps = (record.steps.unsqueeze(1) + torch.arange(L1, device=record.steps.device)).clamp(
+            max=self.plan.num_steps - 1)
+        stds = self.plan.std.to(steps.device)[steps]
+        record_transitions(self, v.states.reshape(C, L1, -1), v.means.reshape(C, L1, -1), stds, record.accepted,
+                           record.advanced, record.next_state.reshape(C, -1), record.steps)
+
+    by_step = TransitionRecorder.by_step
 
 
 def path_test(recorder: TransitionRecorder, means: torch.Tensor, variances: torch.Tensor) -> dict:

@@ -157,17 +157,17 @@ class CompiledRounds:
         else:
             try:
                 out = self.clock.call(self._whole, *args, L)
-            except torch._dynamo.exc.Unsupported as err:
-                self._fall_back(err)
-                out = self._eager_drafter_round(*args, L)
+            except torch._dynamo.exc.TorchDynamoException as err:  # raised while tracing: nothing ran
+                self.drafter_eager = True
+                out = self._eager_drafter_round(*args, L)  # raises if the rest cannot be captured either
+                self._warn_eager_drafter(err)
         target.count_traced()
         if self.cuda_graphs:  # what the engine keeps must not live in the CUDA graphs' memory pool
             out.update({key: out[key].clone() for key in _KEPT if key in out})
         return out
 
-    def _fall_back(self, err) -> None:
+    def _warn_eager_drafter(self, err) -> None:
         name = self.engine.drafter.describe()
-        self.drafter_eager = True
         if name not in _EAGER_DRAFTERS_WARNED:
             _EAGER_DRAFTERS_WARNED.add(name)
             warnings.warn(f"compile: the drafter {name} could not be captured in the round's graph ({_first_line(err)}); "
@@ -179,7 +179,7 @@ class CompiledRounds:
         window, states, draft_means = self._draft_part(x, n, lengths, noise[0], L)
         try:
             out = self.clock.call(self._verify_only, x, n, lengths, live, noise, window.steps, states, draft_means)
-        except torch._dynamo.exc.Unsupported as err:
+        except torch._dynamo.exc.TorchDynamoException as err:
             raise RuntimeError(
                 f"compile: the round's evaluation and verification could not be captured in one graph "
                 f"({_first_line(err)}): the target network or the verifier breaks the graph; sample with "

@@ -123,7 +123,8 @@ class SlotPool:
         slot_list = [s for s, _ in taken]
         device = self.all_slots.device
         slots, seed_idx = torch.tensor(slot_list, device=device), torch.tensor([i for _, i in taken], device=device)
-        self.state[slots] = initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype)
+        # a new tensor, not a write into the old: the last round's record may hold the old one (`next_state`)
+        self.state = self.state.index_copy(0, slots, initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype))
         self.step[slots], self.rounds[slots], self.owner[slots] = 0, 0, seed_idx
         self.live.extend(slot_list)
         return slots, seed_idx, slot_list
@@ -261,6 +262,7 @@ class RoundRecord:
     finished: torch.Tensor  # bool: the chain reached its last step
     verification: Verification
     host: HostRead
+    next_state: torch.Tensor | None = None  # (C, *shape) the states the round committed
     compiled: bool = False  # the round compiled a graph (its wall-clock is mostly compilation)
 
 
@@ -462,9 +464,10 @@ class RoundEngine:
         self._lengths = self._windows(slots, new_step)
         host = read_host(finished, self._lengths, result.advanced, result.needs_correction)
         self._longest = host.next_window
-        pool.commit(slots, result.settle(host.needs_correction).reshape(len(slots), *setup.shape), new_step)
+        committed = result.settle(host.needs_correction).reshape(len(slots), *setup.shape)
+        pool.commit(slots, committed, new_step)
         record = RoundRecord(self.rounds, slots, n, lengths, L, result.accepted, result.advanced, finished,
-                             verification, host)
+                             verification, host, next_state=committed)
         self.rounds += 1
         if host.any_finished:
             self._retire(slots[finished])
@@ -522,4 +525,5 @@ class RoundEngine:
                                     features=pick(v.features), evaluated=pick(v.evaluated), accepted=pick(v.accepted),
                                     denoised=pick(v.denoised), means=pick(v.means))
         return RoundRecord(self.rounds, slots, pick(n), pick(lengths), L, pick(out["accepted"]), pick(out["advanced"]),
-                           pick(out["finished"]), verification, host, compiled=compiled_now)
+                           pick(out["finished"]), verification, host, next_state=pick(out["next_state"]),
+                           compiled=compiled_now)
