@@ -47,7 +47,8 @@ bench-windows: install
 #   make bench-gpu PY=python3
 bench-gpu:
 	$(PY) scripts/bench_rounds.py --device cuda --samples 3
-	$(PY) scripts/bench_rounds.py --device cuda --compile --samples 3 --verifiers block
+	$(PY) scripts/bench_rounds.py --device cuda --compile target --samples 3 --verifiers block
+	$(PY) scripts/bench_rounds.py --device cuda --compile all --samples 3 --verifiers block
 	$(PY) scripts/bench_windows.py --device cuda --seeds 3 --repeats 3
 
 clean:

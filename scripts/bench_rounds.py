@@ -6,11 +6,14 @@ weights: enough to time a round against a step), prints per method:
     (`specdiff_train.overhead`, counted on an eager run),
   - wall-clock of speculative vs ancestral sampling per sample at batch 1 (ratio measured in one run),
   - a round's time over one target call on as many rows as a round evaluates (window + 1).
-`--compile` applies torch.compile (mode "reduce-overhead": CUDA graphs on a GPU) to the target network
-for ancestral and speculative sampling alike.
+`--compile target` applies torch.compile (mode "reduce-overhead": CUDA graphs on a GPU) to the target
+network only, for ancestral and speculative sampling alike; `--compile all` samples with compile=True (the
+whole round and the ancestral step captured as graphs; compilation is the untimed warm-up). The
+"N-row target call" is the compiled network in both compiled modes.
 
     python scripts/bench_rounds.py                                   # CPU, 1 thread
-    python scripts/bench_rounds.py --device cuda --compile           # make bench-gpu
+    python scripts/bench_rounds.py --compile all --targets digits    # compiled rounds on the CPU
+    python scripts/bench_rounds.py --device cuda --compile all       # make bench-gpu
 """
 from __future__ import annotations
 
@@ -82,19 +85,20 @@ def call_time(model, rows: int, shape, device, repeats: int = 30) -> float:
 def run(name: str, target: _Target, args, device) -> list[dict]:
     target = target.to(device)
     schedule, shape = target.schedule, target.sample_shape
-    model = target
-    if args.compile:
-        model = torch.compile(target, mode="reduce-overhead")
+    model, compile_round, network = target, args.compile == "all", target
+    if args.compile != "none":
+        network = torch.compile(target, mode="reduce-overhead")  # the target call alone, for round / call
+        model = target if compile_round else network  # "all": the samplers compile the network with the round
         # every row count a round can evaluate (1 .. window + 1), compiled and captured before any timing
         for n_rows in range(1, args.window + 2):
             for _ in range(3):
-                call_time(model, n_rows, shape, device, repeats=1)
+                call_time(network, n_rows, shape, device, repeats=1)
     rows = []
     for num_steps in args.num_steps:
         ancestral = ancestral_overhead(target, schedule, shape, num_steps=num_steps, seeds=[1])
         seeds = list(range(100, 100 + args.samples))
-        anc_s = per_sample_time(lambda s: ancestral_sample(model, schedule, shape, num_steps=num_steps, seeds=[s]),
-                                seeds, device)
+        anc_s = per_sample_time(lambda s: ancestral_sample(model, schedule, shape, num_steps=num_steps, seeds=[s],
+                                                           compile=compile_round), seeds, device)
         for verifier in args.verifiers:
             counts = speculative_overhead(target, schedule, shape, num_steps=num_steps, drafter=FreeDrafter("x0"),
                                           verifier=verifier, window=args.window, seeds=[1])
@@ -102,12 +106,13 @@ def run(name: str, target: _Target, args, device) -> list[dict]:
 
             def spec(s):
                 results.append(speculative_sample(model, schedule, shape, num_steps=num_steps, seeds=[s],
-                                                  drafter=FreeDrafter("x0"), verifier=verifier, window=args.window))
+                                                  drafter=FreeDrafter("x0"), verifier=verifier, window=args.window,
+                                                  compile=compile_round))
 
             spec_s = per_sample_time(spec, seeds, device)
             rounds = statistics.mean(r.stats.rounds for r in results)
             calls = statistics.mean(r.stats.target_calls_per_sample for r in results)
-            window_call = call_time(model, args.window + 1, shape, device)
+            window_call = call_time(network, args.window + 1, shape, device)
             rows.append(dict(
                 target=name, steps=num_steps, method=f"free-x0/{verifier}/w{args.window}",
                 ops_round=counts["ops_per_round"], syncs_round=counts["syncs_per_round"],
@@ -133,7 +138,9 @@ def format_row(r: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead') the target")
+    parser.add_argument("--compile", choices=["none", "target", "all"], default="none",
+                        help="target: torch.compile (mode 'reduce-overhead') the target network only; all: the samplers' "
+                             "compile=True (the whole round, and the ancestral step, as graphs)")
     parser.add_argument("--targets", nargs="+", default=["digits", "cifar-size"], choices=["digits", "cifar-size"])
     parser.add_argument("--num-steps", nargs="+", type=int, default=[100, 1000])
     parser.add_argument("--verifiers", nargs="+", default=["block", "tokenwise"])

@@ -98,8 +98,10 @@ def run_target(name: str, args) -> list[dict]:
     for num_steps in args.num_steps:
         seeds = list(range(args.batch))
         single = list(range(10_000, 10_000 + args.single))
-        sample = lambda s, **kw: ancestral_sample(target, schedule, shape, num_steps=num_steps, seeds=s, **kw)
+        sample = lambda s, **kw: ancestral_sample(target, schedule, shape, num_steps=num_steps, seeds=s,  # noqa: E731
+                                                  compile=args.compile, **kw)
         _, base_batch = timed(lambda: sample(seeds), warmup=True)
+        timed(lambda: sample(single[:1]))  # warm-up at batch 1 (with --compile: its graphs)
         base_single = sum(timed(lambda s=s: sample([s]))[1] for s in single)
         step_counts = ancestral_overhead(target, schedule, shape, num_steps=num_steps, seeds=single[:1])
         rows.append(dict(target=name, num_steps=num_steps, method="ancestral", calls=float(num_steps), speedup=1.0,
@@ -115,8 +117,10 @@ def run_target(name: str, args) -> list[dict]:
                 for window in args.windows:
                     spec = lambda s, **kw: speculative_sample(
                         target, schedule, shape, num_steps=num_steps, seeds=s, drafter=make(), window=window,
-                        **verifier, **kw)
+                        compile=args.compile, **verifier, **kw)
                     timed(lambda: spec(single[:1]))  # warm-up
+                    if args.compile:
+                        timed(lambda: spec(seeds))  # the batch's graphs
                     result, batch_time = timed(lambda: spec(seeds))
                     single_time = sum(timed(lambda s=s: spec([s]))[1] for s in single)
                     stats = result.stats
@@ -231,6 +235,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256, help="large batch for throughput and the statistics")
     parser.add_argument("--single", type=int, default=3, help="seeds run one by one for batch-1 latency")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="sample with compile=True (compiled rounds and steps); compilation is an untimed warm-up")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--markdown", type=Path, default=None, metavar="PATH",
                         help="also write the tables as a markdown page (header: device, threads, torch, date, "

@@ -207,3 +207,22 @@ def test_every_step_of_the_compiled_path_is_exact(verifier):
 def test_a_wrong_rule_is_detected_on_the_compiled_path():
     _, report, _ = _compiled_path("unweighted-residual")
     assert min(report["ks_p"], report["inc_ks_p"]) < 1e-6, report
+
+
+
+def test_evaluation_reports_compiled_sampling_with_its_compile_time():
+    """`evaluate` / the callback's `compile`: the same samples and calls as eager, compilation apart."""
+    from specdiff_train.evaluation.compare import compare_methods, method_grid
+    from specdiff_train.evaluation.sampling_callback import SpeculativeEvaluation
+
+    target = toy_target()
+    methods = method_grid({"free-x0": DRAFTERS["free-x0"]}, ["block"], [4])
+    kw = dict(num_steps=[20], seeds=range(8), batch_size=4, warmup=False)
+    eager = compare_methods(target, target.schedule, target.sample_shape, methods, **kw)
+    compiled = compare_methods(target, target.schedule, target.sample_shape, methods, compile=True, **kw)
+    assert compiled["config"]["compile"] is True
+    for e, c in zip(eager["results"], compiled["results"]):
+        assert c["target_calls_per_sample"] == e["target_calls_per_sample"] and "compile_s" in c
+        torch.testing.assert_close(c["_samples"], e["_samples"], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="compile: expected"):
+        SpeculativeEvaluation(compile="fastest")

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from ..compiling import compile_mode
 from ..speculative import Drafter
 from ..drafters import training_free_drafters
 from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid, window_options
@@ -78,6 +79,7 @@ class SpecDiffTrainer(Trainer):
         feature_net: str | None = None,
         save_samples: bool = False,
         cost_model: dict | None = None,
+        compile: bool | str = False,
     ) -> dict:
         """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling.
 
@@ -108,6 +110,8 @@ class SpecDiffTrainer(Trainer):
             save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
             cost_model: for reproducible 'auto' windows, round times instead of measured ones (`costs.CostModel`):
                 {target_rows: [...], target_s: [...] (seconds of a target call at those rows), draft_step_s, round_s}.
+            compile: sample with compiled rounds and steps (True, or a torch.compile mode; docs/performance.md):
+                each round is one graph (CUDA graphs on a GPU); compilation is reported apart (compile_s).
 
         With `--trainer.devices N --trainer.strategy ddp`, the seeds are split across the N processes
         and gathered; the report equals the single-process one ('auto' windows' samples: in law only).
@@ -116,12 +120,14 @@ class SpecDiffTrainer(Trainer):
         options = {name: value for name, value in locals().items() if name not in ("self", "model", "datamodule")}
         check_permutations(num_permutations, alpha)  # before any sampling (and before DDP starts the ranks)
         window_options(windows, cost_model)  # a bad window or cost model: refused here too
+        compile_mode(compile, "cpu")  # a bad compile mode: refused before sampling
         if self.strategy.launcher is not None:  # DDP: start the other ranks as fit does
             return self.strategy.launcher.launch(self._evaluate, model, datamodule, trainer=self, **options)
         return self._evaluate(model, datamodule, **options)
 
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
-                  batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples, cost_model) -> dict:
+                  batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples, cost_model,
+                  compile) -> dict:
         from ..models import load_target
         from ..drafters.checkpoints import check_drafter_target
 
@@ -144,7 +150,7 @@ class SpecDiffTrainer(Trainer):
         report = compare_methods(
             model, model.schedule, shape, methods, num_steps=num_steps or [100], seeds=range(seed, seed + num_samples),
             batch_size=batch_size, quality=Quality(reference, extractor, num_permutations, seed), alpha=alpha,
-            progress=_progress_enabled(), log=rank_zero_info,
+            progress=_progress_enabled(), log=rank_zero_info, compile=compile,
         )
         report["config"]["ckpt_path"] = ckpt_path
         report["warnings"] = notes

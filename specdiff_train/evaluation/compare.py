@@ -33,7 +33,8 @@ DEFAULT_WINDOWS = (3, 8)
 
 # The fields of a method's report row taken from its `SamplingStats` (ALGORITHMS.md section 6).
 REPORTED_STATS = ("target_calls_per_sample", "speedup", "acceptance_rate", "mean_accepted_per_round",
-                  "mean_steps_per_round", "rounds", "target_rows", "draft_calls", "drafted_steps", "wall_clock_s")
+                  "mean_steps_per_round", "rounds", "target_rows", "draft_calls", "drafted_steps", "wall_clock_s",
+                  "compile_s")
 
 
 def _world() -> tuple[int, int]:
@@ -229,6 +230,7 @@ def compare_methods(
     log: Callable[[str], None] | None = None,
     warmup: bool = True,
     cost_model: CostModel | dict | None = None,
+    compile: bool | str = False,
 ) -> dict:
     """Run ancestral sampling and every method on the same seeds, for each num_steps; the exactness
     test compares each method with ancestral samples from other seeds (`exactness_seeds`).
@@ -254,6 +256,9 @@ def compare_methods(
     none of its own, for reproducible auto runs; the report's config records each method's
     (`cost_models`, None where round times are measured). Every run, warm-up included, gets a fresh
     window policy (`Method.policy`).
+
+    `compile` (True or a torch.compile mode) samples every method and ancestral sampling with compiled
+    rounds / steps (`compiling.py`); compilation is reported apart (`compile_s`), not in `wall_clock_s`.
     """
     seeds = list(seeds)
     quality = quality or Quality()
@@ -263,14 +268,14 @@ def compare_methods(
     _check_cost_model_used(cost_model, [m.window for m in methods])
     cost_models = {m.name: _cost_model_dict(m.cost_model if m.cost_model is not None else cost_model)
                    for m in methods if m.window == "auto"}
-    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup, cost_model)
+    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup, cost_model, compile)
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
     results = [row for steps in num_steps for row in _rows(run, steps, methods, quality, reference_feats, alpha, log)]
     config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
                   exactness_first_seed=exactness_seeds(seeds)[0], batch_size=batch_size,
                   alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
                   schedule=schedule.config(), num_permutations=quality.num_permutations,
-                  warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models)
+                  warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models, compile=compile)
     return dict(config=config, results=results)
 
 
@@ -281,7 +286,8 @@ def _rows(run: "_Runs", steps: int, methods, quality: Quality, reference_feats, 
     exact_ref, _ = run.ancestral(steps, exactness_seeds(run.seeds), timed=False)
     exact_ref_feats = quality.features(exact_ref)
     entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
-                 wall_clock_s=base_stats.wall_clock_s, wall_clock_ratio=1.0, _samples=base)
+                 wall_clock_s=base_stats.wall_clock_s, compile_s=base_stats.compile_s, wall_clock_ratio=1.0,
+                 _samples=base)
     rows = [_with_quality(entry, base, quality, reference_feats)]
     if log:
         log(f"ancestral, {steps} steps: {base_stats.wall_clock_s:.2f}s")
@@ -322,6 +328,7 @@ class _Runs:
     progress: bool
     warmup: bool
     cost_model: CostModel | dict | None = None  # auto methods without their own
+    compile: bool | str = False  # the samplers' compile option
 
     def _warm(self, run: Callable, steps: int) -> None:
         if self.warmup:
@@ -331,7 +338,8 @@ class _Runs:
     def ancestral(self, steps: int, seeds: list[int] | None = None, timed: bool = True):
         def run(shard, num_steps=steps, progress=self.progress and timed):
             out = ancestral_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
-                                   batch_size=self.batch_size, progress=progress, return_stats=True)
+                                   batch_size=self.batch_size, progress=progress, return_stats=True,
+                                   compile=self.compile)
             return out.samples, out.stats
 
         if timed:
@@ -343,7 +351,7 @@ class _Runs:
             out = speculative_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
                                      drafter=method.drafter(), verifier=method.rule,
                                      window=method.policy(self.cost_model),
-                                     batch_size=self.batch_size, progress=progress)
+                                     batch_size=self.batch_size, progress=progress, compile=self.compile)
             return out.samples, out.stats
 
         self._warm(run, steps)

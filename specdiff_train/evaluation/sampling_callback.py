@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
+from ..compiling import compile_mode
 from .command import resolve_drafters
 from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid
 from .reporting import write_report
@@ -68,6 +69,9 @@ class SpeculativeEvaluation(Callback):
             falls below it is flagged, `exact_ok` False).
         cost_model: for reproducible 'auto' windows, the round times instead of measuring them:
             {target_rows: [...], target_s: [...], draft_step_s: ..., round_s: ...} (`costs.CostModel`).
+        compile: sample with compiled rounds and steps (True, or a torch.compile mode; docs/performance.md).
+            Graphs are kept per model object: an evaluation of a model object not seen before (such as a
+            new EMA copy) compiles them again (reported as compile_s, apart from the wall-clock).
     """
 
     def __init__(
@@ -82,13 +86,15 @@ class SpeculativeEvaluation(Callback):
         num_permutations: int = 100,
         alpha: float = 0.01,
         cost_model: dict | None = None,
+        compile: bool | str = False,
     ):
         if num_samples < 2:
             raise ValueError(f"SpeculativeEvaluation.num_samples: the two-sample tests need >= 2, got {num_samples}")
         if every_n_epochs < 0:
             raise ValueError(f"SpeculativeEvaluation.every_n_epochs: expected >= 0, got {every_n_epochs}")
         check_permutations(num_permutations, alpha, "SpeculativeEvaluation.num_permutations")
-        self.alpha = alpha
+        self.alpha, self.compile = alpha, compile
+        compile_mode(compile, "cpu")  # a bad mode: refused when the callback is made
         # Methods keep the window options: each evaluation makes fresh policies (`Method.policy`).
         self.methods = method_grid(resolve_drafters(drafters or DEFAULT_DRAFTERS), verifiers, windows, cost_model)
         self.num_steps = num_steps or [50]
@@ -109,7 +115,7 @@ class SpeculativeEvaluation(Callback):
             report = compare_methods(model, model.schedule, tuple(model.sample_shape), self.methods,
                                      num_steps=self.num_steps, seeds=range(self.num_samples),
                                      batch_size=self.batch_size, quality=Quality(reference, None, self.num_permutations),
-                                     alpha=self.alpha)
+                                     alpha=self.alpha, compile=self.compile)
         finally:
             model.train(was_training)
         self.last_report = report
