@@ -58,6 +58,13 @@ def _progress_enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI") and not os.environ.get("TQDM_DISABLE")
 
 
+def _check_options(num_permutations, alpha, windows, cost_model, compile) -> None:
+    """Bad options are refused before any sampling (and before DDP starts the ranks)."""
+    check_permutations(num_permutations, alpha)
+    window_options(windows, cost_model)
+    compile_mode(compile, "cpu")
+
+
 class SpecDiffTrainer(Trainer):
     """Lightning's Trainer plus the `evaluate` verb."""
 
@@ -93,9 +100,9 @@ class SpecDiffTrainer(Trainer):
             drafters: training-free drafter names (free-eps, free-x0, free-increment, frozen-eps,
                 frozen-x0, frozen-increment) or drafters by class_path (default: free-x0, free-eps, frozen-eps).
             verifiers: "block", "tokenwise" (reflection) and/or "tokenwise-residual" (default: block, tokenwise).
-            windows: drafted steps per round (default: 3, 8): each an int, 'auto' (cost-aware: chooses each
-                round's window, 0 to 16, that commits the most steps per second on this device; round times
-                measured as it runs) or 'heuristic' (+2 after a fully accepted round, -1 otherwise).
+            windows: drafted steps per round (default: 3, 8): each an int, 'auto' (cost-aware: each round the
+                window, 0 to 16, that commits the most steps per second, from round times measured as it runs)
+                or 'heuristic' (+2 after a fully accepted round, -1 otherwise).
             num_steps: sampling steps to evaluate at (default: 100).
             num_samples: samples per method (seeds seed .. seed + num_samples - 1, shared by all methods).
             batch_size: chains sampled together.
@@ -110,17 +117,13 @@ class SpecDiffTrainer(Trainer):
             save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
             cost_model: for reproducible 'auto' windows, round times instead of measured ones (`costs.CostModel`):
                 {target_rows: [...], target_s: [...] (seconds of a target call at those rows), draft_step_s, round_s}.
-            compile: sample with compiled rounds and steps (True, or a torch.compile mode; docs/performance.md):
-                each round is one graph (CUDA graphs on a GPU); compilation is reported apart (compile_s).
+            compile: compiled rounds and steps (True or a torch.compile mode; docs/performance.md).
 
-        With `--trainer.devices N --trainer.strategy ddp`, the seeds are split across the N processes
-        and gathered; the report equals the single-process one ('auto' windows' samples: in law only).
+        With `--trainer.devices N --trainer.strategy ddp` the seeds are split over N processes and gathered.
         """
-        # Every option for `_evaluate`: the parameters, as nothing else is defined yet.
-        options = {name: value for name, value in locals().items() if name not in ("self", "model", "datamodule")}
-        check_permutations(num_permutations, alpha)  # before any sampling (and before DDP starts the ranks)
-        window_options(windows, cost_model)  # a bad window or cost model: refused here too
-        compile_mode(compile, "cpu")  # a bad compile mode: refused before sampling
+        options = {name: value for name, value in locals().items()  # the parameters: nothing else is defined yet
+                   if name not in ("self", "model", "datamodule")}
+        _check_options(num_permutations, alpha, windows, cost_model, compile)
         if self.strategy.launcher is not None:  # DDP: start the other ranks as fit does
             return self.strategy.launcher.launch(self._evaluate, model, datamodule, trainer=self, **options)
         return self._evaluate(model, datamodule, **options)

@@ -236,9 +236,7 @@ def compare_methods(
     test compares each method with ancestral samples from other seeds (`exactness_seeds`).
 
     Under torch.distributed (e.g. Lightning DDP), each rank samples seeds[rank::world] and the parts
-    are gathered on every rank, so every rank returns the same full report.
-
-    Returns a dict: `config`, and `results`, a list with one entry per (num_steps, method) holding
+    are gathered on every rank, so every rank returns the same full report. Returns a dict: `config`, and `results`, a list with one entry per (num_steps, method) holding
     the costs (sequential target calls per sample, speedup, acceptance overall and per diffusion-time
     bucket, mean accepted per round, target rows, draft calls, wall-clock and its ratio to
     ancestral), the quality against the data, and the exactness check (permutation p-values; `exact_ok`
@@ -257,8 +255,7 @@ def compare_methods(
     (`cost_models`, None where round times are measured). Every run, warm-up included, gets a fresh
     window policy (`Method.policy`).
 
-    `compile` (True or a torch.compile mode) samples every method and ancestral sampling with compiled
-    rounds / steps (`compiling.py`); compilation is reported apart (`compile_s`), not in `wall_clock_s`.
+    `compile` (True or a mode: `compiling.py`): compiled sampling; compilation is `compile_s`, not wall-clock.
     """
     seeds = list(seeds)
     quality = quality or Quality()

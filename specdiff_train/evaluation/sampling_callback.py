@@ -70,8 +70,8 @@ class SpeculativeEvaluation(Callback):
         cost_model: for reproducible 'auto' windows, the round times instead of measuring them:
             {target_rows: [...], target_s: [...], draft_step_s: ..., round_s: ...} (`costs.CostModel`).
         compile: sample with compiled rounds and steps (True, or a torch.compile mode; docs/performance.md).
-            Graphs are kept per model object: an evaluation of a model object not seen before (such as a
-            new EMA copy) compiles them again (reported as compile_s, apart from the wall-clock).
+            The first evaluation compiles the graphs (reported as compile_s, apart from the wall-clock);
+            later ones reuse them while the network and the shapes stay the same (weights are graph inputs).
     """
 
     def __init__(

@@ -278,7 +278,6 @@ class RoundSetup:
     dtype: torch.dtype
     noise_buffer: int
     refill: bool
-    compile_mode: str | None = None  # torch.compile mode of the round (`compiled.py`); None: eager
 
 
 @dataclass
@@ -319,11 +318,7 @@ class RoundEngine:
         self._slots = self._lengths = None
         self._longest = 0
         self._last_plain = False
-        self.compiled = None
-        if setup.compile_mode is not None:
-            from .compiled import CompiledRounds
-
-            self.compiled = CompiledRounds(self, setup.compile_mode)
+        self.compiled = None  # a `compiled.CompiledRounds`, set by the sampler with compile=True
         self._admit(list(range(capacity)))
 
     def _admit(self, free: list[int]) -> None:

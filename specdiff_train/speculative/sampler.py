@@ -19,6 +19,7 @@ from ..noise import NOISE_BUFFER_ELEMENTS, as_seed_tensor, check_noise_buffer
 from ..sampling import Denoiser, check_sample_shape, model_device_dtype, state_dtype
 from ..sampling_stats import SamplingResult, SamplingStats
 from ..drafters.base import Drafter
+from .compiled import CompiledRounds
 from .engine import RoundEngine, RoundSetup
 from .observers import ProgressBar, TransitionCounts
 from .verifiers import parse_verifier
@@ -120,8 +121,10 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
     _check_trained_for(drafter, model)
     dtype = state_dtype(model_dtype)
     mode = compile_mode(compile, device)
-    setup = RoundSetup(schedule, plan, plan.tables(device, dtype), shape, model_dtype, dtype, noise_buffer, refill, mode)
+    setup = RoundSetup(schedule, plan, plan.tables(device, dtype), shape, model_dtype, dtype, noise_buffer, refill)
     engine = RoundEngine(model, seeds_t, min(batch_size or len(seeds_t), len(seeds_t)), drafter, verifier, policy, setup)
+    if mode is not None:
+        engine.compiled = CompiledRounds(engine, mode)
     return _run(engine, policy, callbacks, progress)
 
 
