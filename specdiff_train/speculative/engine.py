@@ -416,6 +416,7 @@ class RoundEngine:
         slots, lengths, L = self._slots, self._lengths, self._longest
         x, n, chain_rounds = (pool.pick(t, slots) for t in (pool.state, pool.step, pool.rounds))
         noise = self._round_noise(slots, chain_rounds, L)
+        self.draft_calls += L
         if L == 0 and self.verifier.plain_steps:
             result, verification = self._plain_round(x, n, noise.xi)
         else:
@@ -424,13 +425,19 @@ class RoundEngine:
         return self._end_round(slots, n, lengths, L, result, verification)
 
     def _speculative_round(self, slots, x, n, lengths, L: int, noise: RoundNoiseDraw):
-        setup = self.setup
-        window = window_of(setup.tables, n, L, len(setup.shape))
-        self.draft_calls += L
-        states, draft_means = self._draft(slots, x, n, window, lengths, noise.draft)
-        evaluated, has_next = self._rows_to_evaluate(n, lengths, L)
+        window, states, draft_means = self._drafts(slots, x, n, lengths, L, noise)
+        return self._check_drafts(n, lengths, noise, window, states, draft_means)
+
+    def _drafts(self, slots, x, n, lengths, L: int, noise: RoundNoiseDraw):
+        """The round's window and the chains' drafts: (window, states (C, L+1, *shape), draft means)."""
+        window = window_of(self.setup.tables, n, L, len(self.setup.shape))
+        return (window, *self._draft(slots, x, n, window, lengths, noise.draft))
+
+    def _check_drafts(self, n, lengths, noise: RoundNoiseDraw, window, states, draft_means):
+        """The target call on the drafts and their verification: (outcome, what the drafter sees)."""
+        evaluated, has_next = self._rows_to_evaluate(n, lengths, window.length)
         out, features, x0, target_means = evaluate(self.target, window, states, evaluated, self.drafter.wants_features,
-                                                   setup.schedule)
+                                                   self.setup.schedule)
         result = self._verify(noise, window, states, draft_means, target_means, lengths, has_next)
         return result, Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
                                     accepted=result.accepted, denoised=x0, means=target_means)
