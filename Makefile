@@ -50,6 +50,7 @@ bench-gpu:
 	$(PY) scripts/bench_rounds.py --device cuda --compile target --samples 3 --verifiers block
 	$(PY) scripts/bench_rounds.py --device cuda --compile all --samples 3 --verifiers block
 	$(PY) scripts/bench_windows.py --device cuda --seeds 3 --repeats 3
+	$(PY) scripts/bench_windows.py --device cuda --seeds 3 --repeats 3 --compile --batches 64
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache

@@ -67,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="repeats at each large batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="e.g. cuda (make bench-gpu)")
+    parser.add_argument("--compile", action="store_true", help="compile=True: compiled rounds and steps "
+                        "(compilation is left out of the times)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -80,12 +82,12 @@ def main(argv=None):
     for num_steps in args.num_steps:
         windows = [*FIXED, "auto", CostAwareWindow()]  # the object: one policy for every call
         rows = latency_by_window(target, DEMO_DRAFTERS["free-x0"], num_steps=num_steps, windows=windows,
-                                 seeds=range(args.seeds))
+                                 seeds=range(args.seeds), compile=args.compile)
         tables.append(latency_table(rows, num_steps, args.seeds))
         print("\n" + tables[-1], flush=True)
     for batch in args.batches:
         rows = throughput_by_drafter(target, DEMO_DRAFTERS, num_steps=100, batch_size=batch, repeats=args.repeats,
-                                     windows=(8, "auto"))
+                                     windows=(8, "auto"), compile=args.compile)
         tables.append(throughput_table(rows, batch, 100, args.repeats))
         print("\n" + tables[-1], flush=True)
     if args.markdown:

@@ -226,3 +226,13 @@ def test_evaluation_reports_compiled_sampling_with_its_compile_time():
         torch.testing.assert_close(c["_samples"], e["_samples"], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="compile: expected"):
         SpeculativeEvaluation(compile="fastest")
+
+
+def test_latency_tables_of_compiled_sampling_leave_compilation_out():
+    from specdiff_train.evaluation.latency import latency_by_window
+
+    kw = dict(num_steps=20, windows=[4], seeds=range(2))
+    eager = latency_by_window(toy_target(), DRAFTERS["free-x0"], **kw)
+    compiled = latency_by_window(toy_target(), DRAFTERS["free-x0"], compile=True, **kw)
+    assert [r["calls"] for r in compiled] == [r["calls"] for r in eager]
+    assert all(0 < r["median_s"] < 1 for r in compiled)  # compilation (seconds) is not in the times

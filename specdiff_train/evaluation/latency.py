@@ -26,25 +26,26 @@ def _sync() -> None:
 
 
 def _timed(run: Callable) -> tuple[float, object]:
+    """(seconds, stats) of a sampling call, without the time of calls that compiled a graph (compile=True)."""
     _sync()
     start = time.perf_counter()
-    out = run()
+    stats = run()
     _sync()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start - stats.compile_s, stats
 
 
-def _runs(model, shape, num_steps: int, make_drafter, windows, verifier: str, batch_size: int | None):
-    """{config: run(seeds) -> stats} for ancestral sampling and each window."""
+def _runs(model, shape, num_steps: int, make_drafter, windows, verifier: str, batch_size: int | None, compile):
+    """{config: run(seeds) -> stats} for ancestral sampling and each window (`compile`: the samplers' option)."""
     schedule = model.schedule
 
     def ancestral(seeds):
         return ancestral_sample(model, schedule, shape, num_steps=num_steps, seeds=seeds, batch_size=batch_size,
-                                return_stats=True).stats
+                                return_stats=True, compile=compile).stats
 
     def speculative(window):
         return lambda seeds: speculative_sample(model, schedule, shape, num_steps=num_steps, seeds=seeds,
                                                 drafter=make_drafter(), verifier=verifier, window=window,
-                                                batch_size=batch_size).stats
+                                                batch_size=batch_size, compile=compile).stats
 
     return {ANCESTRAL: ancestral} | {window: speculative(window) for window in windows}
 
@@ -62,13 +63,13 @@ def _row(config, times: list[float], stats: list, base: float) -> dict:
 
 
 def latency_by_window(model, make_drafter: Callable, *, num_steps: int, windows: Sequence, seeds: Sequence[int],
-                      verifier: str = "block") -> list[dict]:
+                      verifier: str = "block", compile=False) -> list[dict]:
     """Batch 1: each seed sampled alone with ancestral sampling and with every window (an int, "auto",
     "heuristic", or a policy object, which then keeps what it learned from call to call, the warm-up
     call included: a server's case), timed whole. Rows: window, median seconds per sample over the seeds,
     ratio to ancestral's median, calls per sample, and `vs_best_fixed`: the ratio to the fastest int window."""
     shape = tuple(model.sample_shape)
-    runs = _runs(model, shape, num_steps, make_drafter, windows, verifier, batch_size=1)
+    runs = _runs(model, shape, num_steps, make_drafter, windows, verifier, batch_size=1, compile=compile)
     for run in runs.values():  # one-off costs (allocations, caches) of each path, before any timing
         run([10_000])
     times = {config: [] for config in runs}
@@ -87,14 +88,14 @@ def latency_by_window(model, make_drafter: Callable, *, num_steps: int, windows:
 
 
 def throughput_by_drafter(model, drafters: dict[str, Callable], *, num_steps: int, batch_size: int, repeats: int,
-                          windows: Sequence = ("auto",), verifier: str = "block") -> list[dict]:
+                          windows: Sequence = ("auto",), verifier: str = "block", compile=False) -> list[dict]:
     """A large batch: seeds 0..batch_size-1 in one call, for ancestral sampling and every drafter x
     window, `repeats` times interleaved. Rows: drafter, window, median seconds, ratio to ancestral, calls."""
     shape = tuple(model.sample_shape)
     seeds = list(range(batch_size))
     runs = {}
     for name, make in drafters.items():
-        for config, run in _runs(model, shape, num_steps, make, windows, verifier, batch_size).items():
+        for config, run in _runs(model, shape, num_steps, make, windows, verifier, batch_size, compile).items():
             runs[(ANCESTRAL, None) if config == ANCESTRAL else (name, config)] = run
     with torch.no_grad():
         for run in runs.values():
