@@ -235,14 +235,14 @@ def compare_methods(
     """Run ancestral sampling and every method on the same seeds, for each num_steps; the exactness
     test compares each method with ancestral samples from other seeds (`exactness_seeds`).
 
-    Under torch.distributed (e.g. Lightning DDP), each rank samples seeds[rank::world] and the parts
-    are gathered on every rank, so every rank returns the same full report. Returns a dict: `config`, and `results`, a list with one entry per (num_steps, method) holding
-    the costs (sequential target calls per sample, speedup, acceptance overall and per diffusion-time
-    bucket, mean accepted per round, target rows, draft calls, wall-clock and its ratio to
-    ancestral), the quality against the data, and the exactness check (permutation p-values; `exact_ok`
-    is False when a p-value falls below `alpha`). That check's reference is a second, untimed ancestral
-    run on seeds disjoint from the methods' (`exactness_seeds`): samples sharing x_T with the method's
-    would be coupled to them and make the test conservative. A permutation count that cannot reach
+    Under torch.distributed (e.g. Lightning DDP), each rank samples seeds[rank::world] and the parts are gathered
+    on every rank, so every rank returns the same full report. Returns a dict: `config`, and `results`, a list
+    with one entry per (num_steps, method) holding the costs (sequential target calls per sample, speedup,
+    acceptance overall and per diffusion-time bucket, mean accepted per round, target rows, draft calls,
+    wall-clock and its ratio to ancestral), the quality against the data, and the exactness check (permutation
+    p-values; `exact_ok` is False when a p-value falls below `alpha`). That check's reference is a second,
+    untimed ancestral run on seeds disjoint from the methods' (`exactness_seeds`): samples sharing x_T with the
+    method's would be coupled to them and make the test conservative. A permutation count that cannot reach
     `alpha` is refused (`check_permutations`). Samples are kept under the private key `_samples` for plots.
 
     With `warmup` (the default), every method first runs untimed on one batch of this rank's seeds for

@@ -18,8 +18,8 @@ What differs from an eager round, so that every round of a run reuses a few grap
 - the correction is computed in every round rather than only when the host read says a chain needs one.
 
 One graph per (capacity, padded width), and one per noise-buffer layout for plain rounds; dynamo reuses
-them in later calls with the same network, drafter, verifier and shapes. A drafter whose hooks cannot be captured is run eagerly around a compiled
-evaluate-verify graph, with a one-time warning naming it.
+them in later calls with the same network, drafter, verifier and shapes. A drafter whose hooks cannot be
+captured is run eagerly around a compiled evaluate-verify graph, with a one-time warning naming it.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class CompiledRounds:
     """The compiled round programs of one `RoundEngine` (see the module docstring)."""
 
     def __init__(self, engine, mode: str):
-        self.engine, self.mode = engine, mode
+        self.engine = engine
         self.clock = CompileClock()
         self.capturable_policy = bool(getattr(engine.policy, "capturable", False))
         self._whole = compile_graphs(self._speculative_program, mode)
@@ -146,8 +146,9 @@ class CompiledRounds:
         name = self.engine.drafter.describe()
         if name not in _EAGER_DRAFTERS_WARNED:
             _EAGER_DRAFTERS_WARNED.add(name)
-            warnings.warn(f"compile: the drafter {name} could not be captured in the round's graph ({_first_line(err)}); "
-                          "it runs eagerly around a compiled evaluate-verify graph", stacklevel=4)
+            warnings.warn(f"compile: the drafter {name} could not be captured in the round's graph "
+                          f"({_first_line(err)}); it runs eagerly around a compiled evaluate-verify graph",
+                          stacklevel=4)
 
     def _eager_drafter_round(self, x, n, lengths, live, chain_rounds, noise_tensors, L: int) -> dict:
         engine = self.engine

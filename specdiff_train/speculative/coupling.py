@@ -81,13 +81,15 @@ _GRID_CACHE: dict = {}
 
 def _residual_grid(device) -> torch.Tensor:
     """(P + 1,) ascending fractions of the bracket's width, (j / P)^power for j = 0..P."""
-    key = torch.device(device)
-    if key not in _GRID_CACHE or torch.compiler.is_compiling():  # a compiled graph makes its own (a constant)
+    def grid():
         j = torch.arange(0, RESIDUAL_GRID_POINTS + 1, dtype=torch.float64, device=device)
-        grid = (j / RESIDUAL_GRID_POINTS) ** RESIDUAL_GRID_POWER
-        if torch.compiler.is_compiling():
-            return grid
-        _GRID_CACHE[key] = grid
+        return (j / RESIDUAL_GRID_POINTS) ** RESIDUAL_GRID_POWER
+
+    if torch.compiler.is_compiling():  # a graph makes its own: a cache filled while tracing would recompile
+        return grid()
+    key = torch.device(device)
+    if key not in _GRID_CACHE:
+        _GRID_CACHE[key] = grid()
     return _GRID_CACHE[key]
 
 

@@ -124,7 +124,8 @@ class SlotPool:
         device = self.all_slots.device
         slots, seed_idx = torch.tensor(slot_list, device=device), torch.tensor([i for _, i in taken], device=device)
         # a new tensor, not a write into the old: the last round's record may hold the old one (`next_state`)
-        self.state = self.state.index_copy(0, slots, initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype))
+        noise = initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype)
+        self.state = self.state.index_copy(0, slots, noise)
         self.step[slots], self.rounds[slots], self.owner[slots] = 0, 0, seed_idx
         self.live.extend(slot_list)
         return slots, seed_idx, slot_list
@@ -487,7 +488,8 @@ class RoundEngine:
         if self._live_changed:
             self._live_changed = False
             self._slots = pool.live_slots()
-            self._live = torch.zeros(capacity, dtype=torch.bool, device=self._slots.device).index_fill_(0, self._slots, True)
+            self._live = torch.zeros(capacity, dtype=torch.bool, device=self._slots.device).index_fill_(
+                0, self._slots, True)
             self._lengths = self._scatter(self._windows(self._slots, pool.pick(pool.step, self._slots)))
             self._longest = int(self._lengths.max())
         slots, live, lengths, L = self._slots, self._live, self._lengths, self._longest
