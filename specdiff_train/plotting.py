@@ -39,8 +39,10 @@ def scatter_plot(
     title: str | None = None,
     *,
     size: float = 5.0,
+    labels=None,
 ) -> np.ndarray:
-    """Scatter 2-D `samples` (N, 2) over optional `reference` data (M, 2) drawn in grey.
+    """Scatter 2-D `samples` (N, 2) over optional `reference` data (M, 2) drawn in grey; with `labels`
+    (N,), each class in its own colour.
 
     The window covers the bulk of both point sets with a margin.
     """
@@ -54,7 +56,11 @@ def scatter_plot(
         reference = _numpy(reference)
         ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.75", alpha=0.6, label="data", linewidths=0)
         frame = np.concatenate([reference, samples])
-    ax.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:blue", alpha=0.8, label="samples", linewidths=0)
+    if labels is None:
+        ax.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:blue", alpha=0.8, label="samples", linewidths=0)
+    else:
+        ax.scatter(samples[:, 0], samples[:, 1], s=3, c=_numpy(labels) % 10, cmap="tab10", vmin=0, vmax=9,
+                   alpha=0.8, label="samples (colour: class)", linewidths=0)
     finite = frame[np.isfinite(frame).all(axis=1)]
     if len(finite):
         # A square window over the bulk of the points, so a few outliers do not squash the picture.
@@ -108,11 +114,14 @@ def image_grid(
     return _render(fig, path)
 
 
-def plot_samples(samples, path: str | Path | None = None, title: str | None = None, reference=None) -> np.ndarray:
-    """A scatter plot for 2-D samples (N, 2), an image grid for images (N, C, H, W)."""
+def plot_samples(samples, path: str | Path | None = None, title: str | None = None, reference=None,
+                 labels=None) -> np.ndarray:
+    """A scatter plot for 2-D samples (N, 2), an image grid for images (N, C, H, W). With `labels` (N,) in
+    class order (`guidance.class_grid_labels`), points are coloured by class and images go one class per row."""
     if samples.dim() == 2 and samples.shape[1] == 2:
-        return scatter_plot(samples, reference, path, title)
+        return scatter_plot(samples, reference, path, title, labels=labels)
     if samples.dim() == 4:
-        return image_grid(samples, path, title=title)
+        per_row = None if labels is None else max(1, int((torch.as_tensor(labels) == labels[0]).sum()))
+        return image_grid(samples, path, nrow=per_row, title=title)
     raise ValueError(f"plot_samples: no picture for samples of shape {tuple(samples.shape)}; "
                      "expected (N, 2) points or (N, C, H, W) images")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .compiling import CompileClock, compile_graphs, compile_mode, uses_cuda_graphs
 from .diffusion import DDPMSchedule, StepCoefficients, denoise, step_mean
+from .guidance import check_guidance, guided_output, label_tensor
 from .noise import NOISE_BUFFER_ELEMENTS, Stream, as_seed_tensor, check_noise_buffer, gaussian, step_noise_blocks
 from .sampling_stats import SamplingResult, SamplingStats
 
@@ -49,9 +50,11 @@ def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32
     return gaussian(seeds, 0, Stream.INIT, shape, dtype=dtype)
 
 
-def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer, bar, step=None):
-    """The ancestral chains of the seeds in `chunk`, run together: their samples. `step`: a compiled
-    `ancestral_step` (`compiling.py`), called with the step's coefficient row as a tensor."""
+def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer, bar, step=None,
+                     labels=None, scale=1.0):
+    """The ancestral chains of the seeds in `chunk` (with their `labels`, guided by `scale`), run together:
+    their samples. `step`: a compiled `ancestral_step` (`compiling.py`), called with the step's coefficient
+    row as a tensor."""
     # Everything a step needs is prepared here: a step is the network, ~8 operators and no host read.
     coefficients, stds = tables.scalar_coefficients, tables.scalar_std
     x = initial_noise(chunk, shape).to(dtype=dtype)
@@ -60,20 +63,21 @@ def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, d
     rows = tables.coefficients.unbind(0) if step is not None else None
     for k in range(plan.num_steps):
         if step is not None:
-            x = step(model, schedule, model_dtype, x, timesteps[k], rows[k], next(noise) if stds[k] > 0 else None)
+            x = step(model, schedule, model_dtype, x, timesteps[k], rows[k], next(noise) if stds[k] > 0 else None,
+                     labels, scale)
         else:
-            output = model(x.to(model_dtype), timesteps[k]).to(dtype)
+            output = guided_output(model, x.to(model_dtype), timesteps[k], labels, scale, dtype=dtype)
             mean = step_mean(coefficients[k], x, denoise(coefficients[k], x, output, schedule))
             x = torch.add(mean, next(noise).to(dtype), alpha=stds[k]) if stds[k] > 0 else mean
         bar.update(len(chunk))
     return x
 
 
-def ancestral_step(model, schedule, model_dtype, x, t, coefficients, noise):
+def ancestral_step(model, schedule, model_dtype, x, t, coefficients, noise, labels=None, scale=1.0):
     """One ancestral step with its coefficients as a (5,) tensor row (std last): what `compile=True`
     captures as one graph, the same for every step (noise None: the zero-variance last step)."""
     coef = StepCoefficients(*coefficients.unbind(0))
-    output = model(x.to(model_dtype), t).to(x.dtype)
+    output = guided_output(model, x.to(model_dtype), t, labels, scale, dtype=x.dtype)
     mean = step_mean(coef, x, denoise(coef, x, output, schedule))
     return mean if noise is None else torch.addcmul(mean, coef.std, noise.to(x.dtype))
 
@@ -93,8 +97,10 @@ def ancestral_sample(
     noise_buffer: int = NOISE_BUFFER_ELEMENTS,
     return_stats: bool = False,
     compile=False,
+    labels=None,
+    guidance_scale: float = 1.0,
 ):
-    """Draw one sample per seed with the DDPM ancestral sampler.
+    """Draw one sample per seed with the DDPM ancestral sampler (guided, for a conditional target).
 
     Args:
         model: `model(x, t)` maps states (B, *shape) and integer train timesteps (B,) to the
@@ -114,6 +120,11 @@ def ancestral_sample(
         compile: capture a step (the network and the update) with `torch.compile(fullgraph=True)`: True
             ("reduce-overhead", CUDA graphs, on a GPU; inductor's default elsewhere) or a mode
             (`compiling.py`). The calls that compiled are `stats.compile_s`, apart from `wall_clock_s`.
+        labels: for a conditional target, one class per seed (None or -1: an unconditional sample);
+            None: every sample unconditional. A sample depends only on its seed and label.
+        guidance_scale: classifier-free guidance s >= 0: the step uses `uncond + s (cond - uncond)`
+            (`guidance.py`); 1 is the plain conditional model (one network row per state), 0 the
+            unconditional one; other scales evaluate both rows in one call.
 
     Returns:
         Tensor (len(seeds), *shape), rows in the order of `seeds`; with `return_stats`,
@@ -125,13 +136,17 @@ def ancestral_sample(
     device, model_dtype = model_device_dtype(model, device, dtype)
     dtype = state_dtype(model_dtype)
     seeds_t = as_seed_tensor(seeds, device=device)
+    labels_t = label_tensor(labels, len(seeds_t), model, device)
+    scale = check_guidance(model, labels_t, guidance_scale)
     tables = plan.tables(device, dtype)
     clock, step = _step_function(compile_mode(compile, device))
     bar = tqdm(total=len(seeds_t) * plan.num_steps, disable=not progress, desc="ancestral", unit="step")
     start = time.perf_counter()
     chunks = seeds_t.split(batch_size or len(seeds_t))
+    label_chunks = [None] * len(chunks) if labels_t is None else labels_t.split(batch_size or len(seeds_t))
     samples = torch.cat([_ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer,
-                                          bar, step) for chunk in chunks])
+                                          bar, step, chunk_labels, scale)
+                         for chunk, chunk_labels in zip(chunks, label_chunks)])
     elapsed = time.perf_counter() - start
     bar.close()
     if not return_stats:

@@ -25,7 +25,7 @@ def test_unknown_toy_name_lists_the_choices():
         DiffusionDataModule(dataset="toy2d", name="spiral")
     with pytest.raises(ValueError, match="unknown toy distribution 'spiral'.*swissroll"):
         make_toy2d("spiral", 10)
-    assert toy2d_dataset("moons", 10).column_names == ["x"]
+    assert toy2d_dataset("moons", 10).column_names == ["x", "label"]
 
 
 def test_digits_are_cached_and_reloaded(tmp_path):

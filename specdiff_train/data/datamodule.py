@@ -9,13 +9,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .digits import DIGITS_MAX, digits_dataset
 from ..errors import suggest
 from .images import LOCAL_BUILDERS, ImageRowConverter, check_column, hub_dataset_status, load_image_dataset
-from .toy2d import TOY2D, toy2d_dataset
+from .toy2d import TOY2D, TOY2D_CLASSES, toy2d_dataset
 
 BUILTIN = ("toy2d", "digits")
 
 
 class _Rows(Dataset):
-    """Rows of a tensor, or of a `datasets.Dataset` converted one image at a time."""
+    """Rows of a tensor (or of a tuple of tensors: (data, labels)), or of a `datasets.Dataset` converted
+    one image at a time."""
 
     def __init__(self, source, indices: torch.Tensor, convert=None):
         """Args: a tensor or Dataset, the row indices to serve, and an optional row converter."""
@@ -24,8 +25,11 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        row = self.source[int(self.indices[i])]
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        if isinstance(self.source, tuple):
+            return tuple(column[index] for column in self.source)
+        row = self.source[index]
         return self.convert(row) if self.convert else row
 
 
@@ -95,7 +99,8 @@ class ResumableLoader(DataLoader):
 
 
 class DiffusionDataModule(LightningDataModule):
-    """Training data for diffusion models; batches are float32 tensors (B, *sample_shape).
+    """Training data for diffusion models; batches are float32 tensors (B, *sample_shape), or with
+    `label_column`, (data, labels) with int64 labels (B,) for conditional targets.
 
     Args:
         dataset: "toy2d", "digits" (scikit-learn's bundled 8x8 digits), "imagefolder" (data_dir),
@@ -108,6 +113,9 @@ class DiffusionDataModule(LightningDataModule):
         data_files: file(s) for parquet datasets.
         split: split to load from hub and local datasets.
         image_column: column holding the images.
+        label_column: column holding class labels, for conditional targets ("label" for digits, MNIST,
+            CIFAR-10, imagefolder's class folders, and toy2d, whose label is a point's mixture component);
+            None (default): unconditional batches without labels.
         image_size: images are resized to image_size x image_size (required for non-builtin datasets).
         channels: 1 (grayscale) or 3 (RGB) (required for non-builtin datasets).
         val_fraction: share of the data held out for validation (deterministic in `seed`).
@@ -126,6 +134,7 @@ class DiffusionDataModule(LightningDataModule):
         data_files: str | list[str] | None = None,
         split: str = "train",
         image_column: str = "image",
+        label_column: str | None = None,
         image_size: int | None = None,
         channels: int | None = None,
         val_fraction: float = 0.05,
@@ -163,15 +172,29 @@ class DiffusionDataModule(LightningDataModule):
         self.dataset, self.name = dataset, name
         self.num_samples, self.data_dir, self.data_files, self.split = num_samples, data_dir, data_files, split
         self.image_column, self.image_size, self.channels = image_column, image_size, channels
+        self.label_column = label_column
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.seed, self.cache_dir = seed, cache_dir
         self._sample_shape = sample_shape
-        self._source = None
+        self._source = self._dataset = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, known from the arguments alone (the CLI links it into the model)."""
         return self._sample_shape
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the label column (None without one, or when the dataset does not say)."""
+        if self.label_column is None:
+            return None
+        if self.dataset == "toy2d":
+            return TOY2D_CLASSES[self.name]
+        if self.dataset == "digits":
+            return 10
+        self.setup()
+        feature = getattr(self._dataset, "features", {}).get(self.label_column)
+        return getattr(feature, "num_classes", None)
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node: build caches and download here, once.
@@ -181,22 +204,31 @@ class DiffusionDataModule(LightningDataModule):
             load_image_dataset(self.dataset, self.name, self.split, self.data_dir, self.data_files)
 
     def _load(self):
-        """(source, convert): a tensor of all rows, or a Dataset with a per-row converter."""
-        if self.dataset == "toy2d":
-            data = toy2d_dataset(self.name, self.num_samples, self.seed).with_format("torch")[:]["x"]
-            return data.float(), None
-        if self.dataset == "digits":
-            images = digits_dataset(self.cache_dir).with_format("torch")[:]["image"].float()
-            return (images / (DIGITS_MAX / 2) - 1.0).unsqueeze(1), None
+        """(source, convert): a tensor of all rows (with labels: a (data, labels) pair of tensors), or a
+        Dataset with a per-row converter."""
+        if self.dataset in BUILTIN:
+            if self.dataset == "toy2d":
+                table = toy2d_dataset(self.name, self.num_samples, self.seed)
+                data = table.with_format("torch")[:]["x"].float()
+            else:
+                table = digits_dataset(self.cache_dir)
+                data = (table.with_format("torch")[:]["image"].float() / (DIGITS_MAX / 2) - 1.0).unsqueeze(1)
+            if self.label_column is None:
+                return data, None
+            check_column(table, self.label_column, "data.label_column", "class labels")
+            return (data, table.with_format("torch")[:][self.label_column].long()), None
         data = load_image_dataset(self.dataset, self.name, self.split, self.data_dir, self.data_files)
+        self._dataset = data
         check_column(data, self.image_column)
-        return data, ImageRowConverter(self.image_column, self.image_size, self.channels)
+        if self.label_column is not None:
+            check_column(data, self.label_column, "data.label_column", "class labels")
+        return data, ImageRowConverter(self.image_column, self.image_size, self.channels, self.label_column)
 
     def setup(self, stage: str | None = None) -> None:
         if self._source is not None:
             return
         self._source, self._convert = self._load()
-        n = len(self._source)
+        n = len(self._source[0] if isinstance(self._source, tuple) else self._source)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         num_val = int(round(self.val_fraction * n))
         self._val_idx, self._train_idx = order[:num_val], order[num_val:]
@@ -244,4 +276,19 @@ class DiffusionDataModule(LightningDataModule):
             raise ValueError(f"reference_samples: asked for {n} points, the dataset has only {len(pool)}")
         pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
         rows = _Rows(self._source, pick, self._convert)
-        return torch.stack([rows[i] for i in range(n)]).float()
+        return torch.stack([_data_of(rows[i]) for i in range(n)]).float()
+
+    def reference_labels(self, n: int, seed: int = 0) -> torch.Tensor:
+        """The labels of `reference_samples(n, seed)`'s points (needs `label_column`)."""
+        if self.label_column is None:
+            raise ValueError("data.label_column: reference labels need the dataset's label column; set it")
+        self.setup()
+        pool = self._val_idx if len(self._val_idx) >= n else self._train_idx
+        pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
+        rows = _Rows(self._source, pick, self._convert)
+        return torch.stack([torch.as_tensor(rows[i][1]) for i in range(n)]).long()
+
+
+def _data_of(row):
+    """A row's data, without its label."""
+    return row[0] if isinstance(row, tuple) else row

@@ -82,12 +82,12 @@ def load_image_dataset(
         ) from err
 
 
-def check_column(dataset: Dataset, column: str) -> None:
-    """Refuse a dataset without the image column, listing the columns it has."""
+def check_column(dataset: Dataset, column: str, field: str = "data.image_column", holds: str = "the images") -> None:
+    """Refuse a dataset without the column (`field` names the setting), listing the columns it has."""
     if column not in dataset.column_names:
         raise ValueError(
-            f"data.image_column: the dataset has no column {column!r}; its columns are {dataset.column_names}. "
-            f"Set data.image_column to the one holding the images."
+            f"{field}: the dataset has no column {column!r}; its columns are {dataset.column_names}. "
+            f"Set {field} to the one holding {holds}."
         )
 
 
@@ -103,11 +103,14 @@ def to_tensor_image(image, image_size: int, channels: int) -> torch.Tensor:
 
 
 class ImageRowConverter:
-    """Dataset row -> image tensor; a class rather than a lambda so DataLoader workers can pickle it."""
+    """Dataset row -> image tensor (with a label column: (image, label)); a class rather than a lambda so
+    DataLoader workers can pickle it."""
 
-    def __init__(self, column: str, image_size: int, channels: int):
-        """Args: the image column, the side to resize to, and 1 (grayscale) or 3 (RGB) channels."""
+    def __init__(self, column: str, image_size: int, channels: int, label_column: str | None = None):
+        """Args: the image column, the side to resize to, 1 (grayscale) or 3 (RGB) channels, the label column."""
         self.column, self.image_size, self.channels = column, image_size, channels
+        self.label_column = label_column
 
-    def __call__(self, row: dict) -> torch.Tensor:
-        return to_tensor_image(row[self.column], self.image_size, self.channels)
+    def __call__(self, row: dict):
+        image = to_tensor_image(row[self.column], self.image_size, self.channels)
+        return image if self.label_column is None else (image, int(row[self.label_column]))

@@ -31,6 +31,7 @@ from ..config_io import (
     state_dict_mismatch,
 )
 from ..diffusion import DDPMSchedule
+from ..guidance import NULL_LABEL, class_grid_labels
 from ..optim import follow_run_length
 from ..sampling import ancestral_sample
 
@@ -95,6 +96,11 @@ class TargetDiffusion(LightningModule):
         val_seed: first seed of the validation samples (seeds val_seed .. val_seed + val_num_samples - 1),
             and the seed of the validation-loss noise, so both are comparable across epochs.
         loss_weighting: "none" (plain MSE on the prediction) or "min_snr" (Min-SNR-5 weighting).
+        p_uncond: for a conditional net (`net.num_classes > 0`), the probability that a training label is
+            replaced by the null label (label dropout), which trains the unconditional prediction that
+            classifier-free guidance needs; 0 trains a conditional model that cannot be guided.
+        val_guidance_scale: guidance scale of a conditional model's validation samples (one class per
+            column of the grid).
     """
 
     def __init__(
@@ -108,8 +114,12 @@ class TargetDiffusion(LightningModule):
         val_num_samples: int = 512,
         val_seed: int = 0,
         loss_weighting: str = "none",
+        p_uncond: float = 0.1,
+        val_guidance_scale: float = 1.0,
     ):
         super().__init__()
+        if not 0 <= p_uncond < 1:
+            raise ValueError(f"model.p_uncond: expected a probability in [0, 1), got {p_uncond!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.loss_weighting: expected one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if isinstance(net, Mapping):
@@ -127,8 +137,10 @@ class TargetDiffusion(LightningModule):
         self.val_num_samples = val_num_samples
         self.val_seed = val_seed
         self.loss_weighting = loss_weighting
+        self.p_uncond, self.val_guidance_scale = float(p_uncond), float(val_guidance_scale)
         self._record_hparams(net_record)
         self._reference: torch.Tensor | None = None
+        self._labels_checked = False
         self._loaded_at: tuple[int, int] | None = None  # (epoch, global_step) of a loaded checkpoint
 
     # --- hyperparameters: plain data that rebuild this module (see config_io.py) ----------
@@ -191,29 +203,57 @@ class TargetDiffusion(LightningModule):
         return clone
 
     # --- the denoiser contract ----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
-        """The network's prediction at states x (B, *shape) and train timesteps t (B,)."""
+    @property
+    def num_classes(self) -> int:
+        """Classes of a conditional target (0: unconditional): the net's."""
+        return int(getattr(self.net, "num_classes", 0) or 0)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, labels=None):
+        """The network's prediction at states x (B, *shape), train timesteps t (B,) and, for a conditional
+        target, labels (B,) (`guidance.NULL_LABEL` or None: unconditional rows)."""
+        kwargs = {} if labels is None else {"labels": labels}
         if return_features:
-            return self.net(x, t, return_features=True)
-        return self.net(x, t)
+            return self.net(x, t, return_features=True, **kwargs)
+        return self.net(x, t, **kwargs)
 
     # --- training -----------------------------------------------------------------------------------
-    def diffusion_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def diffusion_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
         x_t = self.schedule.q_sample(x0, t, noise)
         target = self.schedule.training_target(x0, noise, t)
-        per_sample = (self(x_t, t) - target).pow(2).flatten(1).mean(dim=1)
+        per_sample = (self(x_t, t, labels=labels) - target).pow(2).flatten(1).mean(dim=1)
         weight = loss_weights(self.schedule, t, self.loss_weighting)
         return per_sample.mean() if weight is None else (weight * per_sample).mean()
 
-    @staticmethod
-    def _data(batch) -> torch.Tensor:
-        # Our data modules yield tensors; TensorDataset-style loaders yield 1-tuples.
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+    def _data(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(data, labels or None) of a batch: our data modules yield tensors, or (data, labels) with a
+        label column; TensorDataset-style loaders yield 1-tuples."""
+        data, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) \
+            else (batch, None)
+        if self.num_classes == 0:
+            return data, None  # an unconditional target ignores labels the data may carry
+        if labels is None:
+            raise ValueError(f"data.label_column: the target is conditional (num_classes={self.num_classes}) but "
+                             "the batches carry no labels; set data.label_column (e.g. label), or train with "
+                             "num_classes: 0")
+        if not self._labels_checked:
+            self._labels_checked = True
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"data.label_column: labels from {low} to {high} do not fit the net's "
+                                 f"num_classes={self.num_classes}; set the net's num_classes to the dataset's classes")
+        return data, labels.long()
+
+    def _drop_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Label dropout: each label becomes the null label with probability p_uncond."""
+        if labels is None or self.p_uncond == 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.p_uncond
+        return labels.masked_fill(drop, NULL_LABEL)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x0 = self._data(batch)
+        x0, labels = self._data(batch)
         t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device)
-        loss = self.diffusion_loss(x0, t, torch.randn_like(x0))
+        loss = self.diffusion_loss(x0, t, torch.randn_like(x0), self._drop_labels(labels))
         self._stop_if_not_finite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=x0.shape[0])
@@ -232,12 +272,12 @@ class TargetDiffusion(LightningModule):
             )
 
     def _eval_loss(self, batch, batch_idx: int) -> tuple[torch.Tensor, int]:
-        x0 = self._data(batch)
+        x0, labels = self._data(batch)
         # Fixed noise and timesteps per batch: the validation loss is comparable across epochs.
         gen = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx * 101 + self.global_rank)
         t = torch.randint(0, self.schedule.num_train_steps, (x0.shape[0],), generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(device=x0.device, dtype=x0.dtype)
-        return self.diffusion_loss(x0, t, noise), x0.shape[0]
+        return self.diffusion_loss(x0, t, noise, labels), x0.shape[0]  # conditional loss: no label dropout
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, n = self._eval_loss(batch, batch_idx)
@@ -276,14 +316,21 @@ class TargetDiffusion(LightningModule):
         if trainer.is_global_zero:
             self.plot_samples(out_dir)
 
+    def validation_labels(self, num_samples: int | None = None) -> list[int] | None:
+        """The validation samples' labels: classes in order (`guidance.class_grid_labels`), or None."""
+        n = num_samples or self.val_num_samples
+        return class_grid_labels(n, self.num_classes) if self.num_classes > 0 else None
+
     def draw_samples(self, num_samples: int | None = None, num_steps: int | None = None) -> torch.Tensor:
-        """Validation samples with the current weights (EMA during validation), seeds from `val_seed`."""
+        """Validation samples with the current weights (EMA during validation), seeds from `val_seed`; a
+        conditional target's are `validation_labels`, guided by `val_guidance_scale`."""
         if self.sample_shape is None:
             raise ValueError("model.sample_shape is unknown: give it, or use a net or data module that knows it")
         n = num_samples or self.val_num_samples
         seeds = list(range(self.val_seed, self.val_seed + n))
+        labels = self.validation_labels(n)
         return ancestral_sample(self, self.schedule, self.sample_shape, num_steps=num_steps or self.val_num_steps,
-                                seeds=seeds)
+                                seeds=seeds, labels=labels, guidance_scale=1.0 if labels is None else self.val_guidance_scale)
 
     def plot_samples(self, out_dir: str | Path) -> Path:
         """Draw the validation samples, write `out_dir/epoch=NNN-step=NNNNNN.png`, log it as an image."""
@@ -294,7 +341,11 @@ class TargetDiffusion(LightningModule):
         path = Path(out_dir) / f"epoch={epoch:03d}-step={step:06d}.png"
         title = (f"{type(self.net).__name__}: {len(samples)} samples, {self.val_num_steps} steps, "
                  f"epoch {epoch}, step {step}")
-        image = plotting.plot_samples(samples, path, title, reference=self._reference_samples(len(samples)))
+        labels = self.validation_labels(len(samples))
+        if labels is not None:
+            title += f", classes in order, guidance {self.val_guidance_scale:g}"
+        image = plotting.plot_samples(samples, path, title, reference=self._reference_samples(len(samples)),
+                                      labels=labels)
         for logger in self.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard

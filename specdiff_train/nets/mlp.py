@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .embedding import TimestepEmbedding
+from .embedding import LabelEmbedding, TimestepEmbedding, add_label_embedding, check_num_classes
 
 
 class ResidualBlock(nn.Module):
@@ -33,10 +33,12 @@ class MLPDenoiser(nn.Module):
         time_embed_dim: size of the sinusoidal timestep features.
         num_train_steps: diffusion steps the timesteps come from (kept for the record; the
             embedding takes raw integer timesteps).
+        num_classes: classes of a conditional model (0: unconditional); a label embedding (with a null
+            class for classifier-free guidance) is added to the timestep embedding.
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, time_embed_dim: int = 128,
-                 num_train_steps: int = 1000):
+                 num_train_steps: int = 1000, num_classes: int = 0):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"MLPDenoiser: dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
@@ -45,14 +47,18 @@ class MLPDenoiser(nn.Module):
         self.sample_shape = (dim,)
         self.feature_dim = hidden
         self.num_train_steps = num_train_steps
+        self.num_classes = check_num_classes(num_classes, "MLPDenoiser")
         self.time_embed = TimestepEmbedding(time_embed_dim, hidden=time_embed_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, self.time_embed.out_dim) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
+        self.label_embed = LabelEmbedding(num_classes, self.time_embed.out_dim) if num_classes else None  # built last
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
-        emb = self.time_embed(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, labels=None):
+        """Prediction at states x (B, dim), train timesteps t (B,) and, for a conditional net, labels (B,)
+        (`NULL_LABEL` or None: unconditional rows); with `return_features`, (prediction, features)."""
+        emb = add_label_embedding(self, self.time_embed(t), labels)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -6,7 +6,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from .embedding import TimestepEmbedding
+from .embedding import LabelEmbedding, TimestepEmbedding, add_label_embedding, check_num_classes
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -81,6 +81,8 @@ class UNet(nn.Module):
         num_heads: attention heads.
         dropout: dropout inside ResBlocks.
         time_embed_dim: sinusoidal feature size (default: base_channels).
+        num_classes: classes of a conditional model (0: unconditional); a label embedding (with a null
+            class for classifier-free guidance) is added to the timestep embedding.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class UNet(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.0,
         time_embed_dim: int | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         channel_mults, attention_levels = tuple(channel_mults), tuple(attention_levels)
@@ -102,6 +105,7 @@ class UNet(nn.Module):
         self.in_channels, self.image_size, self.base_channels = in_channels, image_size, base_channels
         self.channel_mults, self.num_res_blocks, self.attention_levels = channel_mults, num_res_blocks, attention_levels
         self.num_heads, self.dropout, self.time_embed_dim = num_heads, dropout, time_embed_dim
+        self.num_classes = check_num_classes(num_classes, "UNet")
         self.sample_shape = (in_channels, image_size, image_size)
         self.feature_dim = base_channels
         # Submodules are built in this order (time_embed, conv_in, down, mid, up, out) so that a seeded
@@ -118,6 +122,8 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes else None  # built last: seeded
+        # unconditional nets draw the same initial weights as before labels existed
 
     def _level_block(self, level: int, in_ch: int, out_ch: int, emb_dim: int) -> list[nn.Module]:
         """A ResBlock to `out_ch`, followed by self-attention at the attention levels."""
@@ -157,8 +163,10 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, (ResBlock, Attention)) else layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
-        emb = self.time_embed(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, labels=None):
+        """Prediction at states x (B, C, H, W), train timesteps t (B,) and, for a conditional net, labels
+        (B,) (`NULL_LABEL` or None: unconditional rows); with `return_features`, (prediction, features)."""
+        emb = add_label_embedding(self, self.time_embed(t), labels)
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:

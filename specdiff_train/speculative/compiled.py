@@ -71,8 +71,8 @@ class CompiledRounds:
         return self.engine._drafts(self.engine.pool.all_slots, x, self._safe_steps(n), lengths, L, noise)
 
     def _check(self, x, n, lengths, live, noise, window, states, draft_means) -> dict:
-        result, verification = self.engine._check_drafts(self._safe_steps(n), lengths, noise, window, states,
-                                                         draft_means)
+        result, verification = self.engine._check_drafts(self.engine.pool.all_slots, self._safe_steps(n), lengths,
+                                                         noise, window, states, draft_means)
         return self._outcome(x, n, live, result, result.settle(True), verification)
 
     def _outcome(self, x, n, live, result, next_state, verification) -> dict:
@@ -112,8 +112,9 @@ class CompiledRounds:
         return self._check(x, n, lengths, live, noise, window, states, draft_means)
 
     def _plain_program(self, x, n, lengths, live, chain_rounds, noise_tensors):
-        result, verification = self.engine._plain_round(x, self._safe_steps(n), self._draw(noise_tensors,
-                                                                                            chain_rounds, 0).xi)
+        engine = self.engine
+        result, verification = engine._plain_round(engine.pool.all_slots, x, self._safe_steps(n),
+                                                   self._draw(noise_tensors, chain_rounds, 0).xi)
         out = self._outcome(x, n, live, result, result.next_state, verification)
         return self._observe_learn_flags(out, n, lengths, live)
 

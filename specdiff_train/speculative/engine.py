@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion import StepCoefficients, denoise, step_mean
+from ..guidance import NULL_LABEL, guided_output
 from ..noise import RoundNoise
 from ..sampling import initial_noise
 from .._aranges import arange
@@ -32,14 +33,19 @@ COMPACT_MIN_ROWS = 64  # from this many padded rows a round evaluates only the r
 
 
 class CountingTarget:
-    """Calls the target network and counts batched calls, rows and per-chain sequential calls.
+    """Calls the target network (guided, for a conditional target: `guidance.guided_output`) and counts
+    batched calls, rows and per-chain sequential calls.
 
     `per_slot` counts the calls a drafter makes for the chains that draft this round (`drafting`);
-    each round's verification call is one more per chain, counted by the chain's rounds."""
+    each round's verification call is one more per chain, counted by the chain's rounds. `labels` is
+    each slot's label (None: an unconditional target); rows and counts are states, whatever guidance
+    adds inside the call."""
 
-    def __init__(self, model, tables, all_slots: torch.Tensor, model_dtype, dtype):
+    def __init__(self, model, tables, all_slots: torch.Tensor, model_dtype, dtype, labels=None,
+                 guidance_scale: float = 1.0):
         self.model, self.tables, self.all_slots = model, tables, all_slots
         self.model_dtype, self.dtype = model_dtype, dtype  # the network's inputs; the states and outputs
+        self.labels, self.guidance_scale = labels, guidance_scale  # labels: the pool's, updated in place
         self.per_slot = torch.zeros(len(all_slots), dtype=torch.int64, device=all_slots.device)
         self._drafting: torch.Tensor | None = None
         self.batches = self.rows = 0
@@ -60,25 +66,31 @@ class CountingTarget:
             self.per_slot += add
         else:
             self.per_slot[slots] += add
-        return self.evaluate(x, self.tables.timesteps[k], return_features)
+        return self.evaluate(x, self.tables.timesteps[k], return_features, self.slot_labels(slots))
 
-    def evaluate(self, x, t, return_features: bool = False):
+    def slot_labels(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the chains in `slots` (None for an unconditional target)."""
+        if self.labels is None:
+            return None
+        return self.labels if slots is self.all_slots else self.labels[slots]
+
+    def evaluate(self, x, t, return_features: bool = False, labels=None):
+        """The network's (guided) outputs on rows x at timesteps t with their labels (None: unconditional)."""
         if torch.compiler.is_compiling():  # a Python counter in a graph would be a constant: counted after the call
             self.traced_rows = self.traced_rows + (len(x),)
         else:
             self.batches += 1
             self.rows += len(x)
         x = x.to(self.model_dtype)
-        if not return_features:
-            return self.model(x, t).to(self.dtype)
         try:
-            out, features = self.model(x, t, return_features=True)
+            return guided_output(self.model, x, t, labels, self.guidance_scale, return_features, dtype=self.dtype)
         except TypeError as err:
+            if not return_features or "return_features" not in str(err):
+                raise
             raise TypeError(
                 "the drafter needs the target's features, but the model does not accept "
                 "`return_features=True`; use a target network that exposes its features"
             ) from err
-        return out.to(self.dtype), features.to(self.dtype)
 
     def count_traced(self) -> None:
         """Count the calls a compiled round made (its graph replays them without running this code)."""
@@ -91,9 +103,12 @@ class SlotPool:
     """The chains in the sampler's slots: per-slot state on the device, the live slots and the queue
     of waiting seeds on the host, and the finished samples with their per-sample counters."""
 
-    def __init__(self, seeds: torch.Tensor, capacity: int, shape, dtype):
+    def __init__(self, seeds: torch.Tensor, capacity: int, shape, dtype, labels: torch.Tensor | None = None):
         device = seeds.device
         self.seeds, self.shape, self.dtype = seeds, tuple(shape), dtype
+        self.seed_labels = labels  # (len(seeds),) a conditional target's label per seed, or None
+        # per slot, written in place at admission (the target and compiled graphs hold this tensor)
+        self.labels = None if labels is None else torch.full((capacity,), NULL_LABEL, dtype=torch.int64, device=device)
         self.all_slots = torch.arange(capacity, device=device)
         self.state = torch.zeros(capacity, *shape, device=device, dtype=dtype)
         self.step = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -127,6 +142,8 @@ class SlotPool:
         noise = initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype)
         self.state = self.state.index_copy(0, slots, noise)
         self.step[slots], self.rounds[slots], self.owner[slots] = 0, 0, seed_idx
+        if self.labels is not None:
+            self.labels.index_copy_(0, slots, self.seed_labels[seed_idx])
         self.live.extend(slot_list)
         return slots, seed_idx, slot_list
 
@@ -180,22 +197,24 @@ def draft(drafter: Drafter, slots, x, window: DraftWindow, noise, shape):
     return torch.stack(states, 1), draft_means
 
 
-def evaluate(target: CountingTarget, window: DraftWindow, states, evaluated, wants_features: bool, schedule):
+def evaluate(target: CountingTarget, window: DraftWindow, states, evaluated, wants_features: bool, schedule, slots):
     """The ONE batched target call of the round on rows X_0..X_L of every chain, and the target's x0
     estimate and step mean at each row. Large padded batches evaluate only the `evaluated` rows."""
     C, L1 = states.shape[:2]
     shape = states.shape[2:]
     flat = states.reshape(C * L1, *shape)
     flat_t = window.timesteps.reshape(-1)
+    labels = target.slot_labels(slots)
+    labels = None if labels is None else labels.repeat_interleave(L1)  # each chain's label on its L+1 rows
     if C * L1 >= COMPACT_MIN_ROWS and not torch.compiler.is_compiling():  # compiled: static shapes
         needed = evaluated.reshape(-1).nonzero().squeeze(1)  # the round's second host read, large batches only
-        out = target.evaluate(flat[needed], flat_t[needed], wants_features)
+        out = target.evaluate(flat[needed], flat_t[needed], wants_features, None if labels is None else labels[needed])
         out, features = out if wants_features else (out, None)
         out = flat.new_zeros(C * L1, *out.shape[1:]).index_copy_(0, needed, out.to(flat.dtype))
         if features is not None:
             features = features.new_zeros(C * L1, *features.shape[1:]).index_copy_(0, needed, features)
     else:
-        out = target.evaluate(flat, flat_t, wants_features)
+        out = target.evaluate(flat, flat_t, wants_features, labels)
         out, features = out if wants_features else (out, None)
     x0, means = denoised_and_mean(window.coefficients, flat, out, schedule)
     unflat = lambda v: None if v is None else v.reshape(C, L1, *v.shape[1:])  # noqa: E731
@@ -210,10 +229,10 @@ def denoised_and_mean(coefficients, x, out, schedule):
     return x0, step_mean(coef, x, x0)
 
 
-def evaluate_plain(target: CountingTarget, tables, x, n, wants_features: bool, schedule):
-    """A plain round's target call on the chains' states X (C, *shape) at steps n, and the target's x0
-    estimate, step mean and step std there: (outputs, features or None, x0, mean, std)."""
-    out = target.evaluate(x, tables.timesteps[n], wants_features)
+def evaluate_plain(target: CountingTarget, tables, x, n, wants_features: bool, schedule, slots):
+    """A plain round's target call on the chains' states X (C, *shape) in `slots` at steps n, and the
+    target's x0 estimate, step mean and step std there: (outputs, features or None, x0, mean, std)."""
+    out = target.evaluate(x, tables.timesteps[n], wants_features, target.slot_labels(slots))
     out, features = out if wants_features else (out, None)
     x0, mean = denoised_and_mean(tables.coefficients[n], x, out, schedule)
     return out, features, x0, mean, tables.std[n]
@@ -279,6 +298,8 @@ class RoundSetup:
     dtype: torch.dtype
     noise_buffer: int
     refill: bool
+    labels: torch.Tensor | None = None  # a conditional target's label per seed (`guidance.label_tensor`)
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -305,8 +326,9 @@ class RoundEngine:
     def __init__(self, model, seeds: torch.Tensor, capacity: int, drafter: Drafter, verifier, policy,
                  setup: RoundSetup):
         self.setup, self.drafter, self.verifier, self.policy = setup, drafter, verifier, policy
-        self.pool = SlotPool(seeds, capacity, setup.shape, setup.dtype)
-        self.target = CountingTarget(model, setup.tables, self.pool.all_slots, setup.model_dtype, setup.dtype)
+        self.pool = SlotPool(seeds, capacity, setup.shape, setup.dtype, setup.labels)
+        self.target = CountingTarget(model, setup.tables, self.pool.all_slots, setup.model_dtype, setup.dtype,
+                                     self.pool.labels, setup.guidance_scale)
         drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,
                                   setup.dtype, all_slots=self.pool.all_slots))
         numel = int(torch.Size(setup.shape).numel())
@@ -419,7 +441,7 @@ class RoundEngine:
         noise = self._round_noise(slots, chain_rounds, L)
         self.draft_calls += L
         if L == 0 and self.verifier.plain_steps:
-            result, verification = self._plain_round(x, n, noise.xi)
+            result, verification = self._plain_round(slots, x, n, noise.xi)
         else:
             result, verification = self._speculative_round(slots, x, n, lengths, L, noise)
         self.drafter.observe(slots, verification)
@@ -427,29 +449,29 @@ class RoundEngine:
 
     def _speculative_round(self, slots, x, n, lengths, L: int, noise: RoundNoiseDraw):
         window, states, draft_means = self._drafts(slots, x, n, lengths, L, noise)
-        return self._check_drafts(n, lengths, noise, window, states, draft_means)
+        return self._check_drafts(slots, n, lengths, noise, window, states, draft_means)
 
     def _drafts(self, slots, x, n, lengths, L: int, noise: RoundNoiseDraw):
         """The round's window and the chains' drafts: (window, states (C, L+1, *shape), draft means)."""
         window = window_of(self.setup.tables, n, L, len(self.setup.shape))
         return (window, *self._draft(slots, x, n, window, lengths, noise.draft))
 
-    def _check_drafts(self, n, lengths, noise: RoundNoiseDraw, window, states, draft_means):
+    def _check_drafts(self, slots, n, lengths, noise: RoundNoiseDraw, window, states, draft_means):
         """The target call on the drafts and their verification: (outcome, what the drafter sees)."""
         evaluated, has_next = self._rows_to_evaluate(n, lengths, window.length)
         out, features, x0, target_means = evaluate(self.target, window, states, evaluated, self.drafter.wants_features,
-                                                   self.setup.schedule)
+                                                   self.setup.schedule, slots)
         result = self._verify(noise, window, states, draft_means, target_means, lengths, has_next)
         return result, Verification(states=states, steps=n, outputs=out, features=features, evaluated=evaluated,
                                     accepted=result.accepted, denoised=x0, means=target_means)
 
-    def _plain_round(self, x, n, xi):
-        """Every chain takes one ancestral step: the target call on the chains' states and
+    def _plain_round(self, slots, x, n, xi):
+        """Every chain (in `slots`) takes one ancestral step: the target call on the chains' states and
         X' = mu_P(X) + s xi, the same numbers the verifiers give a window of 0 (its bonus step),
         without their drafting and verification work."""
         C = len(x)
         out, features, x0, mean, std = evaluate_plain(self.target, self.setup.tables, x, n,
-                                                      self.drafter.wants_features, self.setup.schedule)
+                                                      self.drafter.wants_features, self.setup.schedule, slots)
         next_state = torch.addcmul(mean.reshape(C, -1), std.to(xi.dtype).unsqueeze(-1), xi)
         ones, zeros = torch.ones(C, 1, dtype=torch.bool, device=n.device), n * 0
         result = RoundOutcome(accepted=zeros, next_state=next_state, advanced=zeros + 1)
