@@ -45,6 +45,13 @@ def state_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(model_dtype, torch.float32)
 
 
+def conditioning(model, seeds, labels, guidance_scale, device):
+    """The samplers' seeds, labels and guidance scale, checked: (seeds (N,), labels (N,) or None, scale)."""
+    seeds_t = as_seed_tensor(seeds, device=device)
+    labels_t = label_tensor(labels, len(seeds_t), model, device)
+    return seeds_t, labels_t, check_guidance(model, labels_t, guidance_scale)
+
+
 def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
     """x_T for each seed; shared by ancestral and speculative sampling so that both start alike."""
     return gaussian(seeds, 0, Stream.INIT, shape, dtype=dtype)
@@ -83,23 +90,10 @@ def ancestral_step(model, schedule, model_dtype, x, t, coefficients, noise, labe
 
 
 @torch.no_grad()
-def ancestral_sample(
-    model: Denoiser,
-    schedule: DDPMSchedule,
-    shape: Sequence[int],
-    *,
-    num_steps: int,
-    seeds: Sequence[int],
-    batch_size: int | None = None,
-    device=None,
-    dtype=None,
-    progress: bool = False,
-    noise_buffer: int = NOISE_BUFFER_ELEMENTS,
-    return_stats: bool = False,
-    compile=False,
-    labels=None,
-    guidance_scale: float = 1.0,
-):
+def ancestral_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[int], *, num_steps: int,
+                     seeds: Sequence[int], batch_size: int | None = None, device=None, dtype=None, progress: bool = False,
+                     noise_buffer: int = NOISE_BUFFER_ELEMENTS, return_stats: bool = False, compile=False, labels=None,
+                     guidance_scale: float = 1.0):
     """Draw one sample per seed with the DDPM ancestral sampler (guided, for a conditional target).
 
     Args:
@@ -135,9 +129,7 @@ def ancestral_sample(
     shape = check_sample_shape(model, shape)
     device, model_dtype = model_device_dtype(model, device, dtype)
     dtype = state_dtype(model_dtype)
-    seeds_t = as_seed_tensor(seeds, device=device)
-    labels_t = label_tensor(labels, len(seeds_t), model, device)
-    scale = check_guidance(model, labels_t, guidance_scale)
+    seeds_t, labels_t, scale = conditioning(model, seeds, labels, guidance_scale, device)
     tables = plan.tables(device, dtype)
     clock, step = _step_function(compile_mode(compile, device))
     bar = tqdm(total=len(seeds_t) * plan.num_steps, disable=not progress, desc="ancestral", unit="step")

@@ -15,9 +15,8 @@ import torch
 
 from ..compiling import compile_mode
 from ..diffusion import DDPMSchedule
-from ..guidance import check_guidance, label_tensor
-from ..noise import NOISE_BUFFER_ELEMENTS, as_seed_tensor, check_noise_buffer
-from ..sampling import Denoiser, check_sample_shape, model_device_dtype, state_dtype
+from ..noise import NOISE_BUFFER_ELEMENTS, check_noise_buffer
+from ..sampling import Denoiser, check_sample_shape, conditioning, model_device_dtype, state_dtype
 from ..sampling_stats import SamplingResult, SamplingStats
 from ..drafters.base import Drafter
 from .compiled import CompiledRounds
@@ -107,10 +106,8 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
             inductor's default elsewhere), or a torch.compile mode. The time of calls that compiled is
             `stats.compile_s`, apart from `stats.wall_clock_s`; graphs are reused by later calls with the
             same model, drafter and shapes. Samples equal the eager ones to float tolerance.
-        labels, guidance_scale: as for `ancestral_sample`: a conditional target's class per seed and the
-            classifier-free guidance scale. Speculation is exact with respect to the guided ancestral
-            sampler; each evaluated state costs two network rows (conditional and null) in the same
-            call when 0 < s != 1. Drafters see the guided outputs.
+        labels, guidance_scale: as for `ancestral_sample`; exact with respect to the guided ancestral sampler
+            (two network rows per evaluated state in the same call when 0 < s != 1; drafters see guided outputs).
 
     Returns:
         `SamplingResult(samples, stats)`: samples (len(seeds), *shape) in the order of the seeds, and a
@@ -123,12 +120,9 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
     shape = check_sample_shape(model, shape)
     check_noise_buffer(noise_buffer)
     device, model_dtype = model_device_dtype(model, device, dtype)
-    seeds_t = as_seed_tensor(seeds, device=device)
-    labels_t = label_tensor(labels, len(seeds_t), model, device)
-    scale = check_guidance(model, labels_t, guidance_scale)
+    seeds_t, labels_t, scale = conditioning(model, seeds, labels, guidance_scale, device)
     _check_trained_for(drafter, model)
-    dtype = state_dtype(model_dtype)
-    mode = compile_mode(compile, device)
+    dtype, mode = state_dtype(model_dtype), compile_mode(compile, device)
     setup = RoundSetup(schedule, plan, plan.tables(device, dtype), shape, model_dtype, dtype, noise_buffer, refill,
                        labels_t, scale)
     engine = RoundEngine(model, seeds_t, min(batch_size or len(seeds_t), len(seeds_t)), drafter, verifier, policy, setup)
