@@ -36,7 +36,9 @@ class DraftContext:
     indices k for the chains in `slots`; every call is counted as a sequential target call for
     those chains (where they draft this round), so use it only when the drafter really needs the target.
     `all_slots` is the index tensor the sampler passes when every slot is live (`slots is
-    context.all_slots`): then per-slot buffers can be used whole, without a gather.
+    context.all_slots`): then per-slot buffers can be used whole, without a gather. For a conditional
+    target, `labels` (capacity,) is each slot's label (`guidance.NULL_LABEL`: unconditional; updated in
+    place as chains join) and `guidance_scale` the sampler's scale; the target calls are guided.
     """
 
     target: Callable[..., torch.Tensor]
@@ -47,6 +49,8 @@ class DraftContext:
     device: torch.device
     dtype: torch.dtype
     all_slots: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    guidance_scale: float = 1.0
 
 
 class DraftWindow:
@@ -181,6 +185,11 @@ class Drafter:
         return type(self).__name__
 
     # --- helpers for per-slot buffers ----------------------------------------------------------
+    def slot_labels(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the chains in `slots` (None for an unconditional target)."""
+        labels = getattr(self.context, "labels", None)
+        return None if labels is None else self.gather(labels, slots)
+
     def gather(self, buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """buffer[slots], without an operation when every slot is live."""
         return buffer if slots is getattr(self.context, "all_slots", None) else buffer[slots]

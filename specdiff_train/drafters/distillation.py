@@ -14,6 +14,7 @@ The maths is in the small functions at the top; the modules only wire them toget
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from ..config_io import class_path, module_config, read_checkpoint, target_fingerprint
 from ..diffusion import DDPMSchedule, SamplingPlan, one_step_acceptance
+from ..guidance import NULL_LABEL, check_guidance, guided_output, num_classes_of
 from ..models.checkpoints import load_target
 from ..models.diffusers_target import is_pipeline_source
-from ..models.target import TargetDiffusion
+from ..models.target import TargetDiffusion, split_batch
 from .base import DraftContext, Drafter
 
 OBJECTIVES = ("delta_sq", "tv")
@@ -153,6 +155,16 @@ def frozen_target(target_ckpt: str) -> TargetDiffusion:
     return load_target(target_ckpt)
 
 
+def _check_training_guidance(target, guidance_scale) -> float:
+    """The guidance scale a drafter is trained for: 1 for an unconditional target; for a conditional one
+    the samplers' rules (`guidance.check_guidance`), named as the drafter's field."""
+    labels = torch.zeros(1, dtype=torch.int64) if num_classes_of(target) else None
+    try:
+        return check_guidance(target, labels, guidance_scale)
+    except ValueError as err:
+        raise ValueError(f"model.init_args.{err}") from None
+
+
 def check_drafter_module(module: torch.nn.Module, target: TargetDiffusion, what: str, fix: str) -> None:
     """A drafter net or head must have the target's sample shape and train steps (ValueError naming the field)."""
     problems = []
@@ -181,13 +193,20 @@ class FrozenTargetDistillation(LightningModule):
         trajectory_refresh: training steps between two new pools.
         optimizer: builds the optimizer from the drafter's parameters (the target is never in it).
         sample_shape: linked from the data by the CLI; must equal the target's.
+        guidance_scale: for a conditional target, the classifier-free guidance scale the drafter is trained
+            for (recorded in the checkpoint): the frozen target's outputs are the guided ones, on the
+            data's labels with the target's own label dropout (so unconditional samples are drafted too).
+
+    A conditional target needs the data's labels (`data.label_column`); the trajectory pool's chains
+    cycle through the classes.
     """
 
     module_key = "net"
 
     def __init__(self, target_ckpt: str, num_steps: int = 100, objective: str = "delta_sq",
                  trajectory_fraction: float = 0.0, trajectory_chains: int = 256, trajectory_refresh: int = 1000,
-                 optimizer: OptimizerCallable = torch.optim.AdamW, sample_shape: tuple[int, ...] | None = None):
+                 optimizer: OptimizerCallable = torch.optim.AdamW, sample_shape: tuple[int, ...] | None = None,
+                 guidance_scale: float = 1.0):
         super().__init__()
         check_objective(objective)
         if not 0.0 <= trajectory_fraction <= 1.0:
@@ -197,6 +216,8 @@ class FrozenTargetDistillation(LightningModule):
             raise ValueError(f"data.sample_shape {tuple(sample_shape)} differs from the target's "
                              f"{tuple(target.sample_shape)}: use the target's dataset")
         self._target = [target]  # a list: kept out of the state dict, the optimizer and .parameters()
+        self.num_classes = num_classes_of(target)
+        self.guidance_scale = _check_training_guidance(target, guidance_scale)
         self.schedule: DDPMSchedule = target.schedule
         self.plan = self.schedule.plan(num_steps)
         self.sample_shape = tuple(target.sample_shape)
@@ -204,6 +225,7 @@ class FrozenTargetDistillation(LightningModule):
         self.trajectory_fraction, self.trajectory_chains = float(trajectory_fraction), int(trajectory_chains)
         self.trajectory_refresh = int(trajectory_refresh)
         self._pool: torch.Tensor | None = None
+        self._pool_labels: torch.Tensor | None = None
         self._pool_step = -1
 
     def record_hparams(self, **extra: Any) -> None:
@@ -218,7 +240,8 @@ class FrozenTargetDistillation(LightningModule):
             target_fingerprint=target_fingerprint(self.target),
             target_step=(getattr(self.target, "checkpoint_info", None) or {}).get("global_step"),
             num_steps=self.plan.num_steps, objective=self.objective, trajectory_fraction=self.trajectory_fraction,
-            schedule=self.schedule.config(), sample_shape=list(self.sample_shape), **extra,
+            schedule=self.schedule.config(), sample_shape=list(self.sample_shape), num_classes=self.num_classes,
+            guidance_scale=self.guidance_scale, **extra,
         ))
 
     @property
@@ -231,10 +254,20 @@ class FrozenTargetDistillation(LightningModule):
     def on_validation_start(self) -> None:
         self.target.to(self.device)
 
+    def target_output(self, x: torch.Tensor, t: torch.Tensor, labels=None, return_features: bool = False):
+        """The frozen target's (guided, for a conditional target) outputs, as the sampler computes them."""
+        return guided_output(self.target, x, t, labels, self.guidance_scale, return_features)
+
+    def target_with(self, labels):
+        """`target(x, t)` with the rows' labels bound: what the trajectory functions call."""
+        return lambda x, t: self.target_output(x, t, labels)
+
     # --- training states ------------------------------------------------------------------------
-    def start_states(self, x0: torch.Tensor, gen: torch.Generator, num_steps: int, use_pool: bool = True):
-        """(states, steps k, noise): steps uniform in [0, num_steps); states forward-noised from x0
-        (noise returned for the data loss), a `trajectory_fraction` of them from target trajectories."""
+    def start_states(self, x0: torch.Tensor, gen: torch.Generator, num_steps: int, use_pool: bool = True,
+                     labels: torch.Tensor | None = None):
+        """(states, steps k, noise, labels): steps uniform in [0, num_steps); states forward-noised from x0
+        (noise returned for the data loss), a `trajectory_fraction` of them (with their labels) from
+        target trajectories."""
         k = torch.randint(0, num_steps, (len(x0),), generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         x = self.schedule.q_sample(x0, self.plan.t(k), noise)
@@ -243,30 +276,43 @@ class FrozenTargetDistillation(LightningModule):
             pool = self.trajectory_pool(x0)
             chain = torch.randint(0, pool.shape[1], (n_traj,), generator=gen).to(x0.device)
             x[:n_traj] = pool[k[:n_traj], chain].to(x.dtype)
-        return x, k, noise
+            if labels is not None:
+                labels = labels.clone()
+                labels[:n_traj] = self._pool_labels[chain]
+        return x, k, noise, labels
 
     def trajectory_pool(self, like: torch.Tensor) -> torch.Tensor:
-        """The current pool of target trajectories; renewed every `trajectory_refresh` training steps."""
+        """The current pool of target trajectories; renewed every `trajectory_refresh` training steps.
+        A conditional target's chains cycle through the classes (`_pool_labels`)."""
         stale = self._pool is None or (self.training and self.global_step - self._pool_step >= self.trajectory_refresh)
         if stale:
             gen = torch.Generator().manual_seed(1_000_003 * self.global_rank + self.global_step)
-            self._pool = target_trajectories(self.target, self.plan, self.trajectory_chains, self.sample_shape, gen,
-                                             device=like.device, dtype=like.dtype)
+            chains = self.trajectory_chains
+            self._pool_labels = (torch.arange(chains, device=like.device) % self.num_classes
+                                 if self.num_classes else None)
+            self._pool = target_trajectories(self.target_with(self._pool_labels), self.plan, chains, self.sample_shape,
+                                             gen, device=like.device, dtype=like.dtype)
             self._pool_step = self.global_step
         return self._pool
 
     # --- loop -----------------------------------------------------------------------------------
-    @staticmethod
-    def _data(batch) -> torch.Tensor:
-        return TargetDiffusion._data(batch)
+    def _data(self, batch, gen: torch.Generator | None = None):
+        """(data, labels or None): the target's own batch reading; a conditional target's labels are
+        dropped to the null label at the target's `p_uncond` rate (drawn from `gen`)."""
+        x0, labels = split_batch(batch, self.num_classes, check_range=not self.training)
+        p_uncond = float(getattr(self.target, "p_uncond", 0) or 0)
+        if labels is not None and p_uncond > 0 and gen is not None:
+            drop = (torch.rand(labels.shape, generator=gen) < p_uncond).to(labels.device)
+            labels = labels.masked_fill(drop, NULL_LABEL)
+        return x0, labels
 
-    def losses(self, x0: torch.Tensor, gen: torch.Generator):
+    def losses(self, x0: torch.Tensor, gen: torch.Generator, labels: torch.Tensor | None = None):
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx: int):
-        x0 = self._data(batch)
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))  # follows seed_everything
-        loss, delta_sq, _, _ = self.losses(x0, gen)
+        x0, labels = self._data(batch, gen)
+        loss, delta_sq, _, _ = self.losses(x0, gen, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"drafter loss is {loss.item()} at step {self.global_step}: lower the learning rate "
                                      "(model.init_args.optimizer.init_args.lr)")
@@ -275,9 +321,9 @@ class FrozenTargetDistillation(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x0 = self._data(batch)
         gen = torch.Generator().manual_seed(batch_idx)  # the same states and noise at every validation
-        _, delta_sq, k, extra = self.losses(x0, gen)
+        x0, labels = self._data(batch, gen)
+        _, delta_sq, k, extra = self.losses(x0, gen, labels)
         self.log_mismatch("val", delta_sq, k)
         for name, value in extra.items():
             self.log(f"val/{name}", value, sync_dist=True)
@@ -302,16 +348,21 @@ class FrozenTargetDistillation(LightningModule):
 # --- sampling ---------------------------------------------------------------------------------------
 class LearnedDrafter(Drafter):
     """A drafter with a trained module: it knows the schedule and sample shape it was trained for
-    (`target_schedule`, `sample_shape`) and refuses any other target."""
+    (`target_schedule`, `sample_shape`) and refuses any other target. A drafter trained for a conditional
+    target records the guidance scale it was distilled at (`trained_guidance_scale`); sampling at another
+    scale stays exact and is warned about (the drafts fit the other scale's chain less well)."""
 
     module: torch.nn.Module
     target_schedule: DDPMSchedule
     sample_shape: tuple[int, ...]
     checkpoint: str | None = None
+    trained_guidance_scale: float | None = None  # None: trained for an unconditional target
 
-    def _set(self, module: torch.nn.Module, schedule: DDPMSchedule, sample_shape) -> None:
+    def _set(self, module: torch.nn.Module, schedule: DDPMSchedule, sample_shape, hparams: dict | None = None) -> None:
         self.module = module.eval().requires_grad_(False)
         self.target_schedule, self.sample_shape = schedule, tuple(int(s) for s in sample_shape)
+        if (hparams or {}).get("num_classes"):
+            self.trained_guidance_scale = float(hparams.get("guidance_scale", 1.0))
 
     def check_compatible(self, schedule: DDPMSchedule, sample_shape) -> None:
         problems = self.target_schedule.mismatch(schedule)
@@ -327,3 +378,9 @@ class LearnedDrafter(Drafter):
     def bind(self, context: DraftContext) -> None:
         super().bind(context)
         self.module.to(device=context.device, dtype=context.dtype)
+        trained = self.trained_guidance_scale
+        if trained is not None and context.labels is not None and trained != context.guidance_scale:
+            warnings.warn(f"drafter {self.describe()}{f' ({self.checkpoint})' if self.checkpoint else ''} was trained "
+                          f"for guidance scale {trained:g}, sampling uses {context.guidance_scale:g}: samples stay exact, "
+                          "acceptance is lower; train it with --model.init_args.guidance_scale "
+                          f"{context.guidance_scale:g}", stacklevel=3)

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from ..diffusion import DDPMSchedule, denoise, step_mean
+from ..guidance import call_network, num_classes_of
 from .base import overrides
 from .checkpoints import load_drafter
 from .distillation import FrozenTargetDistillation, LearnedDrafter, check_drafter_module, draft_delta_sq, mismatch_loss
@@ -43,6 +44,9 @@ class DraftDistillation(FrozenTargetDistillation):
         trajectory_refresh: training steps between two new pools.
         optimizer: builds the optimizer from the draft net's parameters.
         sample_shape: linked from the data by the CLI; must equal the target's.
+        guidance_scale: a conditional target's guidance scale the net is distilled for
+            (`FrozenTargetDistillation`). A conditional net (`num_classes` = the target's) sees the labels
+            and predicts the guided output in one row; an unconditional net drafts without them.
     """
 
     module_key = "net"
@@ -59,6 +63,7 @@ class DraftDistillation(FrozenTargetDistillation):
         trajectory_refresh: int = 1000,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_shape: tuple[int, ...] | None = None,
+        guidance_scale: float = 1.0,
     ):
         if mode not in MODES:
             raise ValueError(f"model.init_args.mode: expected one of {MODES}, got {mode!r}")
@@ -66,7 +71,10 @@ class DraftDistillation(FrozenTargetDistillation):
             raise ValueError("model.init_args.trajectory_fraction: the data loss needs data; use mode: distill "
                              "to train on the target's trajectories")
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
-                         trajectory_refresh, optimizer, sample_shape)
+                         trajectory_refresh, optimizer, sample_shape, guidance_scale)
+        if num_classes_of(net) not in (0, self.num_classes):
+            raise ValueError(f"model.init_args.net.init_args.num_classes: {num_classes_of(net)} differs from the target's "
+                             f"{self.num_classes}; use {self.num_classes} (or 0 for a draft net without labels)")
         if mode == "data" and self.schedule.prediction != "eps":
             raise ValueError(f"model.init_args.mode: 'data' trains the draft net with the eps loss, but the target "
                              f"predicts {self.schedule.prediction!r}; use mode: distill (any prediction type)")
@@ -74,18 +82,24 @@ class DraftDistillation(FrozenTargetDistillation):
         self.net, self.mode = net, mode
         self.record_hparams(mode=mode)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        return draft_output(self.net, x, t, labels)
 
-    def losses(self, x0, gen):
-        x_t, k, noise = self.start_states(x0, gen, self.plan.num_stochastic_steps, use_pool=self.mode == "distill")
+    def losses(self, x0, gen, labels=None):
+        x_t, k, noise, labels = self.start_states(x0, gen, self.plan.num_stochastic_steps,
+                                                  use_pool=self.mode == "distill", labels=labels)
         t = self.plan.t(k)
-        draft = self.net(x_t, t)
+        draft = self(x_t, t, labels)
         with torch.no_grad():
-            target = self.target(x_t, t)
+            target = self.target_output(x_t, t, labels)
         delta_sq = draft_delta_sq(self.plan, k, x_t, target, draft)  # the transition's mismatch, per sample
         loss = mismatch_loss(delta_sq, self.objective) if self.mode == "distill" else (noise - draft).pow(2).mean()
         return loss, delta_sq.detach(), k, {}
+
+
+def draft_output(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+    """The draft net's prediction; a conditional net (`num_classes` > 0) is given the rows' labels."""
+    return call_network(net, x, t, labels if num_classes_of(net) else None)
 
 
 # --- checkpoint ---------------------------------------------------------------------------------
@@ -106,8 +120,8 @@ class DraftNetworkDrafter(LearnedDrafter):
 
     def __init__(self, checkpoint: str):
         self.checkpoint = str(checkpoint)
-        net, schedule, shape, _ = load_draft_network(checkpoint)
-        self._set(net, schedule, shape)
+        net, hparams = load_drafter(checkpoint, "net")
+        self._set(net, DDPMSchedule(**hparams["schedule"]), hparams["sample_shape"], hparams)
 
     @classmethod
     def from_net(cls, net: torch.nn.Module, schedule: DDPMSchedule, sample_shape) -> "DraftNetworkDrafter":
@@ -122,14 +136,15 @@ class DraftNetworkDrafter(LearnedDrafter):
 
     @torch.no_grad()
     def propose(self, slots, x, k):
-        return self.plan.transition(x, k, self.module(x, self.plan.t(k)))[0]
+        return self.plan.transition(x, k, draft_output(self.module, x, self.plan.t(k), self.slot_labels(slots)))[0]
 
     @torch.no_grad()
     def propose_step(self, slots, x, step):
         if overrides(self, "propose", DraftNetworkDrafter):
             return self.propose(slots, x, step.k)
         coef = step.coefficients  # gathered once for the round's window
-        return step_mean(coef, x, denoise(coef, x, self.module(x, step.t), self.schedule))
+        output = draft_output(self.module, x, step.t, self.slot_labels(slots))
+        return step_mean(coef, x, denoise(coef, x, output, self.schedule))
 
     def describe(self) -> str:
         return "draftnet"

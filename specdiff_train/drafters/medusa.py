@@ -161,6 +161,7 @@ class HeadDistillation(FrozenTargetDistillation):
         trajectory_refresh: training steps between two new pools.
         optimizer: builds the optimizer from the heads' parameters.
         sample_shape: linked from the data by the CLI; must equal the target's.
+        guidance_scale: a conditional target's guidance scale the heads are for (`FrozenTargetDistillation`).
     """
 
     module_key = "head"
@@ -176,9 +177,10 @@ class HeadDistillation(FrozenTargetDistillation):
         trajectory_refresh: int = 1000,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_shape: tuple[int, ...] | None = None,
+        guidance_scale: float = 1.0,
     ):
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
-                         trajectory_refresh, optimizer, sample_shape)
+                         trajectory_refresh, optimizer, sample_shape, guidance_scale)
         check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
         feature_dim = getattr(self.target.net, "feature_dim", None)
         if getattr(head, "feature_dim", None) != feature_dim:
@@ -192,13 +194,13 @@ class HeadDistillation(FrozenTargetDistillation):
         self.head = head
         self.record_hparams(max_offset=int(head.max_offset))
 
-    def losses(self, x0, gen):
+    def losses(self, x0, gen, labels=None):
         plan, S, K = self.plan, self.plan.num_stochastic_steps, int(self.head.max_offset)
-        x_m, m, _ = self.start_states(x0, gen, S - 1)  # at least one draftable step after the anchor
-        with torch.no_grad():
-            out_m, features = self.target(x_m, plan.t(m), return_features=True)
+        x_m, m, _, labels = self.start_states(x0, gen, S - 1, labels=labels)  # a draftable step after the anchor
+        with torch.no_grad():  # the target as the sampler calls it: guided outputs, the conditional rows' features
+            out_m, features = self.target_output(x_m, plan.t(m), labels, return_features=True)
             anchor_x0 = self.schedule.denoised(out_m, x_m, plan.t(m))
-            states, steps, outputs = target_rollout(self.target, plan, x_m, m, out_m, K, gen)
+            states, steps, outputs = target_rollout(self.target_with(labels), plan, x_m, m, out_m, K, gen)
         offsets = torch.arange(1, K + 1, device=x0.device).repeat_interleave(len(x0))
         x, k, out = torch.cat(states), torch.cat(steps), torch.cat(outputs)
         keep = k < S  # drafted steps only (not past the chain's last stochastic step)
@@ -241,7 +243,7 @@ class MedusaDrafter(LearnedDrafter):
     def __init__(self, checkpoint: str):
         self.checkpoint = str(checkpoint)
         head, hparams = load_drafter(checkpoint, "head")
-        self._set(head, DDPMSchedule(**hparams["schedule"]), hparams["sample_shape"])
+        self._set(head, DDPMSchedule(**hparams["schedule"]), hparams["sample_shape"], hparams)
 
     @classmethod
     def from_head(cls, head: torch.nn.Module, schedule: DDPMSchedule, sample_shape) -> "MedusaDrafter":

@@ -77,6 +77,24 @@ def _foreign_cli_config_hidden(hide: bool):
             _given_hyperparameters.reset(token)
 
 
+def split_batch(batch, num_classes: int, check_range: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data, labels or None) of a batch for a target with `num_classes` (0: unconditional, labels ignored).
+    Our data modules yield tensors, or (data, labels) with a label column; TensorDataset-style loaders
+    yield 1-tuples. One-line errors when a conditional target gets no labels or labels out of range."""
+    data, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+    if num_classes == 0:
+        return data, None
+    if labels is None:
+        raise ValueError(f"data.label_column: the target is conditional (num_classes={num_classes}) but the batches "
+                         "carry no labels; set data.label_column (e.g. label), or use an unconditional target")
+    if check_range:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"data.label_column: labels from {low} to {high} do not fit the net's "
+                             f"num_classes={num_classes}; set the net's num_classes to the dataset's classes")
+    return data, labels.long()
+
+
 class TargetDiffusion(LightningModule):
     """A DDPM denoiser trained with the simple (MSE) diffusion loss.
 
@@ -100,7 +118,7 @@ class TargetDiffusion(LightningModule):
             replaced by the null label (label dropout), which trains the unconditional prediction that
             classifier-free guidance needs; 0 trains a conditional model that cannot be guided.
         val_guidance_scale: guidance scale of a conditional model's validation samples (one class per
-            column of the grid).
+            row of the grid).
     """
 
     def __init__(
@@ -225,23 +243,10 @@ class TargetDiffusion(LightningModule):
         return per_sample.mean() if weight is None else (weight * per_sample).mean()
 
     def _data(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(data, labels or None) of a batch: our data modules yield tensors, or (data, labels) with a
-        label column; TensorDataset-style loaders yield 1-tuples."""
-        data, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) \
-            else (batch, None)
-        if self.num_classes == 0:
-            return data, None  # an unconditional target ignores labels the data may carry
-        if labels is None:
-            raise ValueError(f"data.label_column: the target is conditional (num_classes={self.num_classes}) but "
-                             "the batches carry no labels; set data.label_column (e.g. label), or train with "
-                             "num_classes: 0")
-        if not self._labels_checked:
-            self._labels_checked = True
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(f"data.label_column: labels from {low} to {high} do not fit the net's "
-                                 f"num_classes={self.num_classes}; set the net's num_classes to the dataset's classes")
-        return data, labels.long()
+        """(data, labels or None) of a batch (`split_batch`); the labels' range is checked on the first batch."""
+        data, labels = split_batch(batch, self.num_classes, check_range=not self._labels_checked)
+        self._labels_checked = True
+        return data, labels
 
     def _drop_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Label dropout: each label becomes the null label with probability p_uncond."""

@@ -330,7 +330,8 @@ class RoundEngine:
         self.target = CountingTarget(model, setup.tables, self.pool.all_slots, setup.model_dtype, setup.dtype,
                                      self.pool.labels, setup.guidance_scale)
         drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,
-                                  setup.dtype, all_slots=self.pool.all_slots))
+                                  setup.dtype, all_slots=self.pool.all_slots, labels=self.pool.labels,
+                                  guidance_scale=setup.guidance_scale))
         numel = int(torch.Size(setup.shape).numel())
         self._longest_window = policy.start(setup.plan, capacity, seeds.device)
         noise_window = getattr(policy, "noise_window", lambda: self._longest_window)()
