@@ -10,6 +10,7 @@ s = 1 (the conditional row alone) and s = 0 (the null row alone).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -47,7 +48,8 @@ def label_tensor(labels, num_seeds: int, model, device) -> torch.Tensor | None:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or (
+    """An int (numpy's too: `numbers.Integral`), or a float with an integer value; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) or (
         isinstance(value, float) and value.is_integer())
 
 
@@ -69,7 +71,7 @@ def check_guidance(model, labels: torch.Tensor | None, guidance_scale) -> float:
         raise ValueError(
             "guidance_scale: the target was trained without label dropout (p_uncond=0), so its unconditional "
             "prediction is untrained; sample with guidance_scale=1 and a label for every seed, or retrain with "
-            "model.p_uncond > 0 (e.g. 0.1)")
+            "model.p_uncond > 0 (e.g. 0.1) (a diffusers UNet trained with a null class: declare it, null_class)")
     return scale
 
 
@@ -112,8 +114,9 @@ def rows_per_state(labels: torch.Tensor | None, scale: float) -> int:
 
 
 def class_grid_labels(num_samples: int, num_classes: int) -> list[int]:
-    """`num_samples` labels in class order, ceil(num_samples / num_classes) of each class (the last class
-    may have fewer): a grid with that many images per row shows one class per row."""
-    per_class = -(-num_samples // num_classes)
-    return [i // per_class for i in range(num_samples)]
+    """`num_samples` labels in class order, floor(num_samples / num_classes) (at least 1) of each class and the
+    remainder to the last class: every class appears when num_samples >= num_classes, and a grid with that
+    many images per row shows one class per row."""
+    per_class = max(1, num_samples // num_classes)
+    return [min(i // per_class, num_classes - 1) for i in range(num_samples)]
 

@@ -3,6 +3,7 @@
 schedule the scheduler's, one ancestral step `DDPMScheduler.step`; speculative sampling is exact on them
 (per-step tests, and a closed-form chain through a pipeline); drafters train against them through the CLI,
 and evaluate reports on them; everything the sampler cannot reproduce is refused, naming the setting."""
+import functools
 import json
 import shutil
 
@@ -263,7 +264,8 @@ REFUSALS = {
     "zero_snr": (SCHEDULER, {"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr"),
     "trained_betas": (SCHEDULER, {"trained_betas": [0.1] * 1000}, r"trained_betas"),
     "sigmoid": (SCHEDULER, {"beta_schedule": "sigmoid"}, r"beta_schedule: 'sigmoid' is not supported"),
-    "class_conditional": (UNET, {"num_class_embeds": 10}, r"class-conditional UNet"),
+    "class_embed_type": (UNET, {"class_embed_type": "timestep"}, r"class_embed_type: 'timestep' is not supported.*table"),
+    "num_class_embeds": (UNET, {"num_class_embeds": 0}, r"num_class_embeds: expected null or an int >= 1, got 0"),
     "text_conditional": (UNET, {"_class_name": "UNet2DConditionModel"}, r"UNet2DConditionModel.*text-conditional"),
     "fourier": (UNET, {"time_embedding_type": "fourier"}, r"time_embedding_type: 'fourier'"),
     "learned_variance_unet": (UNET, {"out_channels": 2}, r"out_channels: 2 != in_channels 1"),
@@ -337,3 +339,123 @@ def test_other_verbs_refuse_a_pipeline_as_ckpt_path(pipeline):
 def test_the_sample_shape_from_the_data_must_fit(pipeline):
     with pytest.raises(ValueError, match=r"model.sample_shape.*\(3, 32, 32\).*\(1, 8, 8\)"):
         DiffusersTarget(str(pipeline), sample_shape=(3, 32, 32))
+
+
+# --- class-conditional pipelines ---------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as in the subprocesses (`helpers.offline_env`): several OpenMP threads per process
+    thrash on a small busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cond_pipeline(tmp_path_factory):
+    """A tiny class-conditional UNet2DModel (num_class_embeds 4, an embedding table) with a DDPMScheduler."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("cond") / "tiny", unet_kwargs={"num_class_embeds": 4})
+
+
+def _with_null_class(folder, tmp_path, null_class):
+    copy = tmp_path / f"null{null_class}"
+    shutil.copytree(folder, copy)
+    _edit(copy, UNET, _null_class=null_class)
+    return copy
+
+
+@pytest.mark.usefixtures("one_thread")
+@torch.no_grad()
+def test_a_class_conditional_pipeline_is_a_conditional_target(cond_pipeline):
+    """Without a declared null class: num_classes = num_class_embeds, labels are the class indices, outputs and
+    features are the raw UNet's with the same class_labels, p_uncond 0 (no guidance); no label: a clear error."""
+    target = load_target(cond_pipeline)
+    assert isinstance(target, DiffusersTarget) and target.num_classes == 4 and target.p_uncond == 0
+    assert target.hparams["null_class"] is None
+    unet = reference_unet(cond_pipeline)
+    gen = torch.Generator().manual_seed(0)
+    x, t, labels = torch.randn(4, 1, 8, 8, generator=gen), torch.tensor([0, 10, 500, 999]), torch.tensor([3, 0, 2, 1])
+    expected = unet(x, t, class_labels=labels).sample
+    assert torch.equal(target(x, t, labels=labels), expected)
+    assert not torch.allclose(expected, unet(x, t, class_labels=labels.flip(0)).sample)  # the label matters
+    out, features = target(x, t, return_features=True, labels=labels)
+    assert torch.equal(out, expected) and features.shape == (4, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"labels: the class-conditional UNet \(num_class_embeds 4\) has no null class"):
+        target(x, t)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("null_class,indices", [(3, [0, 1, 2, 3]), (0, [1, 2, 3, 0]), (1, [0, 2, 3, 1])])
+@torch.no_grad()
+def test_the_null_class_convention(cond_pipeline, tmp_path, null_class, indices):
+    """With null_class k (argument or `_null_class` in unet/config.json): num_classes = N - 1, label c is index c
+    below k and c + 1 from k on, NULL_LABEL (-1) and no labels are index k; p_uncond unknown (None)."""
+    unet = reference_unet(cond_pipeline)
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4, 1, 8, 8, generator=gen), torch.tensor([5, 50, 500, 900])
+    expected = unet(x, t, class_labels=torch.tensor(indices)).sample
+    from specdiff_train.models.diffusers_target import load_pipeline_target
+
+    for target in (load_pipeline_target(cond_pipeline, null_class=null_class),
+                   load_target(_with_null_class(cond_pipeline, tmp_path, null_class))):
+        assert target.num_classes == 3 and target.p_uncond is None and target.hparams["null_class"] == null_class
+        assert torch.equal(target(x, t, labels=torch.tensor([0, 1, 2, -1])), expected)
+        torch.testing.assert_close(target(x[3:], t[3:]), expected[3:])  # no labels: the null class (one row)
+
+
+@pytest.mark.usefixtures("one_thread")
+@torch.no_grad()
+def test_sampling_a_class_conditional_pipeline(cond_pipeline, tmp_path):
+    """ancestral_sample and speculative_sample take labels (and guidance with a null class); a sample depends
+    on its seed and label only; speculative sampling evaluates both guidance rows in the same call."""
+    target = load_target(_with_null_class(cond_pipeline, tmp_path, 3))
+    schedule, shape = target.schedule, target.sample_shape
+    samples = ancestral_sample(target, schedule, shape, num_steps=6, seeds=[0, 1, 2, 3], labels=[0, 1, 2, None],
+                               guidance_scale=2.0)
+    assert samples.shape == (4, *shape) and torch.isfinite(samples).all()
+    again = ancestral_sample(target, schedule, shape, num_steps=6, seeds=[7, 2, 0], labels=[1, 2, 0], guidance_scale=2.0)
+    torch.testing.assert_close(again[1:], samples[[2, 0]], rtol=1e-4, atol=1e-4)
+    other = ancestral_sample(target, schedule, shape, num_steps=6, seeds=[0], labels=[1], guidance_scale=2.0)
+    assert not torch.allclose(other[0], samples[0], atol=1e-3)  # another label, another sample
+    drafter = MedusaDrafter.from_head(random_heads(), schedule, shape)
+    result = speculative_sample(target, schedule, shape, num_steps=6, seeds=range(6), labels=[0, 1, 2, 0, 1, -1],
+                                guidance_scale=2.0, drafter=drafter, window=3)
+    assert result.samples.shape == (6, *shape) and torch.isfinite(result.samples).all()
+    assert result.stats["target_calls_per_sample"] <= 6
+    plain = load_target(cond_pipeline)  # no null class: labelled, unguided sampling only
+    result = speculative_sample(plain, schedule, shape, num_steps=6, seeds=range(3), labels=[3, 0, 1],
+                                drafter=drafter, window=3)
+    assert torch.isfinite(result.samples).all()
+
+
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_class_conditional_refusals(pipeline, target, cond_pipeline, tmp_path):
+    """Guidance or unconditional samples without a null class, labels out of range, labels for an unconditional
+    pipeline, and a null class that is no index of the UNet: one-line errors naming the field."""
+    from specdiff_train.models.diffusers_target import load_pipeline_target
+
+    cond = load_target(cond_pipeline)
+    sample = functools.partial(ancestral_sample, cond, cond.schedule, cond.sample_shape, num_steps=3, seeds=[0, 1])
+    _one_line_error(lambda: sample(labels=[0, 1], guidance_scale=2.0), r"guidance_scale: .*p_uncond=0")
+    _one_line_error(lambda: sample(), r"guidance_scale: .*p_uncond=0")  # unconditional samples: the null row
+    _one_line_error(lambda: sample(labels=[0, 4]), r"labels: 4 is not a class of this target.*\[0, 4\)")
+    _one_line_error(lambda: ancestral_sample(target, target.schedule, target.sample_shape, num_steps=3, seeds=[0],
+                                             labels=[0]), r"labels: the target is unconditional")
+    _one_line_error(lambda: target(torch.zeros(1, 1, 8, 8), torch.tensor([3]), labels=torch.tensor([0])),
+                    r"labels: the diffusers UNet is unconditional")
+    _one_line_error(lambda: load_pipeline_target(cond_pipeline, null_class=4),
+                    r"null_class: 4 is not a class-embedding index of the UNet \(num_class_embeds 4\)")
+    _one_line_error(lambda: load_target(_with_null_class(cond_pipeline, tmp_path, -1)),
+                    r"unet/config.json _null_class: -1 is not a class-embedding index")
+    _one_line_error(lambda: load_pipeline_target(pipeline, null_class=0),
+                    r"null_class: 0 given, but the UNet is unconditional")
+    null = load_pipeline_target(cond_pipeline, null_class=3)
+    _one_line_error(lambda: ancestral_sample(null, null.schedule, null.sample_shape, num_steps=3, seeds=[0], labels=[3]),
+                    r"labels: 3 is not a class of this target.*\[0, 3\)")
