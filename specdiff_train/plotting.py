@@ -7,6 +7,7 @@ PNG when `path` is given, and returns the picture as an (H, W, 3) uint8 array, r
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +104,14 @@ def image_grid(
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
     inches = max(2.0, nrow * pixels_per_image / 100)
-    fig = Figure(figsize=(inches, inches * grid.shape[0] / grid.shape[1] + (0.3 if title else 0)), dpi=100)
+    title_lines = len(textwrap.wrap(title, width=max(30, int(nrow * pixels_per_image / 6)))) if title else 0
+    fig = Figure(figsize=(inches, inches * grid.shape[0] / grid.shape[1] + 0.15 + 0.15 * title_lines), dpi=100)
     ax = fig.add_subplot()
     ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
+    if title:  # wrapped to the grid's width
+        ax.set_title(textwrap.fill(title, width=max(30, int(nrow * pixels_per_image / 6))), fontsize=8)
     fig.tight_layout(pad=0.2)
     return _render(fig, path)
 

@@ -348,7 +348,7 @@ class TargetDiffusion(LightningModule):
                  f"epoch {epoch}, step {step}")
         labels = self.validation_labels(len(samples))
         if labels is not None:
-            title += f", classes in order, guidance {self.val_guidance_scale:g}"
+            title += f", guidance {self.val_guidance_scale:g}, " + ("one class per row" if samples.dim() == 4 else "colour: class")
         image = plotting.plot_samples(samples, path, title, reference=self._reference_samples(len(samples)),
                                       labels=labels)
         for logger in self.loggers:
