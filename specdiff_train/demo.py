@@ -17,7 +17,9 @@ JOBS = [
     # target, evaluate options
     ("toy2d", ["--num_samples", "1000", "--batch_size", "1000"]),
     ("digits", ["--num_samples", "128", "--batch_size", "128"]),
+    ("digits_cond", ["--num_samples", "128", "--batch_size", "128"]),  # guided (configs/eval/digits_cond.yaml)
 ]
+TITLES = {"digits_cond": "class-conditional digits, guided"}
 LATENCY_WINDOWS = [3, 8, "auto"]  # batch 1, digits, 100 steps, Free Drafter (x0), block
 LATENCY_SEEDS = 5
 
@@ -32,8 +34,8 @@ def main() -> None:
         ckpt = ROOT / "checkpoints" / name / "target.ckpt"
         if not ckpt.exists():
             sys.exit(f"demo: {ckpt} is missing; train it with `python train.py fit --config configs/target/{name}.yaml`")
-        print(f"\n## {name}: speculative sampling against ancestral sampling (shipped checkpoint {ckpt.relative_to(ROOT)})\n",
-              flush=True)
+        print(f"\n## {TITLES.get(name, name)}: speculative sampling against ancestral sampling (shipped checkpoint "
+              f"{ckpt.relative_to(ROOT)})\n", flush=True)
         cli([
             "evaluate", "--config", f"configs/target/{name}.yaml", "--config", f"configs/eval/{name}.yaml",
             "--ckpt_path", str(ckpt), "--trainer.default_root_dir", f"runs/demo/{name}",
