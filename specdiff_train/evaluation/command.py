@@ -10,9 +10,11 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..compiling import compile_mode
+from ..guidance import NULL_LABEL, num_classes_of
 from ..speculative import Drafter
 from ..drafters import training_free_drafters
-from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid, window_options
+from .compare import (DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid, sample_labels,
+                      window_options)
 from .reporting import markdown_table, write_report
 
 
@@ -39,6 +41,22 @@ def resolve_drafters(drafters: list) -> dict:
     return out
 
 
+def sample_key(row: dict) -> str:
+    """A row's key in samples.pt: method@num_steps, and @s<scale> for a guided (conditional) target."""
+    key = f"{row['method']}@{row['num_steps']}"
+    return key if row.get("guidance_scale") is None else f"{key}@s{row['guidance_scale']:g}"
+
+
+def classifier_for(sample_shape, num_classes: int, extractor=None):
+    """`features.label_classifier` (the label-accuracy classifier, or None), imported only for a conditional
+    image target (torchmetrics is not loaded otherwise)."""
+    if num_classes <= 0 or len(sample_shape) != 3:
+        return None
+    from .features import label_classifier
+
+    return label_classifier(sample_shape, num_classes, extractor)
+
+
 def image_feature_extractor(sample_shape: tuple[int, ...], feature_net: str | None = None):
     """The feature network for image metrics on samples of `sample_shape` (C, H, W), or None (no image
     metrics): `feature_net` when given, else the shipped digits network when it takes that shape."""
@@ -58,11 +76,60 @@ def _progress_enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI") and not os.environ.get("TQDM_DISABLE")
 
 
-def _check_options(num_permutations, alpha, windows, cost_model, compile) -> None:
+def _check_options(model, *, num_samples, num_permutations, alpha, windows, cost_model, compile, labels,
+                   guidance_scale, **_) -> None:
     """Bad options are refused before any sampling (and before DDP starts the ranks)."""
     check_permutations(num_permutations, alpha)
     window_options(windows, cost_model)
     compile_mode(compile, "cpu")
+    sample_labels(model, labels, guidance_scale, num_samples)
+
+
+WHOLE_DATA = "data of all classes, in the data's proportions"
+
+
+def reference_data(datamodule, labels: list[int] | None, num_samples: int, seed: int = 0) -> dict:
+    """The data that the samples' quality (FID/KID, energy distance) is measured against, as `Quality`'s
+    fields: `reference` (None without data), and for labelled samples `reference_note` (what it is) and
+    `reference_labels` (the strata of the data tests, when the labels match). Unconditional targets get
+    `num_samples` data points. Conditional samples get data of the same label mix, point for point (a point
+    of the sample's class; any point for a null label), from a pool of 4x (else 2x) as many data points;
+    when the pool is too small or unlabelled, all classes in the data's proportions, and the note says so."""
+    if datamodule is None or not hasattr(datamodule, "reference_samples"):
+        return dict(reference=None)
+    if labels is None:
+        return dict(reference=datamodule.reference_samples(num_samples, seed=seed))
+    if all(label == NULL_LABEL for label in labels):
+        return dict(reference=datamodule.reference_samples(num_samples, seed=seed), reference_labels=labels,
+                    reference_note=WHOLE_DATA + " (the samples are unconditional)")
+    if getattr(datamodule, "label_column", None) is not None and hasattr(datamodule, "reference_labels"):
+        for factor in (4, 2):
+            try:
+                pool = datamodule.reference_samples(factor * num_samples, seed=seed)
+            except ValueError:  # fewer data points than the pool
+                continue
+            pick = matched_indices(datamodule.reference_labels(factor * num_samples, seed=seed).tolist(), labels)
+            if pick is not None:
+                return dict(reference=pool[pick], reference_labels=labels,
+                            reference_note="data of the samples' label mix (a data point of each sample's class)")
+            break
+    return dict(reference=datamodule.reference_samples(num_samples, seed=seed),
+                reference_note=WHOLE_DATA + ", not the samples' label mix (too few labelled data points of some class)")
+
+
+def matched_indices(pool_labels: list[int], labels: list[int]) -> list[int] | None:
+    """Indices into a pool of labelled data points, one per label and all distinct: the next unused point
+    of that class, or for `NULL_LABEL` the next unused point of any class; None if a class runs out."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(pool_labels):
+        by_class.setdefault(label, []).append(index)
+    pick = []
+    for label in labels:
+        if label != NULL_LABEL and not by_class.get(label):
+            return None
+        pick.append(None if label == NULL_LABEL else by_class[label].pop(0))
+    rest = iter(sorted(set(range(len(pool_labels))) - set(pick)))
+    return [next(rest) if index is None else index for index in pick]
 
 
 class SpecDiffTrainer(Trainer):
@@ -87,50 +154,51 @@ class SpecDiffTrainer(Trainer):
         save_samples: bool = False,
         cost_model: dict | None = None,
         compile: bool | str = False,
+        labels: str | list[int] | None = None,
+        guidance_scale: float | list[float] | None = None,
     ) -> dict:
-        """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling.
-
-        Writes report.json, report.md and PNG plots to `out_dir` and prints the table.
+        """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling: writes
+        report.json, report.md and PNG plots to `out_dir` and prints the table.
 
         Args:
             model: the target (from the config; its weights come from `ckpt_path`).
             datamodule: the data, for quality against reference samples (optional).
             ckpt_path: target checkpoint to evaluate (EMA weights are used), or a diffusers DDPMPipeline
                 folder or hub id (the model is then that pipeline's `DiffusersTarget`; no target config needed).
-            drafters: training-free drafter names (free-eps, free-x0, free-increment, frozen-eps,
-                frozen-x0, frozen-increment) or drafters by class_path (default: free-x0, free-eps, frozen-eps).
+            drafters: training-free drafter names (free-eps, free-x0, free-increment, frozen-eps, frozen-x0,
+                frozen-increment) or drafters by class_path (default: free-x0, free-eps, frozen-eps).
             verifiers: "block", "tokenwise" (reflection) and/or "tokenwise-residual" (default: block, tokenwise).
-            windows: drafted steps per round (default: 3, 8): each an int, 'auto' (cost-aware: each round the
-                window, 0 to 16, that commits the most steps per second, from round times measured as it runs)
-                or 'heuristic' (+2 after a fully accepted round, -1 otherwise).
+            windows: drafted steps per round (default: 3, 8): ints, 'auto' (cost-aware: the window, 0 to 16, that
+                commits the most steps per second) or 'heuristic' (+2 after a fully accepted round, -1 otherwise).
             num_steps: sampling steps to evaluate at (default: 100).
             num_samples: samples per method (seeds seed .. seed + num_samples - 1, shared by all methods).
             batch_size: chains sampled together.
             seed: first seed.
             out_dir: where the report goes (default: <trainer.default_root_dir>/evaluate).
-            alpha: exactness check level: a method whose p-value against ancestral samples (drawn from
-                seeds disjoint from the methods', above them) falls below it is flagged.
-            num_permutations: permutations of the two-sample tests; at least the count whose smallest
-                p-value 1/(1 + num_permutations) is below alpha (100 for alpha 0.01), else refused.
-            feature_net: feature network for image metrics (default: the shipped digits network, for images
-                of its input shape 1x8x8; other image shapes get no FID/KID without one).
+            alpha: exactness check level: flags a method whose p-value against ancestral samples falls below it.
+            num_permutations: two-sample test permutations P; refused unless 1/(1 + P) < alpha (P >= 100 at 0.01).
+            feature_net: feature network for image metrics (default: the shipped digits network, for 1x8x8 images).
             save_samples: also write samples.pt ({method: samples} per num_steps) beside the report.
             cost_model: for reproducible 'auto' windows, round times instead of measured ones (`costs.CostModel`):
                 {target_rows: [...], target_s: [...] (seconds of a target call at those rows), draft_step_s, round_s}.
             compile: compiled rounds and steps (True or a torch.compile mode; docs/performance.md).
+            labels: a conditional target's labels: 'classes' (default: classes in order), 'cycle' (sample i: class
+                i % num_classes), 'none' (unconditional) or a list of ints repeated over the samples.
+            guidance_scale: a conditional target's guidance scale, or a list (rows per scale; default: the
+                target's val_guidance_scale).
 
         With `--trainer.devices N --trainer.strategy ddp` the seeds are split over N processes and gathered.
         """
         options = {name: value for name, value in locals().items()  # the parameters: nothing else is defined yet
                    if name not in ("self", "model", "datamodule")}
-        _check_options(num_permutations, alpha, windows, cost_model, compile)
+        _check_options(model, **options)
         if self.strategy.launcher is not None:  # DDP: start the other ranks as fit does
             return self.strategy.launcher.launch(self._evaluate, model, datamodule, trainer=self, **options)
         return self._evaluate(model, datamodule, **options)
 
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
                   batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples, cost_model,
-                  compile) -> dict:
+                  compile, labels, guidance_scale) -> dict:
         from ..models import load_target
         from ..drafters.checkpoints import check_drafter_target
 
@@ -147,13 +215,15 @@ class SpecDiffTrainer(Trainer):
         # Learned drafters are compared with the target they are used with (weight fingerprints).
         notes = [note for make in resolved.values() if (note := check_drafter_target(make(), model))]
         methods = method_grid(resolved, verifiers, windows, cost_model)
-        reference, extractor = None, image_feature_extractor(shape, feature_net)
-        if datamodule is not None and hasattr(datamodule, "reference_samples"):
-            reference = datamodule.reference_samples(num_samples, seed=seed)
+        extractor = image_feature_extractor(shape, feature_net)
+        reference = reference_data(datamodule, sample_labels(model, labels, guidance_scale, num_samples)[0],
+                                   num_samples, seed)
+        quality = Quality(feature_extractor=extractor, num_permutations=num_permutations, seed=seed, **reference,
+                          classifier=classifier_for(shape, num_classes_of(model), extractor))
         report = compare_methods(
             model, model.schedule, shape, methods, num_steps=num_steps or [100], seeds=range(seed, seed + num_samples),
-            batch_size=batch_size, quality=Quality(reference, extractor, num_permutations, seed), alpha=alpha,
-            progress=_progress_enabled(), log=rank_zero_info, compile=compile,
+            batch_size=batch_size, quality=quality, alpha=alpha, progress=_progress_enabled(), log=rank_zero_info,
+            compile=compile, labels=labels, guidance_scale=guidance_scale,
         )
         report["config"]["ckpt_path"] = ckpt_path
         report["warnings"] = notes
@@ -161,8 +231,7 @@ class SpecDiffTrainer(Trainer):
             out = Path(out_dir or Path(self.default_root_dir) / "evaluate")
             paths = write_report(report, out)
             if save_samples:
-                torch.save({f"{r['method']}@{r['num_steps']}": r["_samples"].cpu() for r in report["results"]},
-                           out / "samples.pt")
+                torch.save({sample_key(r): r["_samples"].cpu() for r in report["results"]}, out / "samples.pt")
             print(markdown_table(report))
             for note in notes:
                 print(f"\nWARNING: {note}")

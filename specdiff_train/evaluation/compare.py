@@ -8,13 +8,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from ..guidance import NULL_LABEL, check_guidance, class_grid_labels, label_tensor, num_classes_of
 from ..sampling import ancestral_sample
 from ..sampling_stats import SamplingStats
 from ..speculative import Drafter, speculative_sample
@@ -155,6 +154,68 @@ def exactness_seeds(seeds: Sequence[int]) -> list[int]:
     return list(range(start, start + len(seeds)))
 
 
+# How a conditional target's samples get their labels (`sample_labels`); a list of ints is the other choice.
+LABEL_POLICIES = {
+    "classes": "classes in order, as many samples of each (one class per row of the sample pictures)",
+    "cycle": "sample i gets class i % num_classes",
+    "none": "every sample unconditional (the null label)",
+}
+_ANY_LABELS = torch.zeros(1, dtype=torch.int64)  # a labelled target, for the scale checks that need no model
+
+
+def check_label_options(labels, guidance_scale) -> list[float] | None:
+    """The checks of `labels` and `guidance_scale` that need no target (a callback makes them before it
+    has one): a known policy name or a non-empty list, scales that are numbers >= 0. Returns the scales
+    as a list (None when not given)."""
+    if isinstance(labels, str) and labels not in LABEL_POLICIES:
+        raise ValueError(f"labels: unknown label policy {labels!r}; use one of {sorted(LABEL_POLICIES)} or a list of "
+                         "class ints (repeated over the samples; -1: unconditional)")
+    if labels is not None and not isinstance(labels, str) and (not isinstance(labels, (list, tuple)) or not labels):
+        raise ValueError(f"labels: expected a policy name {sorted(LABEL_POLICIES)} or a non-empty list of class "
+                         f"ints, got {labels!r}")
+    if guidance_scale is None:
+        return None
+    scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
+    if not scales:
+        raise ValueError("guidance_scale: got an empty list; give one scale or more (1: plain conditional)")
+    return [check_guidance(None, _ANY_LABELS, scale) for scale in scales]
+
+
+def sample_labels(model, labels, guidance_scale, num_samples: int) -> tuple[list[int] | None, list[float | None]]:
+    """A conditional target's labels (one per sample, `NULL_LABEL` for unconditional ones) and guidance
+    scales, checked against the target before any sampling; (None, [None]) for an unconditional target,
+    which takes neither (labels, or a scale other than 1, are refused in one line).
+
+    `labels`: a policy of `LABEL_POLICIES` (default "classes") or a list of ints repeated over the samples
+    ([3]: every sample a 3). `guidance_scale`: a number or a list (default: the target's `val_guidance_scale`,
+    else 1)."""
+    scales = check_label_options(labels, guidance_scale)
+    num_classes = num_classes_of(model)
+    if num_classes == 0:
+        label_tensor(labels, num_samples, model, "cpu")  # refuses labels for an unconditional target
+        for scale in scales or []:
+            check_guidance(model, None, scale)  # refuses a scale other than 1
+        return None, [None]
+    if labels is None or labels == "classes":
+        values = class_grid_labels(num_samples, num_classes)
+    elif labels == "cycle":
+        values = [i % num_classes for i in range(num_samples)]
+    elif labels == "none":
+        values = [NULL_LABEL] * num_samples
+    else:
+        values = [labels[i % len(labels)] for i in range(num_samples)]
+    tensor = label_tensor(values, num_samples, model, "cpu")  # each a class of this target, or -1
+    scales = scales or [float(getattr(model, "val_guidance_scale", 1.0))]
+    return tensor.tolist(), [check_guidance(model, tensor, scale) for scale in scales]
+
+
+def _label_of(seeds: list[int], labels: list[int] | None) -> dict[int, int] | None:
+    """Each seed's label, for the methods' seeds and (index for index) the exactness reference's."""
+    if labels is None:
+        return None
+    return dict(zip(seeds, labels)) | dict(zip(exactness_seeds(seeds), labels))
+
+
 def window_options(windows: Sequence | None, cost_model: CostModel | dict | None = None) -> list:
     """A grid's windows (default `DEFAULT_WINDOWS`) as `window_option`s, each checked with the cost model
     it would get: a bad window or cost model fails once, naming its field, not once per method."""
@@ -188,12 +249,16 @@ def time_buckets(drafted: Sequence[int], accepted: Sequence[int], num_steps: int
 
 @dataclass
 class Quality:
-    """How samples are compared: low-dimensional data directly, images in a feature space."""
+    """How samples are compared: low-dimensional data directly, images in a feature space. With a
+    `classifier` (image -> class logits), conditional samples also get their `label_accuracy`."""
 
     reference: torch.Tensor | None = None  # data samples
     feature_extractor: torch.nn.Module | None = None  # images: FID/KID and tests in its space
     num_permutations: int = 1000
     seed: int = 0
+    classifier: torch.nn.Module | None = None  # conditional image targets: label accuracy
+    reference_note: str | None = None  # what the reference is (conditional targets: which label mix)
+    reference_labels: list[int] | None = None  # the reference's strata when it matches the samples' labels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= 2 or self.feature_extractor is None:
@@ -203,8 +268,11 @@ class Quality:
         return extract_features(x, self.feature_extractor)
 
     def against(self, samples_feats: torch.Tensor, other_feats: torch.Tensor, images: torch.Tensor | None = None,
-                other_images: torch.Tensor | None = None) -> dict:
-        report = two_sample_report(samples_feats, other_feats, num_permutations=self.num_permutations, seed=self.seed)
+                other_images: torch.Tensor | None = None, strata: tuple | None = None) -> dict:
+        """Two-sample tests (relabelling within `strata`, (samples', other's) labels, when given), and FID/KID
+        for images with a feature network."""
+        report = two_sample_report(samples_feats, other_feats, num_permutations=self.num_permutations, seed=self.seed,
+                                   strata=strata)
         keep = ("energy_distance", "energy_p_value", "mmd", "mmd_p_value", "max_abs_mean_diff", "max_abs_std_diff")
         out = {k: report[k] for k in keep}
         if images is not None and self.feature_extractor is not None and images.dim() == 4:
@@ -213,6 +281,15 @@ class Quality:
             out.update({k: v for k, v in fid_kid(samples_feats, other_feats, None, 50, self.seed).items()
                         if k in ("fid", "kid_mean", "kid_std")})
         return out
+
+    def label_accuracy(self, samples: torch.Tensor, labels: list[int] | None) -> float | None:
+        """The share of labelled (non-null) samples that the classifier puts in their class (None: no
+        classifier, no labels, or only null labels)."""
+        if self.classifier is None or labels is None:
+            return None
+        from .features import label_accuracy
+
+        return label_accuracy(samples, labels, self.classifier)
 
 
 def compare_methods(
@@ -231,6 +308,8 @@ def compare_methods(
     warmup: bool = True,
     cost_model: CostModel | dict | None = None,
     compile: bool | str = False,
+    labels: str | Sequence[int] | None = None,
+    guidance_scale: float | Sequence[float] | None = None,
 ) -> dict:
     """Run ancestral sampling and every method on the same seeds, for each num_steps; the exactness
     test compares each method with ancestral samples from other seeds (`exactness_seeds`).
@@ -246,70 +325,103 @@ def compare_methods(
     `alpha` is refused (`check_permutations`). Samples are kept under the private key `_samples` for plots.
 
     With `warmup` (the default), every method first runs untimed on one batch of this rank's seeds for
-    `min(num_steps, WARMUP_STEPS)` steps, at the timed run's batch shapes: the first call of a code path
-    pays one-off costs (imports, kernel and allocator set-up) that would otherwise be charged to
-    whichever method runs first (in a fresh process, ancestral sampling took 20x its warm time).
+    `min(num_steps, WARMUP_STEPS)` steps, at the timed run's batch shapes: the first call of a code path pays
+    one-off costs (imports, kernel and allocator set-up) that would otherwise be charged to whichever
+    method runs first (in a fresh process, ancestral sampling took 20x its warm time).
 
-    `cost_model` (a `costs.CostModel` or its mapping) serves every method with window "auto" that has
-    none of its own, for reproducible auto runs; the report's config records each method's
-    (`cost_models`, None where round times are measured). Every run, warm-up included, gets a fresh
-    window policy (`Method.policy`).
-
-    `compile` (True or a mode: `compiling.py`): compiled sampling; compilation is `compile_s`, not wall-clock.
-    """
+    `cost_model` (a `costs.CostModel` or its mapping) serves every auto window without one of its own (the
+    config's `cost_models`: None where round times are measured). Every run, warm-up included, gets a fresh
+    window policy (`Method.policy`). `compile` (True or a mode): compiled sampling, compilation in `compile_s`.
+    A conditional target samples with `labels` and each `guidance_scale` (`sample_labels`): rows per scale,
+    the same labels for every sampler and the exactness reference."""
     seeds = list(seeds)
     quality = quality or Quality()
     if len(seeds) < 2:
         raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
     check_permutations(quality.num_permutations, alpha)
     _check_cost_model_used(cost_model, [m.window for m in methods])
+    label_list, scales = sample_labels(model, labels, guidance_scale, len(seeds))
+    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup, cost_model, compile,
+                _label_of(seeds, label_list))
+    reference_feats = quality.features(quality.reference) if quality.reference is not None else None
+    results = [row for scale in scales for steps in num_steps
+               for row in _rows(run, steps, scale, methods, quality, reference_feats, alpha, log)]
+    config = _config(schedule, shape, methods, seeds, num_steps, batch_size, alpha, quality, warmup, cost_model,
+                     compile)
+    if label_list is None:
+        return dict(config=config, results=results)
+    config.update(_label_config(labels, label_list, scales, quality))
+    return dict(config=config, results=results, _labels=label_list)  # _labels: pictures, one class per row
+
+
+def _config(schedule, shape, methods, seeds, num_steps, batch_size, alpha, quality, warmup, cost_model,
+            compile) -> dict:
+    """The report's `config`: the run's settings."""
     cost_models = {m.name: _cost_model_dict(m.cost_model if m.cost_model is not None else cost_model)
                    for m in methods if m.window == "auto"}
-    run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup, cost_model, compile)
-    reference_feats = quality.features(quality.reference) if quality.reference is not None else None
-    results = [row for steps in num_steps for row in _rows(run, steps, methods, quality, reference_feats, alpha, log)]
-    config = dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
-                  exactness_first_seed=exactness_seeds(seeds)[0], batch_size=batch_size,
-                  alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
-                  schedule=schedule.config(), num_permutations=quality.num_permutations,
-                  warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models, compile=compile)
-    return dict(config=config, results=results)
+    return dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
+                exactness_first_seed=exactness_seeds(seeds)[0], batch_size=batch_size,
+                alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
+                schedule=schedule.config(), num_permutations=quality.num_permutations,
+                warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models, compile=compile)
 
 
-def _rows(run: "_Runs", steps: int, methods, quality: Quality, reference_feats, alpha: float, log) -> list[dict]:
-    """The report rows of one step count: ancestral sampling, then every method."""
-    base, base_stats = run.ancestral(steps)
+def _label_config(policy, label_list: list[int], scales: list[float], quality: Quality) -> dict:
+    """A conditional target's part of `config`: the label policy (or the list given), the samples per
+    label ("-1": unconditional), the guidance scales and what the quality numbers compare with."""
+    counts = {str(label): label_list.count(label) for label in sorted(set(label_list))}
+    return dict(labels=policy if isinstance(policy, str) else ("classes" if policy is None else list(policy)),
+                label_counts=counts, guidance_scales=scales,
+                label_accuracy_by=None if quality.classifier is None else type(quality.classifier).__name__,
+                reference=quality.reference_note)
+
+
+def _rows(run: "_Runs", steps: int, scale: float | None, methods, quality: Quality, reference_feats, alpha: float,
+          log) -> list[dict]:
+    """The report rows of one step count and guidance scale (None: an unconditional target): ancestral
+    sampling, then every method."""
+    base, base_stats = run.ancestral(steps, scale)
     # The exactness reference: ancestral samples from other seeds (untimed; split over ranks alike).
-    exact_ref, _ = run.ancestral(steps, exactness_seeds(run.seeds), timed=False)
+    exact_ref, _ = run.ancestral(steps, scale, exactness_seeds(run.seeds), timed=False)
     exact_ref_feats = quality.features(exact_ref)
-    entry = dict(method="ancestral", num_steps=steps, target_calls_per_sample=float(steps), speedup=1.0,
+    guidance = {} if scale is None else {"guidance_scale": scale}
+    entry = dict(method="ancestral", num_steps=steps, **guidance, target_calls_per_sample=float(steps), speedup=1.0,
                  wall_clock_s=base_stats.wall_clock_s, compile_s=base_stats.compile_s, wall_clock_ratio=1.0,
                  _samples=base)
-    rows = [_with_quality(entry, base, quality, reference_feats)]
+    rows = [_with_quality(entry, base, quality, reference_feats, run.labels())]
+    tag = "" if scale is None else f", guidance {scale:g}"
     if log:
-        log(f"ancestral, {steps} steps: {base_stats.wall_clock_s:.2f}s")
+        log(f"ancestral, {steps} steps{tag}: {base_stats.wall_clock_s:.2f}s")
     for method in methods:
-        samples, stats = run.method(method, steps)
-        exactness = quality.against(quality.features(samples), exact_ref_feats, samples, exact_ref)
+        samples, stats = run.method(method, steps, scale)
+        # Both sides carry the same labels, index for index: relabel within classes (an exact test).
+        strata = None if run.label_of is None else (run.labels(), run.labels())
+        exactness = quality.against(quality.features(samples), exact_ref_feats, samples, exact_ref, strata)
         entry = dict(
-            method=method.name, num_steps=steps, drafter=stats.drafter, verifier=stats.verifier,
+            method=method.name, num_steps=steps, **guidance, drafter=stats.drafter, verifier=stats.verifier,
             window=method.window_name, **{key: stats[key] for key in REPORTED_STATS},
             wall_clock_ratio=stats.wall_clock_s / base_stats.wall_clock_s,
             acceptance_by_time=time_buckets(stats.drafted_per_step, stats.accepted_per_step, steps),
             vs_ancestral=exactness, exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
             _samples=samples,
         )
-        rows.append(_with_quality(entry, samples, quality, reference_feats))
+        rows.append(_with_quality(entry, samples, quality, reference_feats, run.labels()))
         if log:
-            log(f"{method.name}, {steps} steps: {stats.target_calls_per_sample:.1f} calls/sample, "
+            log(f"{method.name}, {steps} steps{tag}: {stats.target_calls_per_sample:.1f} calls/sample, "
                 f"{stats.wall_clock_s:.2f}s")
     return rows
 
 
-def _with_quality(entry: dict, samples: torch.Tensor, quality: Quality, reference_feats) -> dict:
-    """The entry, with its quality against the data when there is reference data."""
+def _with_quality(entry: dict, samples: torch.Tensor, quality: Quality, reference_feats, labels=None) -> dict:
+    """The entry, with its quality against the data when there is reference data, and its label accuracy
+    when the samples are labelled and there is a classifier."""
     if reference_feats is not None:
-        entry["vs_data"] = quality.against(quality.features(samples), reference_feats, samples, quality.reference)
+        strata = None if labels is None or quality.reference_labels is None else (labels, quality.reference_labels)
+        entry["vs_data"] = quality.against(quality.features(samples), reference_feats, samples, quality.reference,
+                                           strata)
+    accuracy = quality.label_accuracy(samples, labels)
+    if accuracy is not None:
+        entry["label_accuracy"] = accuracy
     return entry
 
 
@@ -326,29 +438,37 @@ class _Runs:
     warmup: bool
     cost_model: CostModel | dict | None = None  # auto methods without their own
     compile: bool | str = False  # the samplers' compile option
+    label_of: dict[int, int] | None = None  # a conditional target's label of each seed (`_label_of`)
+
+    def labels(self, seeds: Sequence[int] | None = None) -> list[int] | None:
+        """The labels of `seeds` (default: the methods' seeds), None for an unconditional target."""
+        return None if self.label_of is None else [self.label_of[s] for s in (self.seeds if seeds is None else seeds)]
+
+    def _conditioning(self, shard, scale: float | None) -> dict:
+        return dict(labels=self.labels(shard), guidance_scale=1.0 if scale is None else scale)
 
     def _warm(self, run: Callable, steps: int) -> None:
         if self.warmup:
             rank, world = _world()
             run(self.seeds[rank::world][: self.batch_size or len(self.seeds)], min(steps, WARMUP_STEPS), False)
 
-    def ancestral(self, steps: int, seeds: list[int] | None = None, timed: bool = True):
+    def ancestral(self, steps: int, scale: float | None = None, seeds: list[int] | None = None, timed: bool = True):
         def run(shard, num_steps=steps, progress=self.progress and timed):
             out = ancestral_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
                                    batch_size=self.batch_size, progress=progress, return_stats=True,
-                                   compile=self.compile)
+                                   compile=self.compile, **self._conditioning(shard, scale))
             return out.samples, out.stats
 
         if timed:
             self._warm(run, steps)
         return sharded(run, seeds or self.seeds)
 
-    def method(self, method: Method, steps: int):
+    def method(self, method: Method, steps: int, scale: float | None = None):
         def run(shard, num_steps=steps, progress=self.progress):
             out = speculative_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
                                      drafter=method.drafter(), verifier=method.rule,
-                                     window=method.policy(self.cost_model),
-                                     batch_size=self.batch_size, progress=progress, compile=self.compile)
+                                     window=method.policy(self.cost_model), batch_size=self.batch_size,
+                                     progress=progress, compile=self.compile, **self._conditioning(shard, scale))
             return out.samples, out.stats
 
         self._warm(run, steps)

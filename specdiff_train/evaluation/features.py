@@ -20,6 +20,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from specdiff_train.evaluation.metrics import two_sample_report
+from specdiff_train.guidance import NULL_LABEL
 from specdiff_train.nets.classifier import DigitsClassifier
 
 DIGITS_FEATURES = Path(__file__).resolve().parents[2] / "checkpoints" / "digits_features.pt"
@@ -76,6 +77,37 @@ def load_feature_extractor(path: str | Path = DIGITS_FEATURES, map_location: str
     net.load_state_dict(ckpt["state_dict"])
     shape = (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
     return FeatureExtractor(net, kwargs["feature_dim"], shape)
+
+
+def label_classifier(sample_shape, num_classes: int, extractor: FeatureExtractor | None = None) -> nn.Module | None:
+    """The classifier that scores a conditional target's samples (`label_accuracy`): the feature network's
+    `DigitsClassifier` when it takes images of `sample_shape` and has `num_classes` classes; without an
+    extractor, the shipped digits network (1x8x8 digits, 10 classes) when it fits. None otherwise (no
+    label accuracy: unconditional targets, other shapes or class counts, Inception features)."""
+    if num_classes <= 0 or len(sample_shape) != 3:
+        return None
+    if extractor is None:
+        if not DIGITS_FEATURES.exists():
+            return None
+        extractor = load_feature_extractor(DIGITS_FEATURES)
+    net = getattr(extractor, "net", None)
+    if not isinstance(net, DigitsClassifier) or getattr(extractor, "input_shape", None) != tuple(sample_shape):
+        return None
+    return net if net.head.out_features == num_classes else None
+
+
+@torch.no_grad()
+def label_accuracy(images: torch.Tensor, labels, classifier: nn.Module, batch_size: int = 256) -> float | None:
+    """The share of labelled images (label not `NULL_LABEL`) that `classifier` (images -> logits) puts in
+    their label's class; None when no image is labelled."""
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    keep = labels != NULL_LABEL
+    if not bool(keep.any()):
+        return None
+    device = next(classifier.parameters(), torch.empty(0)).device
+    predicted = torch.cat([classifier(images[i : i + batch_size].to(device).float()).argmax(1).cpu()
+                           for i in range(0, len(images), batch_size)])
+    return float((predicted[keep] == labels[keep]).double().mean())
 
 
 class _InceptionFeatures(nn.Module):

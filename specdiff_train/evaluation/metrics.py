@@ -102,6 +102,23 @@ def permutation_labels(n: int, m: int, num_permutations: int, seed: int) -> torc
     return labels.T.contiguous()
 
 
+def stratified_permutation_labels(strata: torch.Tensor, n: int, num_permutations: int, seed: int) -> torch.Tensor:
+    """Like `permutation_labels`, but each relabelling keeps every stratum's count in the first set: within
+    each stratum (equal values of `strata`, (n + m,) ints for the pooled sample, the first n from the first
+    set) a random subset of its size in the first set. Exchangeable under "the two laws agree stratum by
+    stratum", so the test stays exact when both samples were drawn with the same labels (a pooled
+    relabelling would unbalance the classes and make the test conservative)."""
+    strata = torch.as_tensor(strata).reshape(-1).cpu()
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(num_permutations, len(strata), dtype=torch.float64)
+    for value in torch.unique(strata).tolist():
+        members = torch.nonzero(strata == value).reshape(-1)
+        first = int((members < n).sum())
+        order = torch.rand(num_permutations, len(members), generator=g).argsort(dim=1)
+        labels.scatter_(1, members[order[:, :first]], 1.0)
+    return labels.T.contiguous()
+
+
 def discrepancies(
     x: torch.Tensor, y: torch.Tensor, kernels: list[Kernel], labels: torch.Tensor
 ) -> torch.Tensor:
@@ -186,8 +203,10 @@ def _permutation_tests(
     num_permutations: int,
     seed: int,
     bandwidth: float | None,
+    strata: tuple | None = None,
 ) -> dict[str, float]:
-    """Permutation tests of several statistics on the same relabellings (x, y already flattened)."""
+    """Permutation tests of several statistics on the same relabellings (x, y already flattened); with
+    `strata` (x's and y's stratum of each point), relabellings within strata only."""
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
     unknown = set(statistics) - set(STATISTICS)
@@ -197,7 +216,14 @@ def _permutation_tests(
     if "mmd" in statistics and bandwidth is None:
         bandwidth = median_bandwidth(torch.cat([x, y]))
     kernels = [energy_kernel() if s == "energy" else rbf_kernel(bandwidth) for s in statistics]
-    labels = torch.cat([sample_labels(n, m), permutation_labels(n, m, num_permutations, seed)], 1)
+    if strata is None:
+        permuted = permutation_labels(n, m, num_permutations, seed)
+    else:
+        pooled = torch.cat([torch.as_tensor(strata[0]).reshape(-1), torch.as_tensor(strata[1]).reshape(-1)])
+        if len(pooled) != n + m:
+            raise ValueError(f"strata: expected one stratum per point ({n} and {m}), got {len(pooled)} in all")
+        permuted = stratified_permutation_labels(pooled, n, num_permutations, seed)
+    labels = torch.cat([sample_labels(n, m), permuted], 1)
     values = discrepancies(x, y, kernels, labels).cpu()
     p = p_value(values[:, 0], values[:, 1:])
     out = {}
@@ -242,6 +268,7 @@ def two_sample_report(
     num_permutations: int = 500,
     seed: int = 0,
     bandwidth: float | None = None,
+    strata: tuple | None = None,
 ) -> dict[str, float | int]:
     """Everything we check between two samples, as plain numbers ready for JSON.
 
@@ -256,9 +283,11 @@ def two_sample_report(
         num_permutations: relabellings for the p-values.
         seed: seed of the relabellings.
         bandwidth: MMD bandwidth (median heuristic when None).
+        strata: (x's, y's) stratum of each point, e.g. class labels when both samples were drawn with the
+            same labels: the p-values then come from relabellings within strata (`stratified_permutation_labels`).
     """
     x, y = flatten_pair(x, y, "two-sample report")
-    tests = _permutation_tests(x, y, STATISTICS, num_permutations, seed, bandwidth)
+    tests = _permutation_tests(x, y, STATISTICS, num_permutations, seed, bandwidth, strata)
     mean_diff = (x.mean(0) - y.mean(0)).cpu()
     std_diff = (x.std(0) - y.std(0)).cpu()
     report: dict[str, float | int] = {

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 from .. import plotting
+from ..guidance import NULL_LABEL
+
+MAX_PER_CLASS = 16  # images per class in the sample pictures of a conditional target (one class per row)
 
 
 def _fmt(value, spec: str) -> str:
@@ -18,13 +21,16 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """Speculative methods against the ancestral baseline, one row per (num_steps, method)."""
+    """Speculative methods against the ancestral baseline, one row per (num_steps, method); a conditional
+    target's tables add the guidance scale and, with a classifier, the label accuracy."""
     has_data = any("vs_data" in r for r in report["results"])
+    has_scale = any(r.get("guidance_scale") is not None for r in report["results"])
+    has_accuracy = any("label_accuracy" in r for r in report["results"])
     quality_col = "energy dist. to data" if report["config"]["sample_shape"].__len__() == 1 else "FID to data"
     header = ["steps", "method", "target calls/sample", "speedup", "acceptance", "accepted/round",
               "wall-clock (x ancestral)", "exactness p (vs ancestral)"]
-    if has_data:
-        header.append(quality_col)
+    header[2:2] = ["guidance"] if has_scale else []
+    header += ([quality_col] if has_data else []) + (["label accuracy"] if has_accuracy else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report["results"]:
         exact = r.get("vs_ancestral")
@@ -33,11 +39,31 @@ def markdown_table(report: dict) -> str:
         row = [str(r["num_steps"]), r["method"], _fmt(r["target_calls_per_sample"], ".1f"), _fmt(r["speedup"], ".2f") + "x",
                _fmt(r.get("acceptance_rate"), ".3f"), _fmt(r.get("mean_accepted_per_round"), ".2f"),
                _fmt(r["wall_clock_ratio"], ".2f"), (_fmt(p, ".3f") + flag) if exact else "-"]
+        row[2:2] = [_fmt(r.get("guidance_scale"), "g")] if has_scale else []
         if has_data:
             data = r.get("vs_data", {})
             row.append(_fmt(data.get("fid", data.get("energy_distance")), ".4f"))
+        if has_accuracy:
+            row.append(_fmt(r.get("label_accuracy"), ".3f"))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def class_rows(samples: torch.Tensor, labels, per_class: int = MAX_PER_CLASS):
+    """Samples and labels for a picture of a conditional target's samples: images regrouped one label per
+    row (classes in order, unconditional -1 first), as many per row as the rarest label has (at most
+    `per_class`); points keep all their labels (coloured by class). (samples, None) without labels."""
+    if labels is None or all(label == NULL_LABEL for label in labels):
+        return samples, None
+    labels = [int(label) for label in labels]
+    if samples.dim() != 4:
+        return samples, labels
+    groups: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(label, []).append(index)
+    count = min(per_class, min(len(group) for group in groups.values()))
+    order = [index for label in sorted(groups) for index in groups[label][:count]]
+    return samples[order], [labels[index] for index in order]
 
 
 def window_order(window) -> tuple:
@@ -59,7 +85,8 @@ MARKERS = "osD^vP*X"
 def acceptance_plot(report: dict, path: Path | None = None):
     """Acceptance versus diffusion time: one panel per drafter; in a panel, a colour per window, a line
     style per verifier (solid block, dashed token-wise reflection, dotted residual) and a marker per
-    num_steps; each legend sits below its panel, off the data. Returns the matplotlib Figure."""
+    num_steps (and guidance scale, when there are several); each legend sits below its panel, off the
+    data. Returns the matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -67,6 +94,7 @@ def acceptance_plot(report: dict, path: Path | None = None):
     drafters = list(dict.fromkeys(r["method"].split("/")[0] for r in curves))
     windows = sorted({r.get("window") for r in curves}, key=window_order)
     steps = sorted({r["num_steps"] for r in curves})
+    scales = sorted({r.get("guidance_scale") for r in curves if r.get("guidance_scale") is not None})
     ncols = min(3, max(1, len(drafters)))
     nrows = max(1, -(-len(drafters) // ncols))
     fig = Figure(figsize=(4.2 * ncols, 3.9 * nrows))
@@ -80,8 +108,11 @@ def acceptance_plot(report: dict, path: Path | None = None):
             ys = [v for v in curve if v is not None]
             verifier = r["method"].split("/")[1]
             label = f"{verifier}, {window_label(r.get('window'))}" + (f", {r['num_steps']} steps" if len(steps) > 1 else "")
+            scale = r.get("guidance_scale")
+            label += f", guidance {scale:g}" if len(scales) > 1 else ""
+            marker = steps.index(r["num_steps"]) + len(steps) * (scales.index(scale) if len(scales) > 1 else 0)
             ax.plot(xs, ys, color=colours[windows.index(r.get("window"))], linestyle=LINESTYLES.get(verifier, "-."),
-                    marker=MARKERS[steps.index(r["num_steps"]) % len(MARKERS)], ms=3, lw=1.4, label=label)
+                    marker=MARKERS[marker % len(MARKERS)], ms=3, lw=1.4, label=label)
         ax.set_title(drafter, fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
@@ -108,15 +139,28 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     paths = dict(json=out_dir / "report.json", markdown=out_dir / "report.md", acceptance=out_dir / "acceptance.png")
     paths["json"].write_text(json.dumps(public, indent=2))
     notes = "".join(f"\n**Warning**: {note}\n" for note in report.get("warnings", []))
+    if report["config"].get("reference"):  # a conditional target: what the quality numbers compare with
+        notes = f"\nQuality (FID / energy distance) against: {report['config']['reference']}.\n" + notes
     paths["markdown"].write_text("# Speculative sampling against ancestral sampling\n\n" + markdown_table(report) + "\n" + notes)
     acceptance_plot(report, paths["acceptance"])
-    # Samples: ancestral and the method with the fewest calls, at the first num_steps.
-    first = report["results"][0]["num_steps"]
-    same = [r for r in report["results"] if r["num_steps"] == first and "_samples" in r]
+    # Samples: ancestral and the method with the fewest calls, at the first num_steps (and guidance scale).
+    first = report["results"][0]
+    same = [r for r in report["results"] if r["num_steps"] == first["num_steps"] and "_samples" in r
+            and r.get("guidance_scale") == first.get("guidance_scale")]
     best = min((r for r in same if r["method"] != "ancestral"), key=lambda r: r["target_calls_per_sample"], default=None)
     for tag, r in (("ancestral", same[0] if same else None), ("best", best)):
         if r is not None:
-            path = out_dir / f"samples_{tag}.png"
-            plotting.plot_samples(r["_samples"], path=path, title=f"{r['method']}, {first} steps")
-            paths[f"samples_{tag}"] = path
+            paths[f"samples_{tag}"] = _plot_row_samples(r, report.get("_labels"), out_dir / f"samples_{tag}.png")
     return paths
+
+
+def _plot_row_samples(row: dict, labels, path: Path) -> Path:
+    """A report row's samples as a picture; a conditional target's one class per row (`class_rows`)."""
+    samples, labels = class_rows(row["_samples"], labels)
+    title = f"{row['method']}, {row['num_steps']} steps"
+    if row.get("guidance_scale") is not None:
+        title += f", guidance {row['guidance_scale']:g}"
+    if labels is not None and samples.dim() == 4:
+        title += ", one class per row"
+    plotting.plot_samples(samples, path=path, title=title, labels=labels)
+    return path

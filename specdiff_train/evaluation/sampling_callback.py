@@ -8,8 +8,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
 from ..compiling import compile_mode
-from .command import resolve_drafters
-from .compare import DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid
+from ..guidance import num_classes_of
+from .command import classifier_for, reference_data, resolve_drafters
+from .compare import (DEFAULT_DRAFTERS, Quality, check_label_options, check_permutations, compare_methods, method_grid,
+                      sample_labels)
 from .reporting import write_report
 
 
@@ -24,12 +26,17 @@ def ema_model(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
-    """Logger-ready numbers: spec/<method>/<num_steps>/<metric>."""
+    """Logger-ready numbers: spec/<method>/<num_steps>steps[/guidance<scale>]/<metric> (the ancestral rows:
+    label accuracy only, for a conditional target with a classifier)."""
     metrics = {}
     for r in report["results"]:
+        prefix = f"spec/{r['method']}/{r['num_steps']}steps"
+        if r.get("guidance_scale") is not None:  # a conditional target: one set of numbers per scale
+            prefix += f"/guidance{r['guidance_scale']:g}"
+        if "label_accuracy" in r:
+            metrics[f"{prefix}/label_accuracy"] = float(r["label_accuracy"])
         if r["method"] == "ancestral":
             continue
-        prefix = f"spec/{r['method']}/{r['num_steps']}steps"
         for key in ("target_calls_per_sample", "speedup", "acceptance_rate", "mean_accepted_per_round",
                     "wall_clock_ratio"):
             metrics[f"{prefix}/{key}"] = float(r[key])
@@ -72,6 +79,10 @@ class SpeculativeEvaluation(Callback):
         compile: sample with compiled rounds and steps (True, or a torch.compile mode; docs/performance.md).
             The first evaluation compiles the graphs (reported as compile_s, apart from the wall-clock);
             later ones reuse them while the network and the shapes stay the same (weights are graph inputs).
+        labels: a conditional target's labels, as `evaluate`'s: 'classes' (default: classes in order; the
+            sample pictures show one class per row), 'cycle', 'none' or a list of ints. Unconditional: leave unset.
+        guidance_scale: a conditional target's guidance scale, or a list (default: its val_guidance_scale).
+            Conditional 1x8x8 targets with 10 classes also get the shipped digits classifier's label accuracy.
     """
 
     def __init__(
@@ -87,6 +98,8 @@ class SpeculativeEvaluation(Callback):
         alpha: float = 0.01,
         cost_model: dict | None = None,
         compile: bool | str = False,
+        labels: str | list[int] | None = None,
+        guidance_scale: float | list[float] | None = None,
     ):
         if num_samples < 2:
             raise ValueError(f"SpeculativeEvaluation.num_samples: the two-sample tests need >= 2, got {num_samples}")
@@ -100,22 +113,34 @@ class SpeculativeEvaluation(Callback):
         self.num_steps = num_steps or [50]
         self.num_samples, self.batch_size = num_samples, batch_size
         self.every_n_epochs, self.num_permutations = every_n_epochs, num_permutations
+        check_label_options(labels, guidance_scale)  # the rest once the target is known (`setup`)
+        self.labels, self.guidance_scale = labels, guidance_scale
         self.last_report: dict | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Labels and scales that this target cannot take are refused before training starts.
+        sample_labels(pl_module, self.labels, self.guidance_scale, self.num_samples)
+
+    def _quality(self, trainer: Trainer, model: LightningModule, labels: list[int] | None) -> Quality:
+        """Raw-sample tests against the data (of the samples' label mix), and label accuracy where the
+        shipped digits classifier fits the target (loaded once)."""
+        reference = reference_data(getattr(trainer, "datamodule", None), labels, self.num_samples)
+        if not hasattr(self, "_classifier"):
+            self._classifier = classifier_for(tuple(model.sample_shape), num_classes_of(model))
+        return Quality(num_permutations=self.num_permutations, classifier=self._classifier, **reference)
 
     def _evaluate(self, trainer: Trainer, model: LightningModule, tag: str) -> None:
         if trainer.sanity_checking:
             return
-        reference = None
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "reference_samples"):
-            reference = datamodule.reference_samples(self.num_samples)
+        labels = sample_labels(model, self.labels, self.guidance_scale, self.num_samples)[0]
+        quality = self._quality(trainer, model, labels)
         was_training = model.training
         model.eval()
         try:
             report = compare_methods(model, model.schedule, tuple(model.sample_shape), self.methods,
                                      num_steps=self.num_steps, seeds=range(self.num_samples),
-                                     batch_size=self.batch_size, quality=Quality(reference, None, self.num_permutations),
-                                     alpha=self.alpha, compile=self.compile)
+                                     batch_size=self.batch_size, quality=quality, alpha=self.alpha,
+                                     compile=self.compile, labels=self.labels, guidance_scale=self.guidance_scale)
         finally:
             model.train(was_training)
         self.last_report = report
