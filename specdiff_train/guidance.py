@@ -25,6 +25,12 @@ def num_classes_of(model) -> int:
 def label_tensor(labels, num_seeds: int, model, device) -> torch.Tensor | None:
     """The samplers' `labels` argument as an int64 tensor (num_seeds,), `NULL_LABEL` for unconditional
     rows; None for an unconditional target. Raises a one-line ValueError naming `labels` otherwise."""
+    values = label_values(labels, num_seeds, model)
+    return None if values is None else torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def label_values(labels, num_seeds: int, model) -> list[int] | None:
+    """`label_tensor`'s checked labels as a list of ints (None for an unconditional target)."""
     num_classes = num_classes_of(model)
     if num_classes == 0:
         if labels is not None:
@@ -44,7 +50,7 @@ def label_tensor(labels, num_seeds: int, model, device) -> torch.Tensor | None:
     if bad:
         raise ValueError(f"labels: {bad[0]!r} is not a class of this target; labels must be ints in "
                          f"[0, {num_classes}) or None / -1 (unconditional)")
-    return torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    return [int(v) for v in values]
 
 
 def _is_int(value) -> bool:
@@ -53,9 +59,10 @@ def _is_int(value) -> bool:
         isinstance(value, float) and value.is_integer())
 
 
-def check_guidance(model, labels: torch.Tensor | None, guidance_scale) -> float:
+def check_guidance(model, labels, guidance_scale) -> float:
     """The guidance scale as a float; one-line errors for a negative scale, a scale other than 1 without
-    labels, and any use of the null branch on a target trained without label dropout (`p_uncond` 0)."""
+    labels, and any use of the null branch on a target trained without label dropout (`p_uncond` 0).
+    `labels`: a tensor or, read without a device sync, the list of `label_values`."""
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
             not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale: expected a number >= 0 (1: plain conditional, 0: unconditional), "
@@ -66,7 +73,7 @@ def check_guidance(model, labels: torch.Tensor | None, guidance_scale) -> float:
             raise ValueError(f"guidance_scale: {scale} needs a conditional target sampled with labels; this target "
                              "is unconditional: leave guidance_scale at 1")
         return scale
-    uses_null = scale != 1.0 or bool((labels == NULL_LABEL).any())
+    uses_null = scale != 1.0 or NULL_LABEL in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)
     if uses_null and getattr(model, "p_uncond", None) == 0:
         raise ValueError(
             "guidance_scale: the target was trained without label dropout (p_uncond=0), so its unconditional "

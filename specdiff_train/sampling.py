@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .compiling import CompileClock, compile_graphs, compile_mode, uses_cuda_graphs
 from .diffusion import DDPMSchedule, StepCoefficients, denoise, step_mean
-from .guidance import check_guidance, guided_output, label_tensor
+from .guidance import check_guidance, guided_output, label_values
 from .noise import NOISE_BUFFER_ELEMENTS, Stream, as_seed_tensor, check_noise_buffer, gaussian, step_noise_blocks
 from .sampling_stats import SamplingResult, SamplingStats
 
@@ -48,8 +48,9 @@ def state_dtype(model_dtype: torch.dtype) -> torch.dtype:
 def conditioning(model, seeds, labels, guidance_scale, device):
     """The samplers' seeds, labels and guidance scale, checked: (seeds (N,), labels (N,) or None, scale)."""
     seeds_t = as_seed_tensor(seeds, device=device)
-    labels_t = label_tensor(labels, len(seeds_t), model, device)
-    return seeds_t, labels_t, check_guidance(model, labels_t, guidance_scale)
+    values = label_values(labels, len(seeds_t), model)  # checked on the host (no device read)
+    scale = check_guidance(model, values, guidance_scale)
+    return seeds_t, None if values is None else torch.tensor(values, dtype=torch.int64, device=device), scale
 
 
 def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:

@@ -3,7 +3,9 @@ reference and deliberately wrong corrections that the coupling and verifier test
 
 With data ~ N(m, v I) the optimal eps predictor is linear in x_t, so the DDPM ancestral chain is
 linear-Gaussian and its marginal after any number of steps is known exactly. Use it to check that
-a new drafter or verifier leaves the sampler's law unchanged.
+a new drafter or verifier leaves the sampler's law unchanged. `GuidedGaussianDenoiser` is the same for a
+class-conditional target with classifier-free guidance (section 9): one Gaussian per class and one for the
+null label, so the guided chain is linear-Gaussian too (`guided_closed_form_marginals`).
 
 This module sits above `speculative/` (it imports its couplings); the package itself never imports it.
 """
@@ -34,10 +36,53 @@ class GaussianDataDenoiser(torch.nn.Module):
         self._dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # device / dtype anchor
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
-        abar = self.schedule.alphas_cumprod.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mean) / (abar * self.var + 1 - abar)
-        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-        out = {"eps": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[self.schedule.prediction]
+        out = gaussian_prediction(self.schedule, x, t, self.mean, self.var)
+        if return_features:
+            return out, torch.cat([x, out], dim=1)
+        return out
+
+
+def gaussian_prediction(schedule: DDPMSchedule, x: torch.Tensor, t: torch.Tensor, mean, var) -> torch.Tensor:
+    """The exact prediction (of `schedule.prediction` type) at states x (B, ...) and timesteps t (B,) for data
+    ~ N(mean, var I); `mean` and `var` broadcast against x (per row, per coordinate, or shared)."""
+    abar = schedule.alphas_cumprod.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    eps = (1 - abar).sqrt() * (x - abar.sqrt() * mean) / (abar * var + 1 - abar)
+    if schedule.prediction == "eps":
+        return eps
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return x0 if schedule.prediction == "x0" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+
+class GuidedGaussianDenoiser(torch.nn.Module):
+    """A closed-form conditional target for classifier-free guidance (ALGORITHMS.md section 9), called as a
+    conditional network: `model(x, t, labels=labels)` (labels (B,) int64, -1 the null label; None: every row
+    null), optionally `return_features=True` (features = x_t and the output).
+
+    Rows with label c get the exact predictor for data ~ N(class_means[c], var I), rows with the null label the
+    exact predictor for N(null_mean, null_var I) (e.g. the pooled moments of the classes). Both are linear in
+    x_t, so the guided prediction uncond + s (cond - uncond) is too, and the guided ancestral chain is linear-
+    Gaussian: `guided_closed_form_marginals` gives its law at every step. `var` and `null_var` are floats or
+    per-coordinate tensors (shaped like a sample, or broadcastable to it)."""
+
+    p_uncond = 0.1  # trained with label dropout: the null branch may be used (`guidance.check_guidance`)
+
+    def __init__(self, schedule: DDPMSchedule, class_means: torch.Tensor, var, null_mean: torch.Tensor, null_var):
+        super().__init__()
+        self.schedule = schedule
+        self.register_buffer("class_means", torch.as_tensor(class_means, dtype=torch.float32))
+        self.num_classes = len(self.class_means)
+        self.register_buffer("var", torch.as_tensor(var, dtype=torch.float32))
+        self.register_buffer("null_mean", torch.as_tensor(null_mean, dtype=torch.float32))
+        self.register_buffer("null_var", torch.as_tensor(null_var, dtype=torch.float32))
+        self._dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # device / dtype anchor
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, labels=None):
+        if labels is None:
+            labels = torch.full((len(x),), -1, dtype=torch.int64, device=x.device)
+        null = (labels < 0).reshape(-1, *([1] * (x.dim() - 1)))
+        mean = torch.where(null, self.null_mean, self.class_means[labels.clamp(min=0)])
+        var = torch.where(null, self.null_var, self.var)
+        out = gaussian_prediction(self.schedule, x, t, mean.to(x.dtype), var.to(x.dtype))
         if return_features:
             return out, torch.cat([x, out], dim=1)
         return out
@@ -47,22 +92,44 @@ def closed_form_marginals(schedule: DDPMSchedule, num_steps: int, mean: torch.Te
     """Per-coordinate (mean, variance) of the ancestral chain's state after each step, for data
     ~ N(mean, var I) and x_T ~ N(0, I): two (num_steps, *mean.shape) float64 tensors, row k the state
     after step k (row num_steps - 1 the output). Requires clip_denoised=False."""
+    return linear_chain_marginals(schedule, num_steps, [(1.0, mean, var)])
+
+
+def guided_closed_form_marginals(schedule: DDPMSchedule, num_steps: int, class_mean: torch.Tensor, var,
+                                 null_mean: torch.Tensor, null_var, scale: float):
+    """`closed_form_marginals` of the classifier-free guided chain of `GuidedGaussianDenoiser` for one label:
+    the guided eps is eps_u + scale (eps_c - eps_u), eps_c the exact predictor for data ~ N(class_mean, var I)
+    and eps_u the one for N(null_mean, null_var I). An unconditional (null) row's chain is this one with
+    class_mean = null_mean, var = null_var (any scale). Requires clip_denoised=False."""
+    scale = float(scale)
+    return linear_chain_marginals(schedule, num_steps, [(1.0 - scale, null_mean, null_var), (scale, class_mean, var)])
+
+
+def linear_chain_marginals(schedule: DDPMSchedule, num_steps: int, components):
+    """Per-coordinate (mean, variance) after each step of the ancestral chain whose eps prediction is the
+    affine combination sum_i w_i eps_i of exact Gaussian predictors, eps_i = gain_i (x - sqrt(abar) m_i) with
+    gain_i = sqrt(1 - abar) / (abar v_i + 1 - abar) (data ~ N(m_i, v_i I)); `components` is [(w_i, m_i, v_i)]
+    (the weights need not sum to 1). x_T ~ N(0, I); float64 (num_steps, *shape), shape that of the
+    broadcast means and variances."""
     if schedule.clip_denoised:
         raise ValueError("closed_form_marginal: clip_denoised must be False for a linear-Gaussian chain")
     plan = schedule.plan(num_steps)
-    mean = torch.as_tensor(mean, dtype=torch.float64)
-    mu, variance = torch.zeros_like(mean), torch.ones_like(mean)
+    components = [(float(w), torch.as_tensor(m, dtype=torch.float64), torch.as_tensor(v, dtype=torch.float64))
+                  for w, m, v in components]
+    shape = torch.broadcast_shapes(*(t.shape for _, m, v in components for t in (m, v)))
+    mu, variance = torch.zeros(shape, dtype=torch.float64), torch.ones(shape, dtype=torch.float64)
     means, variances = [], []
     for k in range(num_steps):
         abar = schedule.alphas_cumprod[int(plan.timesteps[k])]
-        gain = (1 - abar).sqrt() / (abar * var + 1 - abar)  # eps_hat = gain (x - sqrt(abar) m)
+        gains = [(w * (1 - abar).sqrt() / (abar * v + 1 - abar), m) for w, m, v in components]
+        gain = sum(g for g, _ in gains)  # eps_hat = gain x - sqrt(abar) sum_i gain_i m_i
         x0_slope = (1 - (1 - abar).sqrt() * gain) / abar.sqrt()
-        x0_offset = (1 - abar).sqrt() * gain * mean
+        x0_offset = (1 - abar).sqrt() * sum(g * m for g, m in gains)
         slope = plan.coef_x0[k] * x0_slope + plan.coef_xt[k]
         mu = slope * mu + plan.coef_x0[k] * x0_offset
         variance = slope**2 * variance + plan.std[k] ** 2
-        means.append(mu)
-        variances.append(variance)
+        means.append(mu.expand(shape))
+        variances.append(variance.expand(shape))
     return torch.stack(means), torch.stack(variances)
 
 
@@ -120,9 +187,10 @@ class TransitionRecorder:
         return torch.cat(self.steps), torch.cat(self.after), torch.cat(self.z)
 
 
-def record_transitions(recorder, states, target_means, stds, tau, advanced, next_state, n) -> None:
+def record_transitions(recorder, states, target_means, stds, tau, advanced, next_state, n, slots=None) -> None:
     """Append a round's transitions to `recorder.steps / after / z`: states (C, L+1, d), target means
-    (C, L+1, d), stds (C, L+1), tau and steps advanced (C,), the committed states (C, d), steps n (C,)."""
+    (C, L+1, d), stds (C, L+1), tau and steps advanced (C,), the committed states (C, d), steps n (C,);
+    with `slots` (C,), each transition's slot to `recorder.slots` as well."""
     L = states.shape[1] - 1
     for j in range(L + 1):
         rows = (j < advanced).nonzero().squeeze(1)
@@ -137,15 +205,18 @@ def record_transitions(recorder, states, target_means, stds, tau, advanced, next
         recorder.steps.append((n[rows] + j).cpu())
         recorder.after.append(after.double().cpu())
         recorder.z.append(torch.where(s > 0, z, torch.nan).cpu())
+        if slots is not None:
+            recorder.slots.append(slots[rows].cpu())
 
 
 class PathObserver:
     """`TransitionRecorder`'s record made from the rounds' records (pass it in `callbacks`) instead of by
-    wrapping the verifier: it sees rounds whose verification runs inside a compiled graph, and plain rounds."""
+    wrapping the verifier: it sees rounds whose verification runs inside a compiled graph, and plain rounds.
+    It also records each transition's slot (`slots_by_step`), for chains whose laws differ (`path_test_by_slot`)."""
 
     def __init__(self, plan):
         self.plan = plan
-        self.steps, self.after, self.z = [], [], []
+        self.steps, self.after, self.z, self.slots = [], [], [], []
 
     def on_round_end(self, record) -> None:
         v = record.verification
@@ -154,9 +225,13 @@ class PathObserver:
             max=self.plan.num_steps - 1)
         stds = self.plan.std.to(steps.device)[steps]
         record_transitions(self, v.states.reshape(C, L1, -1), v.means.reshape(C, L1, -1), stds, record.accepted,
-                           record.advanced, record.next_state.reshape(C, -1), record.steps)
+                           record.advanced, record.next_state.reshape(C, -1), record.steps, record.slots)
 
     by_step = TransitionRecorder.by_step
+
+    def slots_by_step(self) -> torch.Tensor:
+        """(M,) the slot of each transition of `by_step` (with every seed in its own slot, the seed's index)."""
+        return torch.cat(self.slots)
 
 
 def path_test(recorder: TransitionRecorder, means: torch.Tensor, variances: torch.Tensor) -> dict:
@@ -166,14 +241,15 @@ def path_test(recorder: TransitionRecorder, means: torch.Tensor, variances: torc
     steps, after, z = recorder.by_step()
     worst = dict(mean_z=(0.0, None), var_z=(0.0, None), ks_p=(1.0, None), inc_mean_z=(0.0, None),
                  inc_var_z=(0.0, None), inc_ks_p=(1.0, None))
-    counts = []
+    # each step's rows in record order, from one stable sort (not a mask per step: long paths are ~10^6 rows)
+    order = torch.argsort(steps, stable=True)
+    counts = torch.bincount(steps, minlength=len(means))[:len(means)].tolist()
+    after_by_step, z_by_step = after[order].split(counts), z[order].split(counts)
     for k in range(len(means)):
-        rows = steps == k
-        counts.append(int(rows.sum()))
-        checks = {"": marginal_test(after[rows], means[k], variances[k])}
-        if not torch.isnan(z[rows]).any():
+        checks = {"": marginal_test(after_by_step[k], means[k], variances[k])}
+        if not torch.isnan(z_by_step[k]).any():
             zero = torch.zeros(z.shape[1], dtype=torch.float64)
-            checks["inc_"] = marginal_test(z[rows], zero, torch.ones_like(zero))
+            checks["inc_"] = marginal_test(z_by_step[k], zero, torch.ones_like(zero))
         for prefix, report in checks.items():
             for key, value in report.items():
                 name = prefix + key
@@ -185,6 +261,52 @@ def path_test(recorder: TransitionRecorder, means: torch.Tensor, variances: torc
     return out
 
 
+class _Path:
+    """A path record (`by_step`) made of given tensors."""
+
+    def __init__(self, steps, after, z):
+        self._record = (steps, after, z)
+
+    def by_step(self):
+        return self._record
+
+
+def path_test_by_slot(observer: PathObserver, means: torch.Tensor, variances: torch.Tensor, groups=None) -> dict:
+    """`path_test` for chains whose marginals differ (e.g. one law per class label): `means`, `variances`
+    (num_steps, num_slots, *shape) give each slot's closed-form marginals. Every recorded state is standardised
+    by its slot's marginal and the pooled standardised states of each step are tested against N(0, I) (the
+    increments are standardised already). With `groups` (num_slots,) (e.g. the labels), also the worst z-scores
+    of the standardised mean and variance per step, group and coordinate (`group_mean_z`, `group_var_z`)."""
+    steps, after, z = observer.by_step()
+    slots = observer.slots_by_step()
+    num_steps = len(means)
+    mean = means.double().reshape(num_steps, means.shape[1], -1)[steps, slots]
+    sd = variances.double().reshape(num_steps, variances.shape[1], -1)[steps, slots].sqrt()
+    standard = (after - mean) / sd
+    d = standard.shape[1]
+    zeros = torch.zeros(num_steps, d, dtype=torch.float64)
+    report = path_test(_Path(steps, standard, z), zeros, torch.ones_like(zeros))
+    if groups is not None:
+        report.update(_group_z_scores(steps, standard, torch.as_tensor(groups)[slots], num_steps))
+    return report
+
+
+def _group_z_scores(steps: torch.Tensor, standard: torch.Tensor, group_of: torch.Tensor, num_steps: int) -> dict:
+    """The worst z-scores of the mean and variance of standardised states (M, d) over (step, group, coordinate)."""
+    names, index = torch.unique(group_of, return_inverse=True)
+    key = steps * len(names) + index
+    cells = num_steps * len(names)
+    n = torch.bincount(key, minlength=cells).double().unsqueeze(1)
+    total = standard.new_zeros(cells, standard.shape[1]).index_add_(0, key, standard)
+    squares = standard.new_zeros(cells, standard.shape[1]).index_add_(0, key, standard * standard)
+    seen = n.squeeze(1) > 1
+    n, total, squares = n[seen], total[seen], squares[seen]
+    mean = total / n
+    var = (squares - n * mean * mean) / (n - 1)
+    return dict(group_mean_z=(mean * n.sqrt()).abs().max().item(),
+                group_var_z=((var - 1) / (2 / (n - 1)).sqrt()).abs().max().item())
+
+
 def marginal_test(samples: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> dict:
     """Compare samples (n, d) with independent N(mean_j, variance_j) coordinates.
 
@@ -194,8 +316,9 @@ def marginal_test(samples: torch.Tensor, mean: torch.Tensor, variance: torch.Ten
     x = samples.double().reshape(len(samples), -1)
     n = len(x)
     z = (x - mean) / variance.sqrt()
-    mean_z = (z.mean(0) * n**0.5).abs().max().item()
-    var_z = ((z.var(0) - 1) / (2 / (n - 1)) ** 0.5).abs().max().item()
+    columns_first = z.T  # reductions along contiguous memory (a reduction over dim 0 of (n, 2) is ~100x slower)
+    mean_z = (columns_first.mean(1) * n**0.5).abs().max().item()
+    var_z = ((columns_first.var(1) - 1) / (2 / (n - 1)) ** 0.5).abs().max().item()
     gen = torch.Generator().manual_seed(0)
     direction = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
     direction /= direction.norm()
