@@ -126,8 +126,8 @@ class EvaluateChecker:
         self.original = engine_module.evaluate
         self.row_counts, self.steps_seen = [], set()
 
-    def __call__(self, target, window, states, evaluated, wants_features, schedule):
-        out, features, x0, means = self.original(target, window, states, evaluated, wants_features, schedule)
+    def __call__(self, target, window, states, evaluated, wants_features, schedule, slots):
+        out, features, x0, means = self.original(target, window, states, evaluated, wants_features, schedule, slots)
         C, L1 = states.shape[:2]
         self.row_counts.append(C * L1)
         x, k, o = states[evaluated].double(), window.steps[evaluated], out[evaluated].double()
@@ -148,8 +148,8 @@ class PlainEvaluateChecker:
         self.net, self.schedule, self.plan, self.seen = net, schedule, plan, seen
         self.original = engine_module.evaluate_plain
 
-    def __call__(self, target, tables, x, n, wants_features, schedule):
-        out, features, x0, mean, std = self.original(target, tables, x, n, wants_features, schedule)
+    def __call__(self, target, tables, x, n, wants_features, schedule, slots):
+        out, features, x0, mean, std = self.original(target, tables, x, n, wants_features, schedule, slots)
         t = self.plan.t(n)
         what = f"plain round at steps {sorted(set(n.tolist()))}"
         assert_close(out, self.net(x, t), f"{what}: target outputs")
