@@ -31,7 +31,7 @@ from ..config_io import (
     state_dict_mismatch,
 )
 from ..diffusion import DDPMSchedule
-from ..guidance import NULL_LABEL, class_grid_labels
+from ..guidance import NULL_LABEL, call_network, class_grid_labels
 from ..optim import follow_run_length
 from ..sampling import ancestral_sample
 
@@ -229,10 +229,7 @@ class TargetDiffusion(LightningModule):
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, labels=None):
         """The network's prediction at states x (B, *shape), train timesteps t (B,) and, for a conditional
         target, labels (B,) (`guidance.NULL_LABEL` or None: unconditional rows)."""
-        kwargs = {} if labels is None else {"labels": labels}
-        if return_features:
-            return self.net(x, t, return_features=True, **kwargs)
-        return self.net(x, t, **kwargs)
+        return call_network(self.net, x, t, labels, return_features)
 
     # --- training -----------------------------------------------------------------------------------
     def diffusion_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
