@@ -386,3 +386,49 @@ def test_an_old_class_path_in_a_config_names_the_new_one():
                "    No module named 'specdiff_train.nets.heads'")
     assert explain_parse_error(message) == ("model.class_path: specdiff_train.nets.heads.ConvHead moved to "
                                             "specdiff_train.drafters.medusa.ConvHead; write that class_path in the config.")
+
+
+# --- conditional targets: drafters distilled on the guided outputs -------------------------------------------
+@pytest.fixture(scope="module")
+def conditional_toy2d(tmp_path_factory):
+    mlp = {"class_path": "specdiff_train.nets.MLPDenoiser",
+           "init_args": {"dim": 2, "hidden": 32, "depth": 1, "time_embed_dim": 16, "num_classes": 4}}
+    return save_target(tmp_path_factory.mktemp("cond") / "cond.ckpt", mlp)
+
+
+@pytest.mark.parametrize("kind", ["draftnet", "medusa"])
+def test_drafters_of_a_conditional_target_train_on_its_guided_outputs(kind, conditional_toy2d, monkeypatch):
+    from specdiff_train.drafters import DraftDistillation
+
+    if kind == "draftnet":
+        module = DraftDistillation(MLPDenoiser(dim=2, hidden=8, depth=1, time_embed_dim=8, num_classes=4),
+                                   str(conditional_toy2d), num_steps=20, trajectory_fraction=0.5,
+                                   trajectory_chains=8, guidance_scale=3.0)
+    else:
+        module = HeadDistillation(MLPHead(feature_dim=32, hidden=8, depth=1, max_offset=4), str(conditional_toy2d),
+                                  num_steps=20, trajectory_fraction=0.5, trajectory_chains=8, guidance_scale=3.0)
+    assert module.hparams["guidance_scale"] == 3.0 and module.hparams["num_classes"] == 4
+    seen = []  # every target call is guided, with one label per row
+    original = module.target_output
+    monkeypatch.setattr(module, "target_output", lambda x, t, labels=None, **kw: (
+        seen.append(None if labels is None else len(labels) == len(x)), original(x, t, labels, **kw))[1])
+    batch = (torch.randn(16, 2), torch.arange(16) % 4)
+    x0, labels = module._data(batch, torch.Generator().manual_seed(0))  # with the target's label dropout
+    loss, _, _, _ = module.losses(x0, torch.Generator().manual_seed(1), labels)
+    assert torch.isfinite(loss) and seen and all(seen)
+    loss.backward()
+    with pytest.raises(ValueError, match="data.label_column"):
+        module._data(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="model.init_args.guidance_scale"):
+        HeadDistillation(MLPHead(feature_dim=32, hidden=8, depth=1), str(conditional_toy2d), guidance_scale=-1.0)
+
+
+def test_a_drafter_trained_for_another_guidance_scale_warns(conditional_toy2d):
+    target = load_target(conditional_toy2d)
+    drafter = DraftNetworkDrafter.from_net(MLPDenoiser(dim=2, hidden=8, depth=1, time_embed_dim=8, num_classes=4),
+                                           target.schedule, (2,))
+    drafter.trained_guidance_scale = 3.0
+    with pytest.warns(UserWarning, match="trained for guidance scale 3, sampling uses 2"):
+        out = speculative_sample(target, target.schedule, (2,), num_steps=20, seeds=range(6), drafter=drafter,
+                                 labels=[0, 1, 2, 3, None, 1], guidance_scale=2.0, window=4)
+    assert torch.isfinite(out.samples).all()
