@@ -22,15 +22,9 @@ def num_classes_of(model) -> int:
     return int(getattr(model, "num_classes", 0) or 0)
 
 
-def label_tensor(labels, num_seeds: int, model, device) -> torch.Tensor | None:
-    """The samplers' `labels` argument as an int64 tensor (num_seeds,), `NULL_LABEL` for unconditional
-    rows; None for an unconditional target. Raises a one-line ValueError naming `labels` otherwise."""
-    values = label_values(labels, num_seeds, model)
-    return None if values is None else torch.tensor(values, dtype=torch.int64, device=device)
-
-
 def label_values(labels, num_seeds: int, model) -> list[int] | None:
-    """`label_tensor`'s checked labels as a list of ints (None for an unconditional target)."""
+    """The samplers' `labels` argument checked, as a list of num_seeds ints (`NULL_LABEL` for unconditional
+    rows); None for an unconditional target. Raises a one-line ValueError naming `labels` otherwise."""
     num_classes = num_classes_of(model)
     if num_classes == 0:
         if labels is not None:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..guidance import NULL_LABEL, check_guidance, class_grid_labels, label_tensor, num_classes_of
+from ..guidance import NULL_LABEL, check_guidance, class_grid_labels, label_values, num_classes_of
 from ..sampling import ancestral_sample
 from ..sampling_stats import SamplingStats
 from ..speculative import Drafter, speculative_sample
@@ -192,7 +192,7 @@ def sample_labels(model, labels, guidance_scale, num_samples: int) -> tuple[list
     scales = check_label_options(labels, guidance_scale)
     num_classes = num_classes_of(model)
     if num_classes == 0:
-        label_tensor(labels, num_samples, model, "cpu")  # refuses labels for an unconditional target
+        label_values(labels, num_samples, model)  # refuses labels for an unconditional target
         for scale in scales or []:
             check_guidance(model, None, scale)  # refuses a scale other than 1
         return None, [None]
@@ -204,9 +204,9 @@ def sample_labels(model, labels, guidance_scale, num_samples: int) -> tuple[list
         values = [NULL_LABEL] * num_samples
     else:
         values = [labels[i % len(labels)] for i in range(num_samples)]
-    tensor = label_tensor(values, num_samples, model, "cpu")  # each a class of this target, or -1
+    values = label_values(values, num_samples, model)  # each a class of this target, or -1
     scales = scales or [float(getattr(model, "val_guidance_scale", 1.0))]
-    return tensor.tolist(), [check_guidance(model, tensor, scale) for scale in scales]
+    return values, [check_guidance(model, values, scale) for scale in scales]
 
 
 def _label_of(seeds: list[int], labels: list[int] | None) -> dict[int, int] | None:

@@ -298,7 +298,7 @@ class RoundSetup:
     dtype: torch.dtype
     noise_buffer: int
     refill: bool
-    labels: torch.Tensor | None = None  # a conditional target's label per seed (`guidance.label_tensor`)
+    labels: torch.Tensor | None = None  # a conditional target's label per seed (`sampling.conditioning`)
     guidance_scale: float = 1.0
 
 
