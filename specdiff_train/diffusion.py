@@ -1,8 +1,15 @@
-"""DDPM maths as small pure functions: noise schedules, parametrisations, respacing, and the
-ancestral step as a Gaussian transition N(mean, std^2 I) for a batch of states each at its own step.
+"""DDPM maths as small pure functions (noise schedules, parametrisations, respacing) and the chain
+interface every sampler family implements (ALGORITHMS.md section 8).
+
+A sampler is a `Chain`: for a schedule and a number of steps it gives per-step tables, the time fed to
+the network, and the step's Gaussian N(coef_x0 * D + coef_xt * x, std^2 I), D the denoised estimate that
+the schedule's parametrisation makes of the network's output. `SamplingPlan` holds those tables; the
+samplers, verifiers and drafters read only the plan, so a family is one `Chain` subclass:
+`DDPMAncestral` and `DDIM` here, `edm.EulerAncestral` and `flow.FlowEulerMaruyama` beside.
 
 The ancestral step equals diffusers' `DDPMScheduler(variance_type="fixed_small",
-timestep_spacing="leading")` for the same schedule and model output (tested in float64).
+timestep_spacing="leading")`, and a `DDIM` step `DDIMScheduler.step(eta=...)`, for the same schedule and
+model output (tested in float64).
 """
 from __future__ import annotations
 
@@ -45,7 +52,90 @@ def _expand(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return coef.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-class DDPMSchedule:
+class Schedule:
+    """Base of the training parametrisations (DDPM here, `edm.EDMSchedule`, `flow.FlowSchedule`): how data is
+    noised at a schedule time t, what the network learns, and how its output becomes the denoised estimate.
+
+    Subclasses give `kind`, `config`, `signal_noise` (x_t = alpha(t) x0 + sigma(t) eps), `x0_coefficients`,
+    `sample_timesteps`, `training_target`, `time_fraction` and `default_chain`; the conversions below
+    follow from them. Options are constructor arguments kept as attributes (`config`), so a schedule is
+    built from YAML by `class_path` and recorded in checkpoints.
+    """
+
+    kind = ""  # the family a `Chain` checks (`Chain.schedule_kind`)
+    prediction = "x0"
+    clip_denoised = False
+    clip_range = 1.0
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self.config().items()))))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
+
+    def mismatch(self, other) -> list[str]:
+        """Names of the fields where two schedules differ (empty when they are the same)."""
+        return schedule_mismatch(self, other)
+
+    def plan(self, num_steps: int, chain: "Chain | None" = None) -> "SamplingPlan":
+        """The sampler `chain` (default: `default_chain()`) with `num_steps` steps."""
+        return cached_plan(self, num_steps, chain)
+
+    def default_chain(self) -> "Chain":
+        raise NotImplementedError
+
+    def network_inputs(self, x: torch.Tensor, t: torch.Tensor):
+        """What the network is called with at states x and schedule times t (default: both as they are)."""
+        return x, t
+
+    def network_output(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The target's prediction from the network's raw output (default: the output itself)."""
+        return output
+
+    def loss_weights(self, t: torch.Tensor, weighting: str) -> torch.Tensor | None:
+        if weighting != "none":
+            raise ValueError(f"model.loss_weighting: {weighting!r} is for DDPM schedules; use none with "
+                             f"{type(self).__name__} (its loss is already weighted)")
+        return None
+
+    def signal_noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) float64 with x_t = alpha x0 + sigma eps at schedule times t."""
+        raise NotImplementedError
+
+    def x0_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(from_x, from_output) float64 with x0_hat = from_x * x + from_output * output at schedule times t."""
+        raise NotImplementedError
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward-noise clean data: x_t = alpha(t) x0 + sigma(t) noise."""
+        alpha, sigma = self.signal_noise(t)
+        return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
+
+    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str | None = None):
+        """The x0 estimate implied by the prediction (or an "eps" / "x0" value; no clipping)."""
+        if prediction == "x0":
+            return output
+        if prediction == "eps":
+            alpha, sigma = self.signal_noise(t)
+            return (x_t - _expand(sigma, x_t) * output) / _expand(alpha, x_t)
+        from_x, from_out = self.x0_coefficients(t)
+        return _expand(from_x, x_t) * x_t + _expand(from_out, x_t) * output
+
+    def to_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str | None = None):
+        """The eps estimate implied by the prediction (or an "eps" / "x0" value)."""
+        if prediction == "eps":
+            return output
+        alpha, sigma = self.signal_noise(t)
+        return (x_t - _expand(alpha, x_t) * self.to_x0(output, x_t, t, prediction)) / _expand(sigma, x_t)
+
+
+class DDPMSchedule(Schedule):
     """A DDPM noise schedule and its parametrisation.
 
     Args:
@@ -110,26 +200,46 @@ class DDPMSchedule:
             clip_range=self.clip_range,
         )
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, DDPMSchedule) and self.config() == other.config()
+    kind = "ddpm"
 
-    def __hash__(self) -> int:
-        return hash(tuple(sorted(self.config().items())))
+    def default_chain(self) -> "Chain":
+        """The sampler used when none is named: DDPM ancestral sampling."""
+        return DDPMAncestral()
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"DDPMSchedule({args})"
+    def loss_weights(self, t: torch.Tensor, weighting: str) -> torch.Tensor | None:
+        """Per-sample loss weights; "min_snr" is Min-SNR-5 (Hang et al. 2023) expressed for the schedule's
+        prediction type, so every type optimises the same x0-space objective."""
+        if weighting == "none":
+            return None
+        abar = self.alphas_cumprod.to(t.device)[t]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=MIN_SNR_GAMMA)
+        weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
+        return weight.float()
 
-    def mismatch(self, other: "DDPMSchedule") -> list[str]:
-        """Names of the fields where two schedules differ (empty when they are the same)."""
-        mine, theirs = self.config(), other.config()
-        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+    def signal_noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar.sqrt(), (1 - abar).sqrt()
 
-    # --- training -------------------------------------------------------------------------------
+    def x0_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(from_x, from_output) float64 with x0_hat = from_x * x + from_output * output at train timesteps t."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        if self.prediction == "eps":
+            return 1 / abar.sqrt(), -(1 - abar).sqrt() / abar.sqrt()
+        if self.prediction == "x0":
+            return torch.zeros_like(abar), torch.ones_like(abar)
+        return abar.sqrt(), -(1 - abar).sqrt()
+
+    def time_fraction(self, t: torch.Tensor) -> torch.Tensor:
+        """Diffusion time in [0, 1) of train timesteps t (0: data), for reports per fifth of the chain."""
+        return t.double() / self.num_train_steps
+
+    # --- training (`q_sample`, `to_x0` and `to_eps` as DDPM has always computed them) --------------
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _expand(self.alphas_cumprod.to(t.device)[t], like)
 
     def sample_timesteps(self, batch_size: int, device=None, generator=None) -> torch.Tensor:
+        """Training timesteps, uniform over 0..T-1."""
         return torch.randint(0, self.num_train_steps, (batch_size,), device=device, generator=generator)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -167,16 +277,6 @@ class DDPMSchedule:
             return (x_t - abar.sqrt() * output) / (1 - abar).sqrt()
         return (1 - abar).sqrt() * x_t + abar.sqrt() * output
 
-    def denoised(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The x0 estimate used by the sampler (clipped when clip_denoised)."""
-        x0 = self.to_x0(output, x_t, t)
-        return x0.clamp(-self.clip_range, self.clip_range) if self.clip_denoised else x0
-
-    # --- sampling -------------------------------------------------------------------------------
-    def plan(self, num_steps: int) -> "SamplingPlan":
-        """The respaced ancestral sampler with `num_steps` steps ("leading" spacing, as diffusers)."""
-        return _cached_plan(self, num_steps)
-
     def delta_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Weight on |eps_P - eps_Q|^2 that equals delta^2 of the one-step transition (ALGORITHMS 5):
         beta_t / (alpha_t (1 - abar_t)) for the full-resolution (num_train_steps) sampler."""
@@ -185,56 +285,218 @@ class DDPMSchedule:
         return beta / ((1 - beta) * (1 - abar))
 
 
+MIN_SNR_GAMMA = 5.0
+
+
+def schedule_mismatch(mine, other) -> list[str]:
+    """Where two schedules (of any family) differ: their class, else their fields (empty when equal)."""
+    if type(mine) is not type(other):
+        return [f"schedule: {type(mine).__name__} != {type(other).__name__}"]
+    a, b = mine.config(), other.config()
+    return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
 _PLAN_CACHE: dict = {}
 
 
-def _cached_plan(schedule: DDPMSchedule, num_steps: int) -> "SamplingPlan":
-    key = (schedule, num_steps)
+def cached_plan(schedule, num_steps: int, chain: "Chain | None" = None) -> "SamplingPlan":
+    """The plan of `chain` (default: the schedule's) for `schedule` and `num_steps`, built once per process."""
+    chain = as_chain(chain) if chain is not None else schedule.default_chain()
+    key = (schedule, num_steps, chain)
     if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = SamplingPlan(schedule, num_steps)
+        _PLAN_CACHE[key] = SamplingPlan(schedule, num_steps, chain)
     return _PLAN_CACHE[key]
+
+
+class Chain:
+    """A sampler family (ALGORITHMS.md section 8): per-step tables for a schedule and a step count.
+
+    Step k maps a state at schedule time `times[k]` (what the network is called with) to the next:
+    N(coef_x0[k] * D + coef_xt[k] * x, std[k]^2 I), D the schedule's denoised estimate. A subclass sets
+    `schedule_kind` (the `kind` of the schedules it samples) and implements `step_tables`; its options
+    are constructor arguments stored as attributes of the same name (`config`), so it is built from
+    YAML by `class_path` and recorded in checkpoints. A step with std 0 is taken as a plain target step
+    by speculative sampling; a chain with no stochastic step cannot be speculated (`SamplingPlan`).
+    """
+
+    schedule_kind: str = ""
+
+    def config(self) -> dict:
+        """The constructor arguments (plain data)."""
+        return {}
+
+    def step_tables(self, schedule, num_steps: int) -> dict[str, torch.Tensor]:
+        """{"times", "coef_x0", "coef_xt", "std"}: (num_steps,) float64 tables (times may be int64)."""
+        raise NotImplementedError
+
+    def initial_std(self, schedule) -> float:
+        """Std of the Gaussian the chain starts from (x = initial_std * z)."""
+        return 1.0
+
+    def stochastic_setting(self) -> str:
+        """The option that makes steps stochastic, for the error when none is (e.g. "eta")."""
+        return "the chain's noise setting"
+
+    def check_schedule(self, schedule) -> None:
+        """A one-line error when the target's training parametrisation is not the one this chain samples."""
+        kind = getattr(schedule, "kind", None)
+        if kind != self.schedule_kind:
+            fits = ", ".join(sorted(c.__name__ for c in chain_families() if c.schedule_kind == kind)) or "none"
+            raise ValueError(
+                f"chain: {self!r} samples targets trained with a {self.schedule_kind!r} schedule, but the target's "
+                f"schedule is {type(schedule).__name__} ({kind!r}); use a chain for it ({fits}) or a target "
+                f"trained for this chain")
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self.config().items()))))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
+
+
+def chain_families() -> list[type]:
+    """Every `Chain` subclass defined so far (the shipped ones are imported by `chains.py`)."""
+    found, todo = [], [Chain]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+def as_chain(chain) -> Chain:
+    """A `Chain` from itself or from a config {"class_path": ..., "init_args": {...}} (a one-line error otherwise)."""
+    if isinstance(chain, Chain):
+        return chain
+    if isinstance(chain, dict) and "class_path" in chain:
+        from .config_io import resolve_class
+
+        cls = resolve_class(str(chain["class_path"]))
+        if isinstance(cls, type) and issubclass(cls, Chain):
+            return cls(**dict(chain.get("init_args") or {}))
+    raise ValueError(f"chain: expected a specdiff_train.chains chain (e.g. DDIM(eta=1.0)) or its "
+                     f"{{class_path, init_args}} config, got {chain!r}")
+
+
+def _respaced_timesteps(schedule: "DDPMSchedule", num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """("leading" timesteps, previous timesteps; -1 means clean data), as diffusers' DDPM and DDIM schedulers."""
+    T = schedule.num_train_steps
+    if not isinstance(num_steps, int) or not (1 <= num_steps <= T):
+        raise ValueError(f"num_steps: expected an int in [1, num_train_steps={T}], got {num_steps!r}")
+    ratio = T // num_steps
+    timesteps = torch.arange(num_steps - 1, -1, -1, dtype=torch.int64) * ratio
+    return timesteps, timesteps - ratio
+
+
+def _abar_pair(schedule: "DDPMSchedule", num_steps: int):
+    timesteps, prev = _respaced_timesteps(schedule, num_steps)
+    abar_all = schedule.alphas_cumprod
+    abar_t = abar_all[timesteps]
+    abar_prev = torch.where(prev >= 0, abar_all[prev.clamp(min=0)], torch.ones_like(abar_t))
+    return timesteps, abar_t, abar_prev
+
+
+class DDPMAncestral(Chain):
+    """DDPM ancestral sampling, respaced: the posterior q(x_t' | x_t, x0_hat) with variance beta_tilde
+    (diffusers' `DDPMScheduler`, "fixed_small"); the last step (to t = -1) adds no noise."""
+
+    schedule_kind = "ddpm"
+
+    def step_tables(self, schedule, num_steps: int) -> dict[str, torch.Tensor]:
+        timesteps, abar_t, abar_prev = _abar_pair(schedule, num_steps)
+        beta_t = 1 - abar_t / abar_prev  # the respaced beta
+        coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
+        coef_xt = (1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)
+        variance = (1 - abar_prev) / (1 - abar_t) * beta_t
+        # diffusers clamps at 1e-20 and adds no noise at t = 0.
+        std = torch.where(timesteps > 0, variance.clamp(min=1e-20).sqrt(), torch.zeros_like(variance))
+        return dict(times=timesteps, coef_x0=coef_x0, coef_xt=coef_xt, std=std)
+
+
+class DDIM(Chain):
+    """DDIM with eta on a DDPM-trained target (Song et al. 2021; diffusers' `DDIMScheduler.step(eta=...)`):
+    sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'), mean sqrt(abar') x0_hat +
+    sqrt(1 - abar' - sigma^2) eps_hat with eps_hat = (x - sqrt(abar) x0_hat) / sqrt(1 - abar), the eps
+    of the (clipped) x0 estimate (diffusers' `use_clipped_model_output=True`; the same without clipping).
+
+    Args:
+        eta: in [0, 1]. 1 with every train step is DDPM ancestral sampling (in law); 0 is the
+            deterministic DDIM sampler, which speculative sampling refuses (it needs noise).
+    """
+
+    schedule_kind = "ddpm"
+
+    def __init__(self, eta: float = 1.0):
+        if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+            raise ValueError(f"chain.eta: expected a number in (0, 1] (0: deterministic DDIM), got {eta!r}")
+        self.eta = float(eta)
+
+    def config(self) -> dict:
+        return {"eta": self.eta}
+
+    def stochastic_setting(self) -> str:
+        return "eta in (0, 1]"
+
+    def step_tables(self, schedule, num_steps: int) -> dict[str, torch.Tensor]:
+        timesteps, abar_t, abar_prev = _abar_pair(schedule, num_steps)
+        sigma = self.eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
+        direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt()
+        coef_xt = direction / (1 - abar_t).sqrt()
+        coef_x0 = abar_prev.sqrt() - coef_xt * abar_t.sqrt()
+        return dict(times=timesteps, coef_x0=coef_x0, coef_xt=coef_xt, std=sigma)
 
 
 @dataclass(frozen=True, eq=False)
 class SamplingPlan:
-    """The ancestral sampler of `schedule` with `num_steps` steps.
+    """The sampler `chain` of `schedule` with `num_steps` steps (build it with `schedule.plan`).
 
-    Step k (0-based) maps a state at train timestep `timesteps[k]` to one at `prev_timesteps[k]`
-    (-1 means clean data): N(coef_x0[k] * x0_hat + coef_xt[k] * x, std[k]^2 I). All tables float64.
+    Step k (0-based) maps a state at schedule time `timesteps[k]` (DDPM: the train timestep; EDM:
+    sigma; flow matching: t) to the next: N(coef_x0[k] * x0_hat + coef_xt[k] * x, std[k]^2 I).
+    All tables float64 (DDPM timesteps int64).
     """
 
-    schedule: DDPMSchedule
+    schedule: object
     num_steps: int
+    chain: Chain = None
 
     def __post_init__(self):
-        T = self.schedule.num_train_steps
-        if not isinstance(self.num_steps, int) or not (1 <= self.num_steps <= T):
-            raise ValueError(f"num_steps: expected an int in [1, num_train_steps={T}], got {self.num_steps!r}")
-
-    @cached_property
-    def timesteps(self) -> torch.Tensor:
-        ratio = self.schedule.num_train_steps // self.num_steps
-        return (torch.arange(self.num_steps - 1, -1, -1, dtype=torch.int64) * ratio)
-
-    @cached_property
-    def prev_timesteps(self) -> torch.Tensor:
-        ratio = self.schedule.num_train_steps // self.num_steps
-        return self.timesteps - ratio
+        chain = self.chain if self.chain is not None else self.schedule.default_chain()
+        chain.check_schedule(self.schedule)
+        object.__setattr__(self, "chain", chain)
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps: expected an int >= 1, got {self.num_steps!r}")
+        self._tables  # built now: a bad step count or setting is reported where the plan is asked for
 
     @cached_property
     def _tables(self) -> dict[str, torch.Tensor]:
-        abar_all = self.schedule.alphas_cumprod
-        abar_t = abar_all[self.timesteps]
-        prev = self.prev_timesteps
-        abar_prev = torch.where(prev >= 0, abar_all[prev.clamp(min=0)], torch.ones_like(abar_t))
-        beta_t = 1 - abar_t / abar_prev  # the respaced beta
-        alpha_t = 1 - beta_t
-        coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
-        coef_xt = alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t)
-        variance = (1 - abar_prev) / (1 - abar_t) * beta_t
-        # diffusers clamps at 1e-20 and adds no noise at t = 0.
-        std = torch.where(self.timesteps > 0, variance.clamp(min=1e-20).sqrt(), torch.zeros_like(variance))
-        return dict(coef_x0=coef_x0, coef_xt=coef_xt, std=std, beta=beta_t, alpha=alpha_t, abar=abar_t)
+        tables = self.chain.step_tables(self.schedule, self.num_steps)
+        bad = [name for name in ("coef_x0", "coef_xt", "std") if not torch.isfinite(tables[name]).all()]
+        if bad:
+            raise ValueError(f"chain: {self.chain!r} gives non-finite {', '.join(bad)} with num_steps={self.num_steps}; "
+                             "check the chain's settings")
+        return tables
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._tables["times"]
+
+    @cached_property
+    def prev_timesteps(self) -> torch.Tensor:
+        """DDPM-family chains: the train timestep each step goes to (-1: clean data)."""
+        return _respaced_timesteps(self.schedule, self.num_steps)[1]
+
+    @cached_property
+    def initial_std(self) -> float:
+        """Std of the chains' starting Gaussian (1 for DDPM and flow matching, sigma_max for EDM)."""
+        return float(self.chain.initial_std(self.schedule))
+
+    @cached_property
+    def time_fraction(self) -> torch.Tensor:
+        """(num_steps,) float64 diffusion time in [0, 1] of each step (0: data), for reports per fifth."""
+        return self.schedule.time_fraction(self.timesteps)
 
     @property
     def std(self) -> torch.Tensor:
@@ -250,13 +512,15 @@ class SamplingPlan:
 
     @cached_property
     def num_stochastic_steps(self) -> int:
-        """Steps with positive std; a trailing deterministic step (t=0 in DDPM) is never drafted."""
+        """Steps with positive std; trailing deterministic steps (the last step of DDPM, DDIM, EDM and flow
+        chains) are never drafted: speculative sampling takes them as plain target steps."""
         stochastic = (self.std > 0).tolist()
         n = 0
         while n < len(stochastic) and stochastic[n]:
             n += 1
         if any(stochastic[n:]):
-            raise ValueError("sampling plan: a deterministic step precedes a stochastic one")
+            raise ValueError(f"chain: {self.chain!r} has a deterministic step before a stochastic one; speculative "
+                             "sampling takes only trailing deterministic steps as plain steps")
         return n
 
     @cached_property
@@ -264,14 +528,7 @@ class SamplingPlan:
         """(num_steps, 5) float64: per step, (x0_from_x, x0_from_output, coef_x0, coef_xt, std) such that
         x0_hat = x0_from_x * x + x0_from_output * output (then clipped if the schedule clips), the step's
         mean is coef_x0 * x0_hat + coef_xt * x and its std is std. One gather of this table serves every row."""
-        abar = self._tables["abar"]
-        prediction = self.schedule.prediction
-        if prediction == "eps":
-            from_x, from_out = 1 / abar.sqrt(), -(1 - abar).sqrt() / abar.sqrt()
-        elif prediction == "x0":
-            from_x, from_out = torch.zeros_like(abar), torch.ones_like(abar)
-        else:  # v
-            from_x, from_out = abar.sqrt(), -(1 - abar).sqrt()
+        from_x, from_out = self.schedule.x0_coefficients(self.timesteps)
         return torch.stack([from_x, from_out, self.coef_x0, self.coef_xt, self.std], dim=1)
 
     def tables(self, device, dtype) -> "StepTables":

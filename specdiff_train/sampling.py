@@ -1,4 +1,5 @@
-"""Plain DDPM ancestral sampling: the baseline that speculative sampling must reproduce exactly."""
+"""Plain ancestral sampling of any chain (DDPM, DDIM, EDM, flow matching): the baseline that speculative
+sampling must reproduce exactly."""
 from __future__ import annotations
 
 import dataclasses
@@ -53,9 +54,11 @@ def conditioning(model, seeds, labels, guidance_scale, device):
     return seeds_t, None if values is None else torch.tensor(values, dtype=torch.int64, device=device), scale
 
 
-def initial_noise(seeds: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
-    """x_T for each seed; shared by ancestral and speculative sampling so that both start alike."""
-    return gaussian(seeds, 0, Stream.INIT, shape, dtype=dtype)
+def initial_noise(seeds: torch.Tensor, shape: Sequence[int], std: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    """x_T for each seed (std times a standard Gaussian; std is the chain's, e.g. sigma_max for EDM);
+    shared by ancestral and speculative sampling so that both start alike."""
+    z = gaussian(seeds, 0, Stream.INIT, shape, dtype=dtype)
+    return z if std == 1.0 else z * std
 
 
 def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, dtype, noise_buffer, bar, step=None,
@@ -65,7 +68,7 @@ def _ancestral_chain(model, schedule, plan, tables, chunk, shape, model_dtype, d
     row as a tensor."""
     # Everything a step needs is prepared here: a step is the network, ~8 operators and no host read.
     coefficients, stds = tables.scalar_coefficients, tables.scalar_std
-    x = initial_noise(chunk, shape).to(dtype=dtype)
+    x = initial_noise(chunk, shape, plan.initial_std).to(dtype=dtype)
     timesteps = tables.timesteps[:, None].expand(plan.num_steps, len(chunk)).unbind(0)
     noise = step_noise_blocks(chunk, shape, plan.num_stochastic_steps, max_elements=noise_buffer)
     rows = tables.coefficients.unbind(0) if step is not None else None
@@ -94,15 +97,15 @@ def ancestral_step(model, schedule, model_dtype, x, t, coefficients, noise, labe
 def ancestral_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[int], *, num_steps: int,
                      seeds: Sequence[int], batch_size: int | None = None, device=None, dtype=None, progress: bool = False,
                      noise_buffer: int = NOISE_BUFFER_ELEMENTS, return_stats: bool = False, compile=False, labels=None,
-                     guidance_scale: float = 1.0):
-    """Draw one sample per seed with the DDPM ancestral sampler (guided, for a conditional target).
+                     guidance_scale: float = 1.0, chain=None):
+    """Draw one sample per seed with the ancestral sampler of `chain` (guided, for a conditional target).
 
     Args:
-        model: `model(x, t)` maps states (B, *shape) and integer train timesteps (B,) to the
-            prediction of `schedule.prediction` type.
-        schedule: the noise schedule the model was trained with.
+        model: `model(x, t)` maps states (B, *shape) and schedule times (B,) (DDPM: integer train timesteps;
+            EDM: sigma; flow matching: t) to the prediction of `schedule.prediction` type.
+        schedule: the schedule the model was trained with (`DDPMSchedule`, `edm.EDMSchedule`, `flow.FlowSchedule`).
         shape: one sample's shape, e.g. (2,) or (1, 8, 8) (the target's `sample_shape` when it has one).
-        num_steps: number of (respaced) sampling steps, at most `schedule.num_train_steps`.
+        num_steps: number of sampling steps (DDPM chains: respaced, at most `schedule.num_train_steps`).
         seeds: one int per sample; a sample's noise depends only on its seed (the sample itself also
             on how the network rounds in a batch: equal in law always, bit-identical for batch-invariant networks).
         batch_size: evaluate at most this many chains at once (default: all).
@@ -125,7 +128,7 @@ def ancestral_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[in
         Tensor (len(seeds), *shape), rows in the order of `seeds`; with `return_stats`,
         `SamplingResult(samples, stats)`.
     """
-    plan = schedule.plan(num_steps)
+    plan = schedule.plan(num_steps, chain)
     check_noise_buffer(noise_buffer)
     shape = check_sample_shape(model, shape)
     device, model_dtype = model_device_dtype(model, device, dtype)

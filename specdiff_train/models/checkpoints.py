@@ -26,7 +26,7 @@ from ..config_io import (
     resolve_class,
     state_dict_mismatch,
 )
-from ..diffusion import DDPMSchedule
+from ..diffusion import Schedule
 from .diffusers_target import is_pipeline_source, load_pipeline_target
 from .target import TargetDiffusion
 
@@ -44,6 +44,15 @@ def target_class(ckpt: Any, where: str):
     return cls
 
 
+def schedule_from_config(config: Mapping, where: str = "checkpoint") -> Schedule:
+    """The schedule recorded as {"class_path", "init_args"} (DDPM, EDM or flow matching; DDPM if unnamed)."""
+    cls = resolve_class(str(config.get("class_path") or "specdiff_train.diffusion.DDPMSchedule"))
+    if not (isinstance(cls, type) and issubclass(cls, Schedule)):
+        raise ValueError(f"{where}: hyper_parameters['schedule'] names {config.get('class_path')!r}, which is not a "
+                         "specdiff_train schedule (DDPMSchedule, edm.EDMSchedule, flow.FlowSchedule)")
+    return cls(**dict(config.get("init_args") or {}))
+
+
 def build_target(hparams: Mapping, cls=None, where: str = "checkpoint") -> TargetDiffusion:
     """A fresh `TargetDiffusion` (or subclass) built from a checkpoint's hyperparameters."""
     cls = cls or TargetDiffusion
@@ -55,7 +64,7 @@ def build_target(hparams: Mapping, cls=None, where: str = "checkpoint") -> Targe
         )
     schedule = hparams.get("schedule")
     if isinstance(schedule, Mapping):
-        schedule = DDPMSchedule(**schedule.get("init_args", {}))
+        schedule = schedule_from_config(schedule, where)
     accepted = inspect.signature(cls.__init__).parameters
     skip = {"net", "schedule", "optimizer", "lr_scheduler"}
     kwargs = {k: v for k, v in hparams.items() if k in accepted and k not in skip}

@@ -30,25 +30,12 @@ from ..config_io import (
     resolve_class,
     state_dict_mismatch,
 )
-from ..diffusion import DDPMSchedule
+from ..diffusion import DDPMSchedule, Schedule
 from ..guidance import NULL_LABEL, call_network, class_grid_labels
 from ..optim import follow_run_length
 from ..sampling import ancestral_sample
 
 LOSS_WEIGHTINGS = ("none", "min_snr")
-MIN_SNR_GAMMA = 5.0
-
-
-def loss_weights(schedule: DDPMSchedule, t: torch.Tensor, weighting: str) -> torch.Tensor | None:
-    """Per-sample loss weights; "min_snr" is Min-SNR-5 (Hang et al. 2023) expressed for the schedule's
-    prediction type, so every type optimises the same x0-space objective."""
-    if weighting == "none":
-        return None
-    abar = schedule.alphas_cumprod.to(t.device)[t]
-    snr = abar / (1 - abar)
-    clipped = snr.clamp(max=MIN_SNR_GAMMA)
-    weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[schedule.prediction]
-    return weight.float()
 
 
 try:  # private to Lightning: without it, configs are recovered from the objects instead
@@ -96,13 +83,15 @@ def split_batch(batch, num_classes: int, check_range: bool = True) -> tuple[torc
 
 
 class TargetDiffusion(LightningModule):
-    """A DDPM denoiser trained with the simple (MSE) diffusion loss.
+    """A denoiser trained with its schedule's loss (DDPM: the simple MSE loss; EDM; flow matching).
 
     Args:
         net: the denoiser, `net(x, t)` -> prediction shaped like x (and `net(x, t, return_features=True)`
             -> (prediction, features)). From Python it may also be a config dict
             `{"class_path": ..., "init_args": {...}}`, which is then instantiated.
-        schedule: the noise schedule and prediction type (default: `DDPMSchedule()`: 1000 linear steps, eps).
+        schedule: the training parametrisation (default: `DDPMSchedule()`: 1000 linear steps, eps):
+            `DDPMSchedule`, `edm.EDMSchedule` (EDM preconditioning and loss) or `flow.FlowSchedule`
+            (rectified-flow velocity loss); sampled by the chains that fit it (`chains.py`).
         optimizer: builds the optimizer from the parameters (default AdamW).
         lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step.
             `specdiff_train.optim.CosineToEndLR` decays over the run's length (trainer.max_steps as
@@ -124,7 +113,7 @@ class TargetDiffusion(LightningModule):
     def __init__(
         self,
         net: torch.nn.Module,
-        schedule: DDPMSchedule | None = None,
+        schedule: Schedule | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         sample_shape: tuple[int, ...] | None = None,
@@ -146,8 +135,13 @@ class TargetDiffusion(LightningModule):
             net_record = None
         if not isinstance(net, torch.nn.Module):
             raise TypeError(f"model.net: expected a torch.nn.Module, got {type(net).__name__}")
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"model.schedule: expected a DDPMSchedule, edm.EDMSchedule or flow.FlowSchedule, got "
+                            f"{type(schedule).__name__}")
         self.net = net
         self.schedule = schedule if schedule is not None else DDPMSchedule()
+        if loss_weighting != "none":
+            self.schedule.loss_weights(torch.zeros(1, dtype=torch.long), loss_weighting)  # refused outside DDPM
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.sample_shape = self._check_sample_shape(sample_shape, net)
@@ -227,16 +221,21 @@ class TargetDiffusion(LightningModule):
         return int(getattr(self.net, "num_classes", 0) or 0)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, labels=None):
-        """The network's prediction at states x (B, *shape), train timesteps t (B,) and, for a conditional
-        target, labels (B,) (`guidance.NULL_LABEL` or None: unconditional rows)."""
-        return call_network(self.net, x, t, labels, return_features)
+        """The prediction at states x (B, *shape), schedule times t (B,) (DDPM: train timesteps; EDM: sigma;
+        flow matching: t in [0, 1]) and, for a conditional target, labels (B,) (`guidance.NULL_LABEL` or None:
+        unconditional rows). The schedule's preconditioning wraps the network (EDM: D = c_skip x + c_out F)."""
+        net_x, net_t = self.schedule.network_inputs(x, t)
+        out = call_network(self.net, net_x, net_t, labels, return_features)
+        if return_features:
+            return self.schedule.network_output(out[0], x, t), out[1]
+        return self.schedule.network_output(out, x, t)
 
     # --- training -----------------------------------------------------------------------------------
     def diffusion_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
         x_t = self.schedule.q_sample(x0, t, noise)
         target = self.schedule.training_target(x0, noise, t)
         per_sample = (self(x_t, t, labels=labels) - target).pow(2).flatten(1).mean(dim=1)
-        weight = loss_weights(self.schedule, t, self.loss_weighting)
+        weight = self.schedule.loss_weights(t, self.loss_weighting)
         return per_sample.mean() if weight is None else (weight * per_sample).mean()
 
     def _data(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -277,7 +276,7 @@ class TargetDiffusion(LightningModule):
         x0, labels = self._data(batch)
         # Fixed noise and timesteps per batch: the validation loss is comparable across epochs.
         gen = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx * 101 + self.global_rank)
-        t = torch.randint(0, self.schedule.num_train_steps, (x0.shape[0],), generator=gen).to(x0.device)
+        t = self.schedule.sample_timesteps(x0.shape[0], generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(device=x0.device, dtype=x0.dtype)
         return self.diffusion_loss(x0, t, noise, labels), x0.shape[0]  # conditional loss: no label dropout
 
@@ -371,7 +370,9 @@ class TargetDiffusion(LightningModule):
         hparams = checkpoint.get("hyper_parameters") or {}
         problems = state_dict_mismatch(checkpoint.get("state_dict", {}), self.state_dict())
         saved_schedule = hparams.get("schedule")
-        if isinstance(saved_schedule, Mapping):
+        if isinstance(saved_schedule, Mapping) and saved_schedule.get("class_path") not in (None, class_path(self.schedule)):
+            problems.append(f"schedule: {saved_schedule.get('class_path')} != {class_path(self.schedule)}")
+        elif isinstance(saved_schedule, Mapping):
             problems += config_mismatch(saved_schedule.get("init_args", {}), self.schedule.config(), "schedule")
         if not problems:
             return

@@ -103,8 +103,10 @@ class SlotPool:
     """The chains in the sampler's slots: per-slot state on the device, the live slots and the queue
     of waiting seeds on the host, and the finished samples with their per-sample counters."""
 
-    def __init__(self, seeds: torch.Tensor, capacity: int, shape, dtype, labels: torch.Tensor | None = None):
+    def __init__(self, seeds: torch.Tensor, capacity: int, shape, dtype, labels: torch.Tensor | None = None,
+                 initial_std: float = 1.0):
         device = seeds.device
+        self.initial_std = initial_std  # the chain's starting std (EDM: sigma_max)
         self.seeds, self.shape, self.dtype = seeds, tuple(shape), dtype
         self.seed_labels = labels  # (len(seeds),) a conditional target's label per seed, or None
         # per slot, written in place at admission (the target and compiled graphs hold this tensor)
@@ -139,7 +141,7 @@ class SlotPool:
         device = self.all_slots.device
         slots, seed_idx = torch.tensor(slot_list, device=device), torch.tensor([i for _, i in taken], device=device)
         # a new tensor, not a write into the old: the last round's record may hold the old one (`next_state`)
-        noise = initial_noise(self.seeds[seed_idx], self.shape).to(dtype=self.dtype)
+        noise = initial_noise(self.seeds[seed_idx], self.shape, self.initial_std).to(dtype=self.dtype)
         self.state = self.state.index_copy(0, slots, noise)
         self.step[slots], self.rounds[slots], self.owner[slots] = 0, 0, seed_idx
         if self.labels is not None:
@@ -326,7 +328,7 @@ class RoundEngine:
     def __init__(self, model, seeds: torch.Tensor, capacity: int, drafter: Drafter, verifier, policy,
                  setup: RoundSetup):
         self.setup, self.drafter, self.verifier, self.policy = setup, drafter, verifier, policy
-        self.pool = SlotPool(seeds, capacity, setup.shape, setup.dtype, setup.labels)
+        self.pool = SlotPool(seeds, capacity, setup.shape, setup.dtype, setup.labels, setup.plan.initial_std)
         self.target = CountingTarget(model, setup.tables, self.pool.all_slots, setup.model_dtype, setup.dtype,
                                      self.pool.labels, setup.guidance_scale)
         drafter.bind(DraftContext(self.target, setup.schedule, setup.plan, setup.shape, capacity, seeds.device,

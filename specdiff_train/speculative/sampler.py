@@ -1,4 +1,4 @@
-"""`speculative_sample`: exact speculative sampling of the DDPM ancestral sampler, many chains at once.
+"""`speculative_sample`: exact speculative sampling of an ancestral sampler (any `Chain`), many chains at once.
 
 The loop is short: build the engine (a pool of chains, the drafter, the verifier, the window
 policy), run rounds until every seed has its sample, and tell the observers after each round. What
@@ -13,8 +13,9 @@ from typing import Sequence
 
 import torch
 
+from ..chains import check_stochastic
 from ..compiling import compile_mode
-from ..diffusion import DDPMSchedule
+from ..diffusion import Schedule
 from ..noise import NOISE_BUFFER_ELEMENTS, check_noise_buffer
 from ..sampling import Denoiser, check_sample_shape, conditioning, model_device_dtype, state_dtype
 from ..sampling_stats import SamplingResult, SamplingStats
@@ -32,12 +33,7 @@ SpeculativeResult = SamplingResult  # the name this result had before ancestral 
 def _check_arguments(plan, drafter) -> None:
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter: expected a specdiff_train.speculative.Drafter, got {type(drafter).__name__}")
-    if plan.num_stochastic_steps == 0:
-        raise ValueError(
-            "speculative sampling needs a stochastic sampler: every step of this sampler has zero variance "
-            f"(num_steps={plan.num_steps}), so draft and target kernels are point masses and nothing can be "
-            "accepted; use the DDPM ancestral sampler with num_steps >= 2"
-        )
+    check_stochastic(plan)  # draft and target kernels of a deterministic step are point masses
     # A drafter built for another schedule or shape is refused by its own `check_compatible` (in `bind`).
 
 
@@ -69,14 +65,14 @@ def _stats(engine: RoundEngine, counts: TransitionCounts, verifier: str, window,
 
 
 @torch.no_grad()
-def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[int], *, num_steps: int,
+def speculative_sample(model: Denoiser, schedule: Schedule, shape: Sequence[int], *, num_steps: int,
                        seeds: Sequence[int], drafter: Drafter, verifier="block", window=8, correction: str | None = None,
                        batch_size: int | None = None, refill: bool = True, device=None, dtype=None,
                        progress: bool = False, noise_buffer: int = NOISE_BUFFER_ELEMENTS,
                        callbacks: Sequence = (), cost_model=None, compile=False, labels=None,
-                       guidance_scale: float = 1.0) -> SamplingResult:
-    """Exact speculative sampling of the DDPM ancestral sampler: the samples have exactly the law of
-    `ancestral_sample(model, schedule, shape, num_steps=...)` for the same model and schedule.
+                       guidance_scale: float = 1.0, chain=None) -> SamplingResult:
+    """Exact speculative sampling of an ancestral sampler: the samples have exactly the law of
+    `ancestral_sample(model, schedule, shape, num_steps=..., chain=...)` for the same model, schedule and chain.
 
     Args:
         model: the target, `model(x, t) -> prediction` (and `return_features=True` if the drafter
@@ -108,13 +104,16 @@ def speculative_sample(model: Denoiser, schedule: DDPMSchedule, shape: Sequence[
             same model, drafter and shapes. Samples equal the eager ones to float tolerance.
         labels, guidance_scale: as for `ancestral_sample`; exact with respect to the guided ancestral sampler
             (two network rows per evaluated state in the same call when 0 < s != 1; drafters see guided outputs).
+        chain: the sampler family, as for `ancestral_sample` (default: the schedule's); it must have a
+            stochastic step (DDIM eta > 0, EulerAncestral eta > 0, FlowEulerMaruyama churn > 0). Its
+            trailing deterministic steps are taken as plain target steps.
 
     Returns:
         `SamplingResult(samples, stats)`: samples (len(seeds), *shape) in the order of the seeds, and a
         `SamplingStats` (ALGORITHMS.md section 6). States, drafts and verification stay in float32 or
         better whatever the network computes in (`sampling.state_dtype`).
     """
-    plan = schedule.plan(num_steps)
+    plan = schedule.plan(num_steps, chain)
     verifier, policy = parse_verifier(verifier, correction), as_window_policy(window, cost_model)
     _check_arguments(plan, drafter)
     shape = check_sample_shape(model, shape)
