@@ -257,7 +257,8 @@ def _edit(folder, part: str, **changes):
 SCHEDULER = "scheduler/scheduler_config.json"
 UNET = "unet/config.json"
 REFUSALS = {
-    "ddim": (SCHEDULER, {"_class_name": "DDIMScheduler"}, r"_class_name: 'DDIMScheduler' is not DDPM's ancestral"),
+    "dpm_solver": (SCHEDULER, {"_class_name": "DPMSolverMultistepScheduler"},
+                   r"_class_name: 'DPMSolverMultistepScheduler' is not a scheduler of a DDPM-trained UNet"),
     "fixed_large": (SCHEDULER, {"variance_type": "fixed_large"}, r"variance_type: 'fixed_large'.*fixed_small"),
     "learned": (SCHEDULER, {"variance_type": "learned_range"}, r"variance_type: 'learned_range'.*own variance"),
     "thresholding": (SCHEDULER, {"thresholding": True}, r"thresholding: true is not supported"),
@@ -459,3 +460,24 @@ def test_class_conditional_refusals(pipeline, target, cond_pipeline, tmp_path):
     null = load_pipeline_target(cond_pipeline, null_class=3)
     _one_line_error(lambda: ancestral_sample(null, null.schedule, null.sample_shape, num_steps=3, seeds=[0], labels=[3]),
                     r"labels: 3 is not a class of this target.*\[0, 3\)")
+
+
+@torch.no_grad()
+def test_a_ddim_pipeline_is_a_ddpm_trained_target_sampled_by_ddim_eta(pipeline, tmp_path):
+    """A DDIMPipeline / DDIMScheduler folder holds a DDPM-trained UNet: it loads with the same schedule, and
+    `chain=DDIM(eta)` samples it (speculatively too); the EDM sampler is refused for it in one line."""
+    from specdiff_train.chains import DDIM, EulerAncestral
+
+    folder = tmp_path / "ddim"
+    shutil.copytree(pipeline, folder)
+    _edit(folder, SCHEDULER, _class_name="DDIMScheduler", set_alpha_to_one=True)
+    _edit(folder, "model_index.json", _class_name="DDIMPipeline", scheduler=["diffusers", "DDIMScheduler"])
+    model = load_target(folder)
+    assert model.schedule == load_target(pipeline).schedule
+    shape, chain = model.sample_shape, DDIM(eta=0.5)
+    plain = ancestral_sample(model, model.schedule, shape, num_steps=5, seeds=[0, 1], chain=chain)
+    spec = speculative_sample(model, model.schedule, shape, num_steps=5, seeds=[0, 1], chain=chain,
+                              drafter=FrozenTargetDrafter(), window=3)
+    assert plain.shape == spec.samples.shape == (2, *shape) and torch.isfinite(spec.samples).all()
+    with pytest.raises(ValueError, match=r"chain: EulerAncestral.*'edm' schedule.*DDPMSchedule"):
+        ancestral_sample(model, model.schedule, shape, num_steps=5, seeds=[0], chain=EulerAncestral())

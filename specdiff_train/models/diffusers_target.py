@@ -33,8 +33,10 @@ from lightning.pytorch import LightningModule
 
 from ..diffusion import DDPMSchedule
 
-PIPELINE_CLASSES = ("DDPMPipeline",)
-SCHEDULER_CLASSES = ("DDPMScheduler", "DDPMParallelScheduler")  # the same step (the parallel one batches it)
+PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
+# Schedulers of DDPM-trained UNets: the model learned the same thing, whichever of these samples it
+# (DDPM's ancestral step: `DDPMAncestral`, DDIM's: `chains.DDIM(eta)`; the parallel one batches DDPM's step).
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler")
 UNET_CLASSES = ("UNet2DModel",)
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -112,9 +114,9 @@ def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = "sche
     name = config.get("_class_name", "DDPMScheduler")
     if name not in SCHEDULER_CLASSES:
         raise ValueError(
-            f"{where}._class_name: {name!r} is not DDPM's ancestral sampler (supported: {', '.join(SCHEDULER_CLASSES)}); "
-            "speculative sampling reproduces the DDPM ancestral step exactly, not another sampler (DDIM, DPM-Solver, "
-            "Euler, ... are deterministic or different chains). A UNet trained with the DDPM loss can be re-saved "
+            f"{where}._class_name: {name!r} is not a scheduler of a DDPM-trained UNet that the samplers reproduce "
+            f"(supported: {', '.join(SCHEDULER_CLASSES)}; sample with chain=DDPMAncestral() or DDIM(eta)). A UNet "
+            "trained with the DDPM loss can be re-saved "
             "with DDPMScheduler.from_config(scheduler.config)"
         )
     cfg = {**_defaults(_diffusers().DDPMScheduler), **{k: v for k, v in config.items() if not k.startswith("_")}}
