@@ -134,6 +134,11 @@ class Schedule:
         alpha, sigma = self.signal_noise(t)
         return (x_t - _expand(alpha, x_t) * self.to_x0(output, x_t, t, prediction)) / _expand(sigma, x_t)
 
+    def denoised(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate used by the sampler (clipped when clip_denoised)."""
+        x0 = self.to_x0(output, x_t, t)
+        return x0.clamp(-self.clip_range, self.clip_range) if self.clip_denoised else x0
+
 
 class DDPMSchedule(Schedule):
     """A DDPM noise schedule and its parametrisation.

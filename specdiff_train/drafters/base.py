@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from .._aranges import arange
-from ..diffusion import DDPMSchedule, SamplingPlan, StepCoefficients
+from ..diffusion import SamplingPlan, Schedule, StepCoefficients
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DraftContext:
     """
 
     target: Callable[..., torch.Tensor]
-    schedule: DDPMSchedule
+    schedule: Schedule
     plan: SamplingPlan
     sample_shape: tuple[int, ...]
     capacity: int
@@ -55,7 +55,7 @@ class DraftContext:
 
 class DraftWindow:
     """This round's window for every chain: step indices `steps` (C, L+1) of X_0..X_L (clamped to
-    the plan's last step, so padding rows hold valid indices), train timesteps `timesteps` and the
+    the plan's last step, so padding rows hold valid indices), schedule times `timesteps` and the
     transition coefficients (C, L+1, 5) gathered once, for drafters and the verification alike.
     Per-position views are made on first use, once per round."""
 
@@ -94,7 +94,7 @@ class DraftWindow:
 
 @dataclass
 class DraftStep:
-    """Position `index` of the window: step indices `k` (C,), train timesteps `t` (C,), coefficients."""
+    """Position `index` of the window: step indices `k` (C,), schedule times `t` (C,), coefficients."""
 
     index: int
     window: DraftWindow
@@ -149,14 +149,14 @@ class Drafter:
         self.check_compatible(context.schedule, context.sample_shape)
 
     @property
-    def schedule(self) -> DDPMSchedule:
+    def schedule(self) -> Schedule:
         return self.context.schedule
 
     @property
     def plan(self) -> SamplingPlan:
         return self.context.plan
 
-    def check_compatible(self, schedule: DDPMSchedule, sample_shape: tuple[int, ...]) -> None:
+    def check_compatible(self, schedule: Schedule, sample_shape: tuple[int, ...]) -> None:
         """Raise a clear ValueError if this drafter cannot draft for this target (learned drafters)."""
 
     def join(self, slots: torch.Tensor) -> None:

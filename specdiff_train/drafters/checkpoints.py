@@ -2,9 +2,12 @@
 
 A drafter checkpoint (written by `DraftDistillation` / `HeadDistillation`, full or slim) records its
 trained module under one hyperparameter key ("net" or "head") as `{"class_path", "init_args"}`, the
-target it was trained against (`target_ckpt`, the weights' `target_fingerprint`), the schedule and the
-sample shape. Here: reading it (`load_drafter`), writing the slim copy we ship (`export_slim_drafter`),
-and checking that a drafter belongs to the target in use (`drafter_target_warning`, `check_drafter_target`).
+target it was trained against (`target_ckpt`, the weights' `target_fingerprint`), the schedule (`schedule`:
+its init args, `schedule_class`: its class path; DDPM when absent), the sampler chain it was trained for
+(`chain`: `{"class_path", "init_args"}`; the schedule's default chain when absent) and the sample shape.
+Here: reading it (`load_drafter`, `recorded_schedule`, `recorded_chain`), writing the slim copy we ship
+(`export_slim_drafter`), and checking that a drafter belongs to the target in use (`drafter_target_warning`,
+`check_drafter_target`).
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from typing import Any
 
 import torch
 
-from ..config_io import build_module, read_checkpoint, state_dict_mismatch, target_fingerprint
-from ..models.checkpoints import load_target
+from ..config_io import build_module, class_path, read_checkpoint, resolve_class, state_dict_mismatch, target_fingerprint
+from .. import chains
+from ..diffusion import Chain, DDPMSchedule, Schedule, as_chain
+from ..models.checkpoints import load_target, schedule_from_config
 
 
 # --- which target a drafter belongs to -----------------------------------------------------------------
@@ -71,6 +76,41 @@ def check_drafter_target(drafter: Any, target: torch.nn.Module) -> str | None:
     if message:
         rank_zero_warn(message)
     return message
+
+
+# --- the schedule and chain a drafter was trained for ----------------------------------------------------
+def chain_record(chain: Chain) -> dict:
+    """A chain as plain data, `{"class_path", "init_args"}` (what `recorded_chain` and `chains.as_chain` read);
+    the shipped families under the name users write, `specdiff_train.chains.<Name>`."""
+    cls = type(chain)
+    path = f"{chains.__name__}.{cls.__name__}" if getattr(chains, cls.__name__, None) is cls else class_path(chain)
+    return {"class_path": path, "init_args": dict(chain.config())}
+
+
+def recorded_schedule(hparams: dict, where: str = "drafter checkpoint") -> Schedule:
+    """The target schedule a drafter checkpoint records: `schedule` holds its init args and `schedule_class`
+    its class path (checkpoints written before other families existed: DDPM); a `{"class_path",
+    "init_args"}` record is read too."""
+    record = hparams["schedule"]
+    if isinstance(record, dict) and "class_path" in record:
+        return schedule_from_config(record, where)
+    path = hparams.get("schedule_class")
+    if not path:
+        return DDPMSchedule(**record)
+    return schedule_from_config({"class_path": path, "init_args": record}, where)
+
+
+def recorded_chain(hparams: dict, schedule: Schedule, where: str = "drafter checkpoint") -> Chain:
+    """The sampler chain a drafter checkpoint was trained for (older checkpoints, which record none: the
+    schedule's default chain). Only classes of this package or already imported are built."""
+    record = hparams.get("chain")
+    if record is None:
+        return schedule.default_chain()
+    cls = resolve_class(str(record.get("class_path", "")), trusted_only=True) if isinstance(record, dict) else None
+    if not (isinstance(cls, type) and issubclass(cls, Chain)):
+        raise ValueError(f"{where}: hyper_parameters['chain'] is {record!r}, not a specdiff_train chain "
+                         "({class_path, init_args} of specdiff_train.chains.*)")
+    return as_chain(record)
 
 
 # --- reading and writing ----------------------------------------------------------------------------------

@@ -6,21 +6,22 @@ import time
 
 import torch
 
-from ..diffusion import DDPMSchedule
+from ..diffusion import Schedule
 from ..sampling import model_device_dtype
 from .base import DraftContext, Drafter, Verification
 
 
 @torch.no_grad()
-def relative_draft_cost(drafter: Drafter, target, schedule: DDPMSchedule, sample_shape, *, num_steps: int = 100,
-                        batch_size: int = 64, repeats: int = 20, seed: int = 0) -> dict:
+def relative_draft_cost(drafter: Drafter, target, schedule: Schedule, sample_shape, *, num_steps: int = 100,
+                        batch_size: int = 64, repeats: int = 20, seed: int = 0, chain=None) -> dict:
     """Wall-clock of one draft call (`drafter.propose` on `batch_size` states) next to one target call
     on the same batch, median of `repeats` after a warm-up, on the target's device.
 
     The drafter is bound and fed one verification (one target pass, features included if it wants
-    them) at mid-chain states, as in sampling. Returns {"draft_s", "target_s", "relative"}.
+    them) at mid-chain states, as in sampling. `chain`: the sampler (a `Chain` or its config; default: the one a
+    learned drafter was trained for, else the schedule's). Returns {"draft_s", "target_s", "relative"}.
     """
-    plan = schedule.plan(num_steps)
+    plan = schedule.plan(num_steps, chain if chain is not None else getattr(drafter, "trained_chain", None))
     device, dtype = model_device_dtype(target)
     shape = tuple(int(s) for s in sample_shape)
 
@@ -31,8 +32,10 @@ def relative_draft_cost(drafter: Drafter, target, schedule: DDPMSchedule, sample
     drafter.bind(DraftContext(call_target, schedule, plan, shape, batch_size, device, dtype))
     slots = torch.arange(batch_size, device=device)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, *shape, generator=gen).to(device=device, dtype=dtype)
     k = torch.full((batch_size,), plan.num_stochastic_steps // 2, dtype=torch.int64, device=device)
+    alpha, sigma = schedule.signal_noise(plan.t(k[:1].cpu()))  # states of the step's scale (EDM: sigma ~ 1)
+    scale = float((alpha**2 + sigma**2).sqrt())
+    x = (torch.randn(batch_size, *shape, generator=gen) * scale).to(device=device, dtype=dtype)
     drafter.join(slots)
     out = call_target(x, k, return_features=drafter.wants_features)
     out, features = out if drafter.wants_features else (out, None)

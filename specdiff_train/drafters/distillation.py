@@ -8,12 +8,18 @@
   train on (forward-noised data, optionally the target's sampling trajectories), and logs the mismatch
   delta and the acceptance 2 Phi(-delta/2) per diffusion time at validation.
 - Sampling: `LearnedDrafter`, the base of the drafters built from a trained module, which refuses a
-  target with another schedule or sample shape.
+  target with another schedule or sample shape, and a sampler chain of another family than the one it was
+  trained for (another setting of the same family is warned about).
+
+Every sampler family (ALGORITHMS.md section 8) is served: the drafter is trained for `schedule.plan(num_steps,
+chain)`, and its loss is that chain's own delta^2 = |coef_x0 (x0_P - x0_Q)|^2 / std^2 (on eps for DDPM eps
+prediction, the same value).
 
 The maths is in the small functions at the top; the modules only wire them together.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,13 +28,15 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
+from ..chains import check_stochastic
 from ..config_io import class_path, module_config, read_checkpoint, target_fingerprint
-from ..diffusion import DDPMSchedule, SamplingPlan, one_step_acceptance
+from ..diffusion import Chain, DDPMSchedule, SamplingPlan, Schedule, as_chain, one_step_acceptance
 from ..guidance import NULL_LABEL, check_guidance, guided_output, num_classes_of
 from ..models.checkpoints import load_target
 from ..models.diffusers_target import is_pipeline_source
 from ..models.target import TargetDiffusion, split_batch
 from .base import DraftContext, Drafter
+from .checkpoints import chain_record
 
 OBJECTIVES = ("delta_sq", "tv")
 NUM_BUCKETS = 5  # validation reports per fifth of diffusion time
@@ -43,13 +51,16 @@ def x0_delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
 
 
 def delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
-    """w_k with delta^2 = w_k |eps_P - eps_Q|^2 for step k of `plan` (eps prediction, no clipping):
-    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), so the x0 weight times (1 - abar) / abar.
+    """w_k with delta^2 = w_k |eps_P - eps_Q|^2 for step k of `plan` (a DDPM schedule, eps prediction, no
+    clipping; any DDPM chain): x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), so the x0 weight times (1 - abar) / abar.
 
     With the sampler's posterior variance s^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) this is
     beta_t / (alpha_t (1 - abar_{t-1})) (beta_t, alpha_t the respaced ones; ALGORITHMS.md section 5), not
     beta_t / (alpha_t (1 - abar_t)), the weight for s^2 = beta_t (up to 2x off near t = 0); the tests
     check it against the transition itself."""
+    if not isinstance(plan.schedule, DDPMSchedule):
+        raise ValueError(f"delta_sq_weight: the eps weight is for DDPM schedules, not {type(plan.schedule).__name__}; "
+                         "use x0_delta_sq_weight (every family)")
     abar = plan.schedule.alphas_cumprod[plan.timesteps[k.cpu()]].to(k.device)
     return x0_delta_sq_weight(plan, k) * (1 - abar) / abar
 
@@ -59,13 +70,14 @@ def draft_delta_sq(plan: SamplingPlan, k: torch.Tensor, x: torch.Tensor, target_
     """delta^2 of step k's transition between the target's and a draft network's outputs at the same
     states x, per row, for any prediction type, the distillation loss of draft networks.
 
-    Eps prediction without clipping compares eps (`delta_sq_weight`: no cancellation of x / sqrt(abar) at
-    high noise). Otherwise x0 is compared (`x0_delta_sq_weight`): the target's as the sampler uses it
+    DDPM eps prediction without clipping compares eps (`delta_sq_weight`: no cancellation of x / sqrt(abar) at
+    high noise). Otherwise (every other family and prediction) x0 is compared (`x0_delta_sq_weight`: the
+    chain's own |coef_x0 (x0_P - x0_Q)|^2 / std^2): the target's as the sampler uses it
     (clipped when the schedule clips), the draft's unclipped, so the loss has gradients where the draft
     leaves the range; clipping is 1-Lipschitz and the target's x0 lies in the range, so the value bounds
     the transition's delta^2 from above and equals it wherever the draft's x0 is in the range."""
     schedule = plan.schedule
-    if schedule.prediction == "eps" and not schedule.clip_denoised:
+    if isinstance(schedule, DDPMSchedule) and schedule.prediction == "eps" and not schedule.clip_denoised:
         sq = (target_output - draft_output).pow(2).flatten(1).sum(1)
         return delta_sq_weight(plan, k).to(sq.dtype) * sq
     t = plan.t(k)
@@ -96,17 +108,18 @@ def mismatch_loss(delta_sq: torch.Tensor, objective: str) -> torch.Tensor:
 
 
 def time_bucket(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
-    """Bucket 0..NUM_BUCKETS-1 of the diffusion time t/T of step k (0: near data, 4: near noise)."""
-    frac = plan.t(k).double() / plan.schedule.num_train_steps
+    """Bucket 0..NUM_BUCKETS-1 of the diffusion time of step k (`plan.time_fraction`; DDPM: t/T; 0: near data,
+    4: near noise)."""
+    frac = plan.time_fraction[k.cpu()].to(k.device)
     return frac.mul(NUM_BUCKETS).floor().clamp(0, NUM_BUCKETS - 1).long()
 
 
 @torch.no_grad()
 def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, generator: torch.Generator,
                         device=None, dtype=torch.float32) -> torch.Tensor:
-    """States of the target's own ancestral chains, (num_stochastic_steps, num_chains, *shape):
-    row k holds the states the sampler drafts from at step k."""
-    x = torch.randn(num_chains, *shape, generator=generator, dtype=dtype).to(device)
+    """States of the target's own chains (the plan's sampler, from `plan.initial_std` noise),
+    (num_stochastic_steps, num_chains, *shape): row k holds the states the sampler drafts from at step k."""
+    x = (plan.initial_std * torch.randn(num_chains, *shape, generator=generator, dtype=dtype)).to(device)
     states = []
     for k in range(plan.num_stochastic_steps):
         states.append(x)
@@ -119,7 +132,7 @@ def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, gene
 @torch.no_grad()
 def target_rollout(target, plan: SamplingPlan, x: torch.Tensor, k: torch.Tensor, output: torch.Tensor,
                    num_steps: int, generator: torch.Generator):
-    """Continue the target's ancestral chains from states x at steps k (with the target's `output`
+    """Continue the target's chains (the plan's sampler) from states x at steps k (with the target's `output`
     there) for `num_steps` steps: lists of the later states, their steps and the target's outputs.
     Rows whose chain has ended keep their last step index (mask them with `steps < N`)."""
     last = plan.num_steps - 1
@@ -155,6 +168,22 @@ def frozen_target(target_ckpt: str) -> TargetDiffusion:
     return load_target(target_ckpt)
 
 
+def training_chain(chain, schedule: Schedule) -> Chain:
+    """The sampler chain a drafter is trained for: `chain` (a `Chain` or its {class_path, init_args} config)
+    or, when None, the schedule's default chain; errors name `model.init_args.chain`."""
+    try:
+        return as_chain(chain) if chain is not None else schedule.default_chain()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.init_args.{err}") from None
+
+
+def chain_flag(chain: Chain) -> str:
+    """A chain as the YAML flow mapping of `--model.init_args.chain` (one line)."""
+    record = chain_record(chain)
+    args = ", ".join(f"{k}: {json.dumps(v)}" for k, v in record["init_args"].items())
+    return f"{{class_path: {record['class_path']}, init_args: {{{args}}}}}"
+
+
 def _check_training_guidance(target, guidance_scale) -> float:
     """The guidance scale a drafter is trained for: 1 for an unconditional target; for a conditional one
     the samplers' rules (`guidance.check_guidance`), named as the drafter's field."""
@@ -166,14 +195,16 @@ def _check_training_guidance(target, guidance_scale) -> float:
 
 
 def check_drafter_module(module: torch.nn.Module, target: TargetDiffusion, what: str, fix: str) -> None:
-    """A drafter net or head must have the target's sample shape and train steps (ValueError naming the field)."""
+    """A drafter net or head must have the target's sample shape and train steps (those compared only when
+    both the module and the target's schedule have some: EDM and flow schedules have none); ValueError
+    naming the field."""
     problems = []
     shape = getattr(module, "sample_shape", None)
     if shape is not None and tuple(shape) != tuple(target.sample_shape):
         problems.append(f"sample_shape {tuple(shape)} != the target's {tuple(target.sample_shape)}")
-    steps = getattr(module, "num_train_steps", None)
-    if steps is not None and steps != target.schedule.num_train_steps:
-        problems.append(f"num_train_steps {steps} != the target's {target.schedule.num_train_steps}")
+    steps, target_steps = getattr(module, "num_train_steps", None), getattr(target.schedule, "num_train_steps", None)
+    if steps is not None and target_steps is not None and steps != target_steps:
+        problems.append(f"num_train_steps {steps} != the target's {target_steps}")
     if problems:
         raise ValueError(f"model.init_args.{what} does not fit the target: " + "; ".join(problems) + f". {fix}")
 
@@ -196,6 +227,10 @@ class FrozenTargetDistillation(LightningModule):
         guidance_scale: for a conditional target, the classifier-free guidance scale the drafter is trained
             for (recorded in the checkpoint): the frozen target's outputs are the guided ones, on the
             data's labels with the target's own label dropout (so unconditional samples are drafted too).
+        chain: the sampler the drafter is for (`specdiff_train.chains`, e.g. `DDIM(eta=0.5)`, or its
+            {class_path, init_args} config, as in YAML); None: the target schedule's default chain
+            (DDPM: ancestral). Training uses `schedule.plan(num_steps, chain)`; the checkpoint records it,
+            and sampling with a chain of another family is refused (another setting is warned about).
 
     A conditional target needs the data's labels (`data.label_column`); the trajectory pool's chains
     cycle through the classes.
@@ -206,7 +241,7 @@ class FrozenTargetDistillation(LightningModule):
     def __init__(self, target_ckpt: str, num_steps: int = 100, objective: str = "delta_sq",
                  trajectory_fraction: float = 0.0, trajectory_chains: int = 256, trajectory_refresh: int = 1000,
                  optimizer: OptimizerCallable = torch.optim.AdamW, sample_shape: tuple[int, ...] | None = None,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, chain: Chain | dict | None = None):
         super().__init__()
         check_objective(objective)
         if not 0.0 <= trajectory_fraction <= 1.0:
@@ -218,8 +253,16 @@ class FrozenTargetDistillation(LightningModule):
         self._target = [target]  # a list: kept out of the state dict, the optimizer and .parameters()
         self.num_classes = num_classes_of(target)
         self.guidance_scale = _check_training_guidance(target, guidance_scale)
-        self.schedule: DDPMSchedule = target.schedule
-        self.plan = self.schedule.plan(num_steps)
+        self.schedule: Schedule = target.schedule
+        chain = training_chain(chain, self.schedule)
+        try:
+            self.plan = self.schedule.plan(num_steps, chain)
+        except ValueError as err:
+            raise ValueError(f"model.init_args.{err}") from None
+        try:
+            check_stochastic(self.plan)  # a drafter of a deterministic chain could never be verified
+        except ValueError as err:
+            raise ValueError(f"model.init_args.{err}") from None
         self.sample_shape = tuple(target.sample_shape)
         self.target_ckpt, self.optimizer, self.objective = str(target_ckpt), optimizer, objective
         self.trajectory_fraction, self.trajectory_chains = float(trajectory_fraction), int(trajectory_chains)
@@ -240,7 +283,8 @@ class FrozenTargetDistillation(LightningModule):
             target_fingerprint=target_fingerprint(self.target),
             target_step=(getattr(self.target, "checkpoint_info", None) or {}).get("global_step"),
             num_steps=self.plan.num_steps, objective=self.objective, trajectory_fraction=self.trajectory_fraction,
-            schedule=self.schedule.config(), sample_shape=list(self.sample_shape), num_classes=self.num_classes,
+            schedule=self.schedule.config(), schedule_class=class_path(self.schedule),
+            chain=chain_record(self.plan.chain), sample_shape=list(self.sample_shape), num_classes=self.num_classes,
             guidance_scale=self.guidance_scale, **extra,
         ))
 
@@ -347,24 +391,48 @@ class FrozenTargetDistillation(LightningModule):
 
 # --- sampling ---------------------------------------------------------------------------------------
 class LearnedDrafter(Drafter):
-    """A drafter with a trained module: it knows the schedule and sample shape it was trained for
-    (`target_schedule`, `sample_shape`) and refuses any other target. A drafter trained for a conditional
-    target records the guidance scale it was distilled at (`trained_guidance_scale`); sampling at another
-    scale stays exact and is warned about (the drafts fit the other scale's chain less well)."""
+    """A drafter with a trained module: it knows the schedule, sample shape and sampler chain it was trained
+    for (`target_schedule`, `sample_shape`, `trained_chain`) and refuses any other target, and a sampling
+    chain of another class (family); the same class with other settings (DDIM eta) stays exact and is warned
+    about. A drafter trained for a conditional target records the guidance scale it was distilled at
+    (`trained_guidance_scale`); sampling at another scale stays exact and is warned about (the drafts fit the
+    other scale's chain less well)."""
 
     module: torch.nn.Module
-    target_schedule: DDPMSchedule
+    target_schedule: Schedule
     sample_shape: tuple[int, ...]
+    trained_chain: Chain
     checkpoint: str | None = None
     trained_guidance_scale: float | None = None  # None: trained for an unconditional target
 
-    def _set(self, module: torch.nn.Module, schedule: DDPMSchedule, sample_shape, hparams: dict | None = None) -> None:
+    def _set(self, module: torch.nn.Module, schedule: Schedule, sample_shape, hparams: dict | None = None,
+             chain: Chain | dict | None = None) -> None:
+        """`chain`: the chain the module was trained for (None: the schedule's default, as checkpoints that
+        record none)."""
         self.module = module.eval().requires_grad_(False)
         self.target_schedule, self.sample_shape = schedule, tuple(int(s) for s in sample_shape)
+        self.trained_chain = as_chain(chain) if chain is not None else schedule.default_chain()
         if (hparams or {}).get("num_classes"):
             self.trained_guidance_scale = float(hparams.get("guidance_scale", 1.0))
 
-    def check_compatible(self, schedule: DDPMSchedule, sample_shape) -> None:
+    def _where(self) -> str:
+        return f" ({self.checkpoint})" if self.checkpoint else ""
+
+    def check_chain(self, plan: SamplingPlan) -> None:
+        """A one-line ValueError when sampling uses a chain of another class than the drafter was trained for;
+        a warning when only its settings differ (samples stay exact, acceptance is lower)."""
+        trained, used = self.trained_chain, plan.chain
+        if type(used) is not type(trained):
+            raise ValueError(
+                f"chain: drafter {self.describe()}{self._where()} was trained for the chain {trained!r}, but sampling "
+                f"uses {used!r}; sample with chain={trained!r}, or train the drafter for this chain "
+                f"(--model.init_args.chain '{chain_flag(used)}')")
+        if used != trained:
+            warnings.warn(f"chain: drafter {self.describe()}{self._where()} was trained for {trained!r}, sampling uses "
+                          f"{used!r}: samples stay exact, acceptance is lower; train it with --model.init_args.chain "
+                          f"'{chain_flag(used)}'", stacklevel=4)
+
+    def check_compatible(self, schedule: Schedule, sample_shape) -> None:
         problems = self.target_schedule.mismatch(schedule)
         if tuple(sample_shape) != self.sample_shape:
             problems.append(f"sample_shape: {self.sample_shape} != {tuple(sample_shape)}")
@@ -376,7 +444,8 @@ class LearnedDrafter(Drafter):
             )
 
     def bind(self, context: DraftContext) -> None:
-        super().bind(context)
+        super().bind(context)  # refuses another target (`check_compatible`) before the chain is compared
+        self.check_chain(context.plan)
         self.module.to(device=context.device, dtype=context.dtype)
         trained = self.trained_guidance_scale
         if trained is not None and context.labels is not None and trained != context.guidance_scale:

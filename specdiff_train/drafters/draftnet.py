@@ -1,12 +1,13 @@
 """The distilled draft network, in one place: a small denoiser with the target's schedule.
 
 - Training: `DraftDistillation` (configs/drafter/*_draftnet.yaml) fits the draft net to a frozen target
-  with the transition's own delta^2 as the loss (`draft_delta_sq`: on eps for an eps target without
+  with the transition's own delta^2 as the loss (`draft_delta_sq`: on eps for a DDPM eps target without
   clipping, on x0 otherwise), so minimising it maximises the acceptance of each drafted step. Any
-  denoiser of `specdiff_train.nets` serves as the network.
-- Checkpoint: `load_draft_network` reads what it saved (the net's class_path/init_args, the schedule,
-  the sample shape), full or slim, without the YAML.
-- Sampling: `DraftNetworkDrafter` drafts each step with the ancestral step of the draft net's prediction.
+  denoiser of `specdiff_train.nets` serves as the network; it is wrapped in the schedule's preconditioning
+  as the target's (`draft_output`: EDM's c_in / c_skip / c_out, flow matching's time scale).
+- Checkpoint: `load_draft_network` reads what it saved (the net's class_path/init_args, the schedule, the
+  chain, the sample shape), full or slim, without the YAML.
+- Sampling: `DraftNetworkDrafter` drafts each step with the chain's step of the draft net's prediction.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from ..diffusion import DDPMSchedule, denoise, step_mean
+from ..diffusion import Chain, DDPMSchedule, Schedule, denoise, step_mean
 from ..guidance import call_network, num_classes_of
 from .base import overrides
-from .checkpoints import load_drafter
+from .checkpoints import load_drafter, recorded_chain, recorded_schedule
 from .distillation import FrozenTargetDistillation, LearnedDrafter, check_drafter_module, draft_delta_sq, mismatch_loss
 
 MODES = ("distill", "data")
@@ -34,8 +35,8 @@ class DraftDistillation(FrozenTargetDistillation):
         net: the draft network (same input/output contract as the target's net, much smaller).
         target_ckpt: the target checkpoint (frozen, EMA weights).
         num_steps: the sampler the drafter is for (respaced steps); training timesteps are its steps.
-        mode: "distill" (regress on the target's eps with the delta-matching weight) or "data"
-            (plain diffusion loss on the data).
+        mode: "distill" (regress on the target's output with the delta-matching weight) or "data"
+            (plain eps diffusion loss on the data: DDPM eps targets only).
         objective: distill only: "delta_sq" (mean delta^2, ALGORITHMS.md 5) or "tv" (mean rejection
             probability 1 - 2 Phi(-delta/2)); see `mismatch_loss`.
         trajectory_fraction: distill only: share of the batch taken from the target's own sampling
@@ -47,6 +48,7 @@ class DraftDistillation(FrozenTargetDistillation):
         guidance_scale: a conditional target's guidance scale the net is distilled for
             (`FrozenTargetDistillation`). A conditional net (`num_classes` = the target's) sees the labels
             and predicts the guided output in one row; an unconditional net drafts without them.
+        chain: the sampler chain the net is for (None: the schedule's default; `FrozenTargetDistillation`).
     """
 
     module_key = "net"
@@ -64,6 +66,7 @@ class DraftDistillation(FrozenTargetDistillation):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_shape: tuple[int, ...] | None = None,
         guidance_scale: float = 1.0,
+        chain: Chain | dict | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"model.init_args.mode: expected one of {MODES}, got {mode!r}")
@@ -71,19 +74,21 @@ class DraftDistillation(FrozenTargetDistillation):
             raise ValueError("model.init_args.trajectory_fraction: the data loss needs data; use mode: distill "
                              "to train on the target's trajectories")
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
-                         trajectory_refresh, optimizer, sample_shape, guidance_scale)
+                         trajectory_refresh, optimizer, sample_shape, guidance_scale, chain)
         if num_classes_of(net) not in (0, self.num_classes):
             raise ValueError(f"model.init_args.net.init_args.num_classes: {num_classes_of(net)} differs from the target's "
                              f"{self.num_classes}; use {self.num_classes} (or 0 for a draft net without labels)")
-        if mode == "data" and self.schedule.prediction != "eps":
+        if mode == "data" and not (isinstance(self.schedule, DDPMSchedule) and self.schedule.prediction == "eps"):
+            what = (f"predicts {self.schedule.prediction!r}" if isinstance(self.schedule, DDPMSchedule)
+                    else f"is trained with {type(self.schedule).__name__}")
             raise ValueError(f"model.init_args.mode: 'data' trains the draft net with the eps loss, but the target "
-                             f"predicts {self.schedule.prediction!r}; use mode: distill (any prediction type)")
+                             f"{what}; use mode: distill (any prediction type and schedule)")
         check_drafter_module(net, self.target, "net", "Size the draft net for the target's data and schedule.")
         self.net, self.mode = net, mode
         self.record_hparams(mode=mode)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
-        return draft_output(self.net, x, t, labels)
+        return draft_output(self.net, x, t, labels, self.schedule)
 
     def losses(self, x0, gen, labels=None):
         x_t, k, noise, labels = self.start_states(x0, gen, self.plan.num_stochastic_steps,
@@ -97,21 +102,29 @@ class DraftDistillation(FrozenTargetDistillation):
         return loss, delta_sq.detach(), k, {}
 
 
-def draft_output(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
-    """The draft net's prediction; a conditional net (`num_classes` > 0) is given the rows' labels."""
-    return call_network(net, x, t, labels if num_classes_of(net) else None)
+def draft_output(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None,
+                 schedule: Schedule | None = None) -> torch.Tensor:
+    """The draft net's prediction at states x, schedule times t, in the target's parametrisation: the net is
+    wrapped in `schedule`'s preconditioning as the target's net is (`network_inputs` / `network_output`; DDPM:
+    none). A conditional net (`num_classes` > 0) is given the rows' labels."""
+    if schedule is None:
+        return call_network(net, x, t, labels if num_classes_of(net) else None)
+    net_x, net_t = schedule.network_inputs(x, t)
+    out = call_network(net, net_x, net_t, labels if num_classes_of(net) else None)
+    return schedule.network_output(out, x, t)
 
 
 # --- checkpoint ---------------------------------------------------------------------------------
-def load_draft_network(ckpt_path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, DDPMSchedule, tuple, int]:
-    """(net in eval mode, its schedule, sample_shape, num_steps) from a DraftDistillation checkpoint."""
+def load_draft_network(ckpt_path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, Schedule, tuple, int]:
+    """(net in eval mode, its schedule, sample_shape, num_steps) from a DraftDistillation checkpoint (the chain
+    it was trained for: `checkpoints.recorded_chain(hparams, schedule)`)."""
     net, hparams = load_drafter(ckpt_path, "net", map_location)
-    return net, DDPMSchedule(**hparams["schedule"]), tuple(hparams["sample_shape"]), int(hparams["num_steps"])
+    return net, recorded_schedule(hparams, str(ckpt_path)), tuple(hparams["sample_shape"]), int(hparams["num_steps"])
 
 
 # --- sampling -----------------------------------------------------------------------------------
 class DraftNetworkDrafter(LearnedDrafter):
-    """A small draft network with the target's schedule: Q's mean is the ancestral step computed
+    """A small draft network with the target's schedule: Q's mean is the sampling chain's step computed
     from the draft net's prediction at each drafted state. One draft call per drafted step.
 
     Args:
@@ -121,13 +134,16 @@ class DraftNetworkDrafter(LearnedDrafter):
     def __init__(self, checkpoint: str):
         self.checkpoint = str(checkpoint)
         net, hparams = load_drafter(checkpoint, "net")
-        self._set(net, DDPMSchedule(**hparams["schedule"]), hparams["sample_shape"], hparams)
+        schedule = recorded_schedule(hparams, self.checkpoint)
+        self._set(net, schedule, hparams["sample_shape"], hparams, recorded_chain(hparams, schedule, self.checkpoint))
 
     @classmethod
-    def from_net(cls, net: torch.nn.Module, schedule: DDPMSchedule, sample_shape) -> "DraftNetworkDrafter":
-        """A drafter around an in-memory net (tests, notebooks)."""
+    def from_net(cls, net: torch.nn.Module, schedule: Schedule, sample_shape,
+                 chain: Chain | dict | None = None) -> "DraftNetworkDrafter":
+        """A drafter around an in-memory net (tests, notebooks), for the sampler `chain` (None: the schedule's
+        default)."""
         drafter = cls.__new__(cls)
-        drafter._set(net, schedule, sample_shape)
+        drafter._set(net, schedule, sample_shape, chain=chain)
         return drafter
 
     @property
@@ -136,14 +152,15 @@ class DraftNetworkDrafter(LearnedDrafter):
 
     @torch.no_grad()
     def propose(self, slots, x, k):
-        return self.plan.transition(x, k, draft_output(self.module, x, self.plan.t(k), self.slot_labels(slots)))[0]
+        output = draft_output(self.module, x, self.plan.t(k), self.slot_labels(slots), self.schedule)
+        return self.plan.transition(x, k, output)[0]
 
     @torch.no_grad()
     def propose_step(self, slots, x, step):
         if overrides(self, "propose", DraftNetworkDrafter):
             return self.propose(slots, x, step.k)
         coef = step.coefficients  # gathered once for the round's window
-        output = draft_output(self.module, x, step.t, self.slot_labels(slots))
+        output = draft_output(self.module, x, step.t, self.slot_labels(slots), self.schedule)
         return step_mean(coef, x, denoise(coef, x, output, self.schedule))
 
     def describe(self) -> str:

@@ -8,14 +8,15 @@ an untrained head drafts exactly like the Free Drafter freezing x0; training can
 
 - Network: `MLPHead` (vector data), `ConvHead` (images), and `medusa_x0`, how a head's inputs are built
   and its correction used, shared by training and sampling.
-- Training: `HeadDistillation` (configs/drafter/*_medusa.yaml) rolls the target's own ancestral chain
-  `max_offset` steps forward from an anchor and fits the heads' x0 at each later state to the target's,
-  with the delta^2 weight of each step.
+- Training: `HeadDistillation` (configs/drafter/*_medusa.yaml) rolls the target's own chain (the sampler
+  it is trained for: any family) `max_offset` steps forward from an anchor and fits the heads' x0 at each
+  later state to the target's, with the delta^2 weight of each step (`x0_delta_sq_weight`).
 - Sampling: `MedusaDrafter` (its checkpoint is read by `checkpoints.load_drafter(path, "head")`).
 
 Both heads: `forward(features, inputs, t, offset)` with `inputs` the stacked per-state tensors
-(B, num_inputs * C, ...) shaped like the state with `num_inputs` times the channels, t (B,) train
-timesteps of x_j, offset (B,) >= 1; attributes `feature_dim`, `sample_shape`, `max_offset`.
+(B, num_inputs * C, ...) shaped like the state with `num_inputs` times the channels, t (B,) the network
+times of x_j (what the target's net is given: DDPM train timesteps; EDM and flow matching the schedule's
+`network_inputs` time), offset (B,) >= 1; attributes `feature_dim`, `sample_shape`, `max_offset`.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.nn import functional as F
 
-from ..diffusion import DDPMSchedule, one_step_acceptance, step_mean
+from ..diffusion import Chain, Schedule, one_step_acceptance, step_mean
 from ..nets.embedding import TimestepEmbedding
 from ..nets.mlp import ResidualBlock
 from ..nets.unet import ResBlock, group_norm
 from .base import DraftContext, Verification, overrides
-from .checkpoints import load_drafter
+from .checkpoints import load_drafter, recorded_chain, recorded_schedule
 from .distillation import (
     FrozenTargetDistillation,
     LearnedDrafter,
@@ -133,19 +134,32 @@ class ConvHead(_Head):
         nn.init.zeros_(self.out.bias)
 
 
-def medusa_x0(head, schedule: DDPMSchedule, features, anchor_state, anchor_x0, x, t, offset) -> torch.Tensor:
-    """The heads' x0 estimate at drafted states x (train timesteps t, `offset` steps after the anchor):
+def medusa_x0(head, schedule: Schedule, features, anchor_state, anchor_x0, x, t, offset,
+              anchor_t: torch.Tensor | None = None) -> torch.Tensor:
+    """The heads' x0 estimate at drafted states x (schedule times t, `offset` steps after the anchor):
     the anchor's x0 plus the head's correction. The head also sees the eps that the anchor's x0
-    implies at (x, t), i.e. what the Free Drafter (x0) would use."""
+    implies at (x, t), i.e. what the Free Drafter (x0) would use.
+
+    The states and times are given to the head as the target's net gets them (`schedule.network_inputs`:
+    EDM scales states by c_in and embeds log sigma, flow matching scales t; DDPM passes them as they are),
+    the anchor state at its own time `anchor_t` (needed only where the schedule scales states)."""
     eps_free = schedule.to_eps(anchor_x0, x, t, prediction="x0")
-    inputs = torch.cat([x, eps_free, anchor_x0, anchor_state], dim=1)
-    return anchor_x0 + head(features, inputs, t, offset)
+    x_in, t_in = schedule.network_inputs(x, t)
+    anchor_in = anchor_state if anchor_t is None else schedule.network_inputs(anchor_state, anchor_t)[0]
+    inputs = torch.cat([x_in, eps_free, anchor_x0, anchor_in], dim=1)
+    return anchor_x0 + head(features, inputs, t_in, offset)
+
+
+def scales_states(schedule: Schedule) -> bool:
+    """Whether the schedule's net sees scaled states (it overrides `network_inputs`: EDM, flow matching), so
+    that the anchor state needs its own time; False for DDPM (states as they are)."""
+    return type(schedule).network_inputs is not Schedule.network_inputs
 
 
 # --- training -----------------------------------------------------------------------------------
 class HeadDistillation(FrozenTargetDistillation):
     """Trains Medusa-like heads (`MLPHead` / `ConvHead` above) by self-distillation against the
-    frozen target: features at an anchor (x_m, t_m), then the target's own ancestral chain for
+    frozen target: features at an anchor (x_m, t_m), then the target's own chain (the plan's sampler) for
     `head.max_offset` steps; at each later state x_{m+j} the heads' x0 is fitted to the target's
     with the step's delta^2 weight. Validation also logs the Free Drafter's (x0) acceptance on the
     same states (`val/free_acceptance`: what an untrained head gives) and the acceptance per offset.
@@ -154,6 +168,7 @@ class HeadDistillation(FrozenTargetDistillation):
         head: the heads (`MLPHead` / `ConvHead`), sized for the target's features.
         target_ckpt: the target checkpoint (frozen, EMA weights).
         num_steps: the sampler the heads are for (respaced steps): offsets count its steps.
+        chain: the sampler chain the heads are for (None: the schedule's default; `FrozenTargetDistillation`).
         objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
         trajectory_fraction: share of anchors taken from the target's own sampling trajectories
             instead of forward-noised data.
@@ -178,9 +193,10 @@ class HeadDistillation(FrozenTargetDistillation):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sample_shape: tuple[int, ...] | None = None,
         guidance_scale: float = 1.0,
+        chain: Chain | dict | None = None,
     ):
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
-                         trajectory_refresh, optimizer, sample_shape, guidance_scale)
+                         trajectory_refresh, optimizer, sample_shape, guidance_scale, chain)
         check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
         feature_dim = getattr(self.target.net, "feature_dim", None)
         if getattr(head, "feature_dim", None) != feature_dim:
@@ -206,9 +222,9 @@ class HeadDistillation(FrozenTargetDistillation):
         keep = k < S  # drafted steps only (not past the chain's last stochastic step)
         rep = lambda v: v.repeat(K, *([1] * (v.dim() - 1)))[keep]  # noqa: E731
         x, k, out, offsets = x[keep], k[keep], out[keep], offsets[keep]
-        anchor_state, anchor_x0 = rep(x_m), rep(anchor_x0)
+        anchor_state, anchor_x0, anchor_t = rep(x_m), rep(anchor_x0), rep(plan.t(m))
         t = plan.t(k)
-        x0_head = medusa_x0(self.head, self.schedule, rep(features), anchor_state, anchor_x0, x, t, offsets)
+        x0_head = medusa_x0(self.head, self.schedule, rep(features), anchor_state, anchor_x0, x, t, offsets, anchor_t)
         x0_target = self.schedule.denoised(out, x, t)  # as the sampler uses it (clipped when the schedule clips)
         weight = x0_delta_sq_weight(plan, k).to(x.dtype)
         delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
@@ -243,13 +259,16 @@ class MedusaDrafter(LearnedDrafter):
     def __init__(self, checkpoint: str):
         self.checkpoint = str(checkpoint)
         head, hparams = load_drafter(checkpoint, "head")
-        self._set(head, DDPMSchedule(**hparams["schedule"]), hparams["sample_shape"], hparams)
+        schedule = recorded_schedule(hparams, self.checkpoint)
+        self._set(head, schedule, hparams["sample_shape"], hparams, recorded_chain(hparams, schedule, self.checkpoint))
 
     @classmethod
-    def from_head(cls, head: torch.nn.Module, schedule: DDPMSchedule, sample_shape) -> "MedusaDrafter":
-        """A drafter around in-memory heads (tests, notebooks)."""
+    def from_head(cls, head: torch.nn.Module, schedule: Schedule, sample_shape,
+                  chain: Chain | dict | None = None) -> "MedusaDrafter":
+        """A drafter around in-memory heads (tests, notebooks), for the sampler `chain` (None: the schedule's
+        default)."""
         drafter = cls.__new__(cls)
-        drafter._set(head, schedule, sample_shape)
+        drafter._set(head, schedule, sample_shape, chain=chain)
         return drafter
 
     def bind(self, context: DraftContext) -> None:
@@ -294,23 +313,28 @@ class MedusaDrafter(LearnedDrafter):
                 + (f" ({self.checkpoint})" if self.checkpoint else "")
             )
 
+    def _anchor_time(self, anchor_step: torch.Tensor) -> torch.Tensor | None:
+        """The anchors' schedule times, where the schedule scales the states it gives its net (EDM); else None."""
+        return self.plan.t(anchor_step) if scales_states(self.schedule) else None
+
     @torch.no_grad()
     def propose(self, slots, x, k):
         anchor = (self.features[slots], self.anchor_state[slots], self.anchor_x0[slots], self.anchor_step[slots])
-        return self._propose(anchor, x, k, self.plan.t(k), None)
+        return self._propose((*anchor, self._anchor_time(anchor[3])), x, k, self.plan.t(k), None)
 
     @torch.no_grad()
     def propose_step(self, slots, x, step):
         if overrides(self, "propose", MedusaDrafter):
             return self.propose(slots, x, step.k)
         if step.index == 0:  # the anchors stay fixed through the window: gather them once
-            self._window_anchor = tuple(self.gather(b, slots) for b in
-                                        (self.features, self.anchor_state, self.anchor_x0, self.anchor_step))
+            anchor = tuple(self.gather(b, slots) for b in
+                           (self.features, self.anchor_state, self.anchor_x0, self.anchor_step))
+            self._window_anchor = (*anchor, self._anchor_time(anchor[3]))
         return self._propose(self._window_anchor, x, step.k, step.t, step.coefficients)
 
     def _propose(self, anchor, x, k, t, coef):
-        features, anchor_state, anchor_x0, anchor_step = anchor
-        x0 = medusa_x0(self.module, self.schedule, features, anchor_state, anchor_x0, x, t, k - anchor_step)
+        features, anchor_state, anchor_x0, anchor_step, anchor_t = anchor
+        x0 = medusa_x0(self.module, self.schedule, features, anchor_state, anchor_x0, x, t, k - anchor_step, anchor_t)
         if self.schedule.clip_denoised:
             x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
         if coef is None:

@@ -5,22 +5,36 @@ step formula along the window. `FrozenTargetDrafter` calls the target at each wi
 """
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Callable
 
 import torch
 
-from ..diffusion import denoise, step_mean
+from ..diffusion import SamplingPlan, denoise, step_mean
 from .base import DraftContext, Drafter, overrides
 
 
 FREEZE_CHOICES = ("eps", "x0", "increment")
+_NO_SIGNAL: "weakref.WeakKeyDictionary[SamplingPlan, bool]" = weakref.WeakKeyDictionary()
+
+
+def has_no_signal_step(plan: SamplingPlan) -> bool:
+    """Whether a step of `plan` is at a time with no signal (alpha = 0: x = sigma eps, so eps gives no x0; flow
+    matching's t = 1). Once per plan: later sampling runs spend no operator or host read on it."""
+    if plan not in _NO_SIGNAL:
+        _NO_SIGNAL[plan] = bool((plan.schedule.signal_noise(plan.timesteps)[0] == 0).any())
+    return _NO_SIGNAL[plan]
 
 
 class FrozenOutputDrafter(Drafter):
     """Shared machinery: freeze one target output and re-apply the step formula at each drafted
     state and its own step. `freeze` picks what stays fixed: the eps prediction, the x0 prediction,
-    or the mean increment mu_P - x."""
+    or the mean increment mu_P - x.
+
+    Any family: eps and x0 come from the schedule's own parametrisation (`to_eps`, `to_x0`). Where a
+    frozen eps cannot give x0 (a step at a time with no signal, alpha = 0: flow matching's first step,
+    t = 1), the x0 of the frozen output is used there (`frozen_x0`, kept only for such plans)."""
 
     def __init__(self, freeze: str = "eps"):
         if freeze not in FREEZE_CHOICES:
@@ -31,17 +45,19 @@ class FrozenOutputDrafter(Drafter):
         super().bind(context)
         self.frozen = torch.zeros(context.capacity, *context.sample_shape, device=context.device, dtype=context.dtype)
         self.has_frozen = torch.zeros(context.capacity, dtype=torch.bool, device=context.device)
+        no_signal = self.freeze == "eps" and self.schedule.prediction != "eps" and has_no_signal_step(self.plan)
+        self.frozen_x0 = torch.zeros_like(self.frozen) if no_signal else None
 
     def join(self, slots: torch.Tensor) -> None:
         self.has_frozen[slots] = False
 
-    def _value_to_freeze(self, output, x, k, denoised=None, mean=None) -> torch.Tensor:
+    def _value_to_freeze(self, output, x, k, x0=None, mean=None) -> torch.Tensor:
         """The frozen quantity implied by the target's `output` at states x, steps k (the target's x0
-        estimate `denoised` and step `mean` there, when already computed)."""
+        estimate `x0` and step `mean` there, when already computed)."""
         if self.freeze == "eps":
             return output if self.schedule.prediction == "eps" else self.schedule.to_eps(output, x, self.plan.t(k))
         if self.freeze == "x0":
-            return denoised if denoised is not None else self.schedule.denoised(output, x, self.plan.t(k))
+            return x0 if x0 is not None else self.schedule.denoised(output, x, self.plan.t(k))
         if mean is None:
             mean = self.plan.transition(x, k, output)[0]
         return mean - x
@@ -50,7 +66,14 @@ class FrozenOutputDrafter(Drafter):
         """Store the frozen quantity implied by the target's `output` at states x, steps k
         (only for chains where `where`, if given)."""
         self.update(self.frozen, slots, self._value_to_freeze(output, x, k), where)
+        self._freeze_x0(slots, output, x, k, where)
         self.update(self.has_frozen, slots, torch.ones_like(k, dtype=torch.bool), where)
+
+    def _freeze_x0(self, slots, output, x, k, where=None, x0=None) -> None:
+        """Keep the x0 of a frozen eps too, for the steps where eps gives no x0 (only for such plans)."""
+        if self.frozen_x0 is not None:
+            x0 = x0 if x0 is not None else self.schedule.denoised(output, x, self.plan.t(k))
+            self.update(self.frozen_x0, slots, x0, where)
 
     def propose(self, slots, x, k):
         value = self.frozen[slots]
@@ -59,6 +82,9 @@ class FrozenOutputDrafter(Drafter):
         if self.freeze == "eps":
             t = self.plan.t(k)
             x0 = self.schedule.to_x0(value, x, t, prediction="eps")
+            if self.frozen_x0 is not None:  # no signal at t: eps does not determine x0
+                no_signal = (self.schedule.signal_noise(t)[0] == 0).reshape(-1, *([1] * (x.dim() - 1)))
+                x0 = torch.where(no_signal.to(x.device), self.frozen_x0[slots].to(x0.dtype), x0)
             if self.schedule.clip_denoised:
                 x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
         else:
@@ -119,6 +145,9 @@ class FreeDrafter(FrozenOutputDrafter):
             x, k = v.at_accepted(v.states), v.steps + v.accepted
             value = self._value_to_freeze(v.at_accepted(v.outputs), x, k,
                                           mean=None if v.means is None else v.at_accepted(v.means))
+            if self.frozen_x0 is not None:
+                self._freeze_x0(slots, v.at_accepted(v.outputs), x, k, usable,
+                                None if v.denoised is None else v.at_accepted(v.denoised))
         self.update(self.frozen, slots, value, usable)
         self.update(self.has_frozen, slots, usable | self.gather(self.has_frozen, slots))
 

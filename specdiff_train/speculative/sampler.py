@@ -71,8 +71,8 @@ def speculative_sample(model: Denoiser, schedule: Schedule, shape: Sequence[int]
                        progress: bool = False, noise_buffer: int = NOISE_BUFFER_ELEMENTS,
                        callbacks: Sequence = (), cost_model=None, compile=False, labels=None,
                        guidance_scale: float = 1.0, chain=None) -> SamplingResult:
-    """Exact speculative sampling of an ancestral sampler: the samples have exactly the law of
-    `ancestral_sample(model, schedule, shape, num_steps=..., chain=...)` for the same model, schedule and chain.
+    """Exact speculative sampling: the samples have exactly the law of `ancestral_sample(model, schedule,
+    shape, num_steps=..., chain=...)` for the same model, schedule and chain.
 
     Args:
         model: the target, `model(x, t) -> prediction` (and `return_features=True` if the drafter
@@ -93,8 +93,7 @@ def speculative_sample(model: Denoiser, schedule: Schedule, shape: Sequence[int]
             measuring rounds are real rounds, counted in the wall-clock).
         correction: token-wise only: "reflection" (maximal coupling, the default) or "residual"
             (fresh draw from (P - Q)_+); refused with any other verifier.
-        refill: when a chain finishes, start the next waiting seed in its slot (keeps the batch
-            full); False runs the seeds in successive batches.
+        refill: start the next waiting seed in a finished chain's slot (False: successive batches).
         callbacks: observers with `on_round_end(record)` (`observers.py`), called after each round.
         compile: capture each round's whole tensor program (drafting, the target call, verification,
             the drafter's and the window policy's updates) with `torch.compile(fullgraph=True)`, one graph
@@ -104,9 +103,7 @@ def speculative_sample(model: Denoiser, schedule: Schedule, shape: Sequence[int]
             same model, drafter and shapes. Samples equal the eager ones to float tolerance.
         labels, guidance_scale: as for `ancestral_sample`; exact with respect to the guided ancestral sampler
             (two network rows per evaluated state in the same call when 0 < s != 1; drafters see guided outputs).
-        chain: the sampler family, as for `ancestral_sample` (default: the schedule's); it must have a
-            stochastic step (DDIM eta > 0, EulerAncestral eta > 0, FlowEulerMaruyama churn > 0). Its
-            trailing deterministic steps are taken as plain target steps.
+        chain: as for `ancestral_sample`, with a stochastic step (docs/chains.md); trailing zero-noise steps are plain.
 
     Returns:
         `SamplingResult(samples, stats)`: samples (len(seeds), *shape) in the order of the seeds, and a
