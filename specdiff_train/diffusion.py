@@ -436,7 +436,7 @@ class DDIM(Chain):
 
     def __init__(self, eta: float = 1.0):
         if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-            raise ValueError(f"chain.eta: expected a number in (0, 1] (0: deterministic DDIM), got {eta!r}")
+            raise ValueError(f"chain.eta: expected a number in [0, 1] ((0, 1] to speculate; 0 is deterministic DDIM), got {eta!r}")
         self.eta = float(eta)
 
     def config(self) -> dict:

@@ -132,7 +132,7 @@ class EulerAncestral(Chain):
     def __init__(self, eta: float = 1.0, rho: float = 7.0, sigma_min: float | None = None,
                  sigma_max: float | None = None):
         if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-            raise ValueError(f"chain.eta: expected a number in (0, 1] (0: the deterministic Euler sampler), got {eta!r}")
+            raise ValueError(f"chain.eta: expected a number in [0, 1] ((0, 1] to speculate; 0 is the deterministic Euler sampler), got {eta!r}")
         self.eta, self.rho = float(eta), _positive(rho, "chain.rho")
         self.sigma_min = None if sigma_min is None else _positive(sigma_min, "chain.sigma_min")
         self.sigma_max = None if sigma_max is None else _positive(sigma_max, "chain.sigma_max")
