@@ -15,6 +15,18 @@ units, calls + draft calls x that ratio.
     python scripts/benchmark.py --targets toy2d --num-steps 100 --windows 1 3 8 auto   # auto: cost-aware windows
     python scripts/benchmark.py --targets toy2d --markdown docs/benchmarks.md    # write the doc page
     python scripts/benchmark.py --targets digits --markdown docs/benchmarks.md --append
+    python scripts/benchmark.py --target checkpoints/digits_edm/target.ckpt --num-steps 100  # any target checkpoint
+    python scripts/benchmark.py --targets digits --chain ddpm ddim:eta=0.5 --num-steps 100    # other chains
+
+`--target PATH ...` benchmarks target checkpoints anywhere (named by their folder, e.g. digits_edm; learned
+drafters are looked for beside them); `--targets NAME ...` the shipped ones, checkpoints/NAME/target.ckpt.
+`--chain NAME ...` picks the sampler family (specdiff_train.chains) of the ancestral baseline and of every
+speculative method alike: ddpm (DDPM ancestral), ddim, edm (alias euler_ancestral: EDM's ancestral Euler),
+flow (alias flow_euler_maruyama: flow matching's Euler-Maruyama), a chain class's name, or default (the
+target's own), with options as NAME:KEY=VALUE,... (ddim:eta=0.5, edm:eta=1,rho=7, flow:churn=0.5). Each target
+runs the chains that fit its training schedule (the others are skipped, and said so); a chain that fits no
+target is refused. Without --chain every target runs its default chain. Tables name the chain (beside the
+target) unless it is DDPM ancestral sampling, the shipped targets' default.
 
 `--markdown PATH` writes the tables as a markdown page (docs/benchmarks.md is made this way): a
 header with the device, threads, torch version, date and the exact command line, then one table
@@ -50,6 +62,8 @@ from specdiff_train.speculative import (  # noqa: E402
     speculative_sample,
 )
 from specdiff_train.drafters import training_free_drafters  # noqa: E402
+from specdiff_train.diffusion import DDPMAncestral  # noqa: E402
+from specdiff_train.evaluation.chain_options import chain_from_name, names_help, resolve_chains  # noqa: E402
 from specdiff_train.speculative.windows import as_window_policy  # noqa: E402
 
 TRAINING_FREE = training_free_drafters()
@@ -75,6 +89,42 @@ def window_arg(token: str) -> int | str:
     return window
 
 
+def chain_arg(token: str):
+    """One --chain value: a chain name with options (`chain_options.chain_from_name`), None for "default"."""
+    try:
+        return chain_from_name(token)
+    except ValueError as err:
+        message = str(err)  # argparse names the option: "argument --chain: ..."
+        message = message[len("chain: "):] if message.startswith("chain: ") else message
+        raise argparse.ArgumentTypeError(message) from None
+
+
+DEFAULT_TARGETS = ["toy2d", "digits"]
+
+
+def target_checkpoints(args) -> list[tuple[str, Path]]:
+    """(name, checkpoint) of every target: --targets NAME (checkpoints/NAME/target.ckpt), then --target PATH
+    (named by its folder when the file is target.ckpt, else by its stem)."""
+    named = [(name, ROOT / "checkpoints" / name / "target.ckpt") for name in args.targets]
+    paths = [(path.parent.name if path.name == "target.ckpt" else path.stem, path) for path in args.target]
+    return named + paths
+
+
+def chains_for(target, name: str, chains: list) -> list:
+    """The --chain values that fit a target's training schedule (None: its default chain)."""
+    fits = [chain for chain in chains if chain is None or chain.schedule_kind == target.schedule.kind]
+    for chain in chains:
+        if chain not in fits:
+            print(f"[{name}] skipping --chain {chain!r}: it samples {chain.schedule_kind!r}-trained targets, this one "
+                  f"is {type(target.schedule).__name__}", flush=True)
+    return fits
+
+
+def target_label(name: str, chain) -> str:
+    """The target column: the name, and the chain unless it is DDPM ancestral sampling (the default tables)."""
+    return name if chain == DDPMAncestral() else f"{name} {chain!r}"
+
+
 def method_label(drafter: str, verifier: str, window: int | str) -> str:
     """free-x0/block/w8 for a fixed window, free-x0/block/auto for a policy."""
     return f"{drafter}/{verifier}/" + (f"w{window}" if isinstance(window, int) else window)
@@ -88,36 +138,40 @@ def timed(fn, warmup: bool = False):
     return out, time.perf_counter() - start
 
 
-def run_target(name: str, args) -> list[dict]:
-    target_dir = ROOT / "checkpoints" / name
-    target = load_target(target_dir / "target.ckpt")
+def run_target(name: str, args, target=None, chain=None, target_dir: Path | None = None) -> list[dict]:
+    """Every row of one target (default: checkpoints/NAME/target.ckpt; learned drafters from `target_dir`,
+    default its folder) and chain (None: the target's default)."""
+    target_dir = target_dir or ROOT / "checkpoints" / name
+    target = target if target is not None else load_target(target_dir / "target.ckpt")
     shape, schedule = tuple(target.sample_shape), target.schedule
     drafters = {k: TRAINING_FREE[k] for k in args.drafters}
     drafters.update(learned_drafters(target_dir, args.learned))
+    chain = schedule.plan(2, chain).chain  # the chain itself (the target's default when None)
+    label, on_chain = target_label(name, chain), dict(chain=chain)
     rows = []
     for num_steps in args.num_steps:
         seeds = list(range(args.batch))
         single = list(range(10_000, 10_000 + args.single))
         sample = lambda s, **kw: ancestral_sample(target, schedule, shape, num_steps=num_steps, seeds=s,  # noqa: E731
-                                                  compile=args.compile, **kw)
+                                                  compile=args.compile, **on_chain, **kw)
         _, base_batch = timed(lambda: sample(seeds), warmup=True)
         timed(lambda: sample(single[:1]))  # warm-up at batch 1 (with --compile: its graphs)
         base_single = sum(timed(lambda s=s: sample([s]))[1] for s in single)
-        step_counts = ancestral_overhead(target, schedule, shape, num_steps=num_steps, seeds=single[:1])
-        rows.append(dict(target=name, num_steps=num_steps, method="ancestral", calls=float(num_steps), speedup=1.0,
-                         acceptance=float("nan"), accepted_per_round=float("nan"), draft_calls=0.0, draft_cost=0.0,
-                         cost=float(num_steps), wall_b1=1.0, wall_batch=1.0, ops=step_counts["ops_per_step"],
-                         syncs=step_counts["syncs_per_step"]))
-        print(f"[{name} N={num_steps}] ancestral: batch-{args.batch} {base_batch:.2f}s, "
+        step_counts = ancestral_overhead(target, schedule, shape, num_steps=num_steps, seeds=single[:1], **on_chain)
+        rows.append(dict(target=label, chain=repr(chain), num_steps=num_steps, method="ancestral",
+                         calls=float(num_steps), speedup=1.0, acceptance=float("nan"), accepted_per_round=float("nan"),
+                         draft_calls=0.0, draft_cost=0.0, cost=float(num_steps), wall_b1=1.0, wall_batch=1.0,
+                         ops=step_counts["ops_per_step"], syncs=step_counts["syncs_per_step"]))
+        print(f"[{label} N={num_steps}] ancestral: batch-{args.batch} {base_batch:.2f}s, "
               f"batch-1 x{args.single} {base_single:.2f}s", flush=True)
         for drafter_name, make in drafters.items():
             draft_cost = relative_draft_cost(make(), target, schedule, shape, num_steps=num_steps, batch_size=1,
-                                             repeats=50)["relative"]
+                                             repeats=50, **on_chain)["relative"]
             for verifier_name, verifier in VERIFIERS.items():
                 for window in args.windows:
                     spec = lambda s, **kw: speculative_sample(
                         target, schedule, shape, num_steps=num_steps, seeds=s, drafter=make(), window=window,
-                        compile=args.compile, **verifier, **kw)
+                        compile=args.compile, **on_chain, **verifier, **kw)
                     timed(lambda: spec(single[:1]))  # warm-up
                     if args.compile:
                         timed(lambda: spec(seeds))  # the batch's graphs
@@ -125,10 +179,11 @@ def run_target(name: str, args) -> list[dict]:
                     single_time = sum(timed(lambda s=s: spec([s]))[1] for s in single)
                     stats = result.stats
                     counts = speculative_overhead(target, schedule, shape, num_steps=num_steps, drafter=make(),
-                                                  window=window, seeds=single[:1], **verifier)
+                                                  window=window, seeds=single[:1], **on_chain, **verifier)
                     draft_calls = stats.drafted_steps / stats.num_samples  # one drafter call per drafted step of a chain
                     row = dict(
-                        target=name, num_steps=num_steps, method=method_label(drafter_name, verifier_name, window),
+                        target=label, chain=repr(chain), num_steps=num_steps,
+                        method=method_label(drafter_name, verifier_name, window),
                         calls=stats.target_calls_per_sample, speedup=stats.speedup,
                         acceptance=stats.acceptance_rate, accepted_per_round=stats.mean_accepted_per_round,
                         draft_calls=draft_calls, draft_cost=draft_cost,
@@ -224,7 +279,15 @@ def write_markdown(path: Path, rows: list[dict], args, argv) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["toy2d", "digits"])
+    parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                        help=f"shipped targets, checkpoints/NAME/target.ckpt (default: {' '.join(DEFAULT_TARGETS)}, "
+                             "unless --target is given)")
+    parser.add_argument("--target", nargs="+", type=Path, default=[], metavar="PATH",
+                        help="target checkpoints anywhere (e.g. checkpoints/digits_edm/target.ckpt), named by their "
+                             "folder")
+    parser.add_argument("--chain", nargs="+", type=chain_arg, default=None, metavar="NAME",
+                        help="sampler families, each for the ancestral baseline and every method alike: "
+                             f"{names_help()} (default: each target's own); each target runs those that fit its schedule")
     parser.add_argument("--num-steps", nargs="+", type=int, default=[100, 1000])
     parser.add_argument("--drafters", nargs="+", default=["frozen-eps", "free-eps", "free-x0"], choices=sorted(TRAINING_FREE))
     parser.add_argument("--learned", nargs="*", default=sorted(LEARNED), choices=sorted(LEARNED),
@@ -244,12 +307,30 @@ def main(argv=None):
     parser.add_argument("--append", action="store_true",
                         help="with --markdown: add this run as a new section instead of replacing the page")
     args = parser.parse_args(argv)
+    if args.targets is None:
+        args.targets = [] if args.target else list(DEFAULT_TARGETS)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    targets = []
+    for name, path in target_checkpoints(args):
+        if not path.exists():
+            parser.error(f"target {name}: no checkpoint at {path}")
+        targets.append((name, path, load_target(path)))
+    chains = args.chain or [None]
+    for chain in chains:  # each chain fits some target, and can be speculated at every --num-steps
+        fitting = [t for _, _, t in targets if chain is None or chain.schedule_kind == t.schedule.kind]
+        if not fitting:
+            parser.error(f"--chain {chain!r} samples {chain.schedule_kind!r}-trained targets; none of the targets is")
+        try:
+            for target in fitting:
+                resolve_chains([chain], target.schedule, args.num_steps, "--chain")
+        except ValueError as err:
+            parser.error(str(err))
     rows = []
-    for name in args.targets:
-        rows += run_target(name, args)
+    for name, path, target in targets:
+        for chain in chains_for(target, name, chains):
+            rows += run_target(name, args, target, chain, path.parent)  # learned drafters: beside the checkpoint
     print()
     print(f"device: {torch.device('cpu')} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(HEADER.format(batch=args.batch))

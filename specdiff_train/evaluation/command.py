@@ -15,7 +15,8 @@ from ..speculative import Drafter
 from ..drafters import training_free_drafters
 from .compare import (DEFAULT_DRAFTERS, Quality, check_permutations, compare_methods, method_grid, sample_labels,
                       window_options)
-from .reporting import markdown_table, write_report
+from .chain_options import chain_options, chain_tag, resolve_chains
+from .reporting import chain_note, markdown_table, write_report
 
 
 def resolve_drafters(drafters: list) -> dict:
@@ -41,10 +42,12 @@ def resolve_drafters(drafters: list) -> dict:
     return out
 
 
-def sample_key(row: dict) -> str:
-    """A row's key in samples.pt: method@num_steps, and @s<scale> for a guided (conditional) target."""
+def sample_key(row: dict, with_chain: bool = False) -> str:
+    """A row's key in samples.pt: method@num_steps, @s<scale> for a guided (conditional) target, and
+    @<chain> (its repr without spaces) `with_chain` (a report of several chains)."""
     key = f"{row['method']}@{row['num_steps']}"
-    return key if row.get("guidance_scale") is None else f"{key}@s{row['guidance_scale']:g}"
+    key = key if row.get("guidance_scale") is None else f"{key}@s{row['guidance_scale']:g}"
+    return f"{key}@{chain_tag(row['chain'])}" if with_chain and row.get("chain") else key
 
 
 def classifier_for(sample_shape, num_classes: int, extractor=None):
@@ -77,14 +80,19 @@ def _progress_enabled() -> bool:
 
 
 def _check_options(model, *, num_samples, num_permutations, alpha, windows, cost_model, compile, labels,
-                   guidance_scale, **_) -> None:
+                   guidance_scale, chain, num_steps, **_) -> None:
     """Bad options are refused before any sampling (and before DDP starts the ranks)."""
+    chains = chain_options(chain, "evaluate.chain")
+    schedule = getattr(model, "schedule", None)
+    if schedule is not None:  # the chains fit the target's schedule and can be speculated at every num_steps
+        resolve_chains(chains, schedule, num_steps or DEFAULT_NUM_STEPS, "evaluate.chain")
     check_permutations(num_permutations, alpha)
     window_options(windows, cost_model)
     compile_mode(compile, "cpu")
     sample_labels(model, labels, guidance_scale, num_samples)
 
 
+DEFAULT_NUM_STEPS = [100]
 WHOLE_DATA = "data of all classes, in the data's proportions"
 
 
@@ -156,9 +164,11 @@ class SpecDiffTrainer(Trainer):
         compile: bool | str = False,
         labels: str | list[int] | None = None,
         guidance_scale: float | list[float] | None = None,
+        chain: str | dict | list | None = None,
     ) -> dict:
         """Compare speculative sampling (every drafter x verifier x window) with ancestral sampling: writes
-        report.json, report.md and PNG plots to `out_dir` and prints the table.
+        report.json, report.md and PNG plots to `out_dir` and prints the table. With `--trainer.devices N
+        --trainer.strategy ddp` the seeds are split over N processes and gathered.
 
         Args:
             model: the target (from the config; its weights come from `ckpt_path`).
@@ -184,13 +194,11 @@ class SpecDiffTrainer(Trainer):
             compile: compiled rounds and steps (True or a torch.compile mode; docs/performance.md).
             labels: a conditional target's labels: 'classes' (default: classes in order), 'cycle' (sample i: class
                 i % num_classes), 'none' (unconditional) or a list of ints repeated over the samples.
-            guidance_scale: a conditional target's guidance scale, or a list (rows per scale; default: the
-                target's val_guidance_scale).
-
-        With `--trainer.devices N --trainer.strategy ddp` the seeds are split over N processes and gathered.
+            guidance_scale: a conditional target's guidance scale or a list (rows per scale; default: val_guidance_scale).
+            chain: the sampler of the baseline and every method (default: the target's; the report names it): a name
+                (ddpm, ddim, edm, flow; ddim:eta=0.5, flow:churn=0.5), a {class_path, init_args} config, or a list.
         """
-        options = {name: value for name, value in locals().items()  # the parameters: nothing else is defined yet
-                   if name not in ("self", "model", "datamodule")}
+        options = {k: v for k, v in locals().items() if k not in ("self", "model", "datamodule")}  # the parameters
         _check_options(model, **options)
         if self.strategy.launcher is not None:  # DDP: start the other ranks as fit does
             return self.strategy.launcher.launch(self._evaluate, model, datamodule, trainer=self, **options)
@@ -198,7 +206,7 @@ class SpecDiffTrainer(Trainer):
 
     def _evaluate(self, model, datamodule, *, ckpt_path, drafters, verifiers, windows, num_steps, num_samples,
                   batch_size, seed, out_dir, alpha, num_permutations, feature_net, save_samples, cost_model,
-                  compile, labels, guidance_scale) -> dict:
+                  compile, labels, guidance_scale, chain) -> dict:
         from ..models import load_target
         from ..drafters.checkpoints import check_drafter_target
 
@@ -220,10 +228,12 @@ class SpecDiffTrainer(Trainer):
                                    num_samples, seed)
         quality = Quality(feature_extractor=extractor, num_permutations=num_permutations, seed=seed, **reference,
                           classifier=classifier_for(shape, num_classes_of(model), extractor))
+        num_steps = num_steps or DEFAULT_NUM_STEPS
+        chains = resolve_chains(chain_options(chain, "evaluate.chain"), model.schedule, num_steps, "evaluate.chain")
         report = compare_methods(
-            model, model.schedule, shape, methods, num_steps=num_steps or [100], seeds=range(seed, seed + num_samples),
+            model, model.schedule, shape, methods, num_steps=num_steps, seeds=range(seed, seed + num_samples),
             batch_size=batch_size, quality=quality, alpha=alpha, progress=_progress_enabled(), log=rank_zero_info,
-            compile=compile, labels=labels, guidance_scale=guidance_scale,
+            compile=compile, labels=labels, guidance_scale=guidance_scale, chain=chains,
         )
         report["config"]["ckpt_path"] = ckpt_path
         report["warnings"] = notes
@@ -231,7 +241,10 @@ class SpecDiffTrainer(Trainer):
             out = Path(out_dir or Path(self.default_root_dir) / "evaluate")
             paths = write_report(report, out)
             if save_samples:
-                torch.save({sample_key(r): r["_samples"].cpu() for r in report["results"]}, out / "samples.pt")
+                several = len(report["config"]["chains"]) > 1
+                torch.save({sample_key(r, several): r["_samples"].cpu() for r in report["results"]}, out / "samples.pt")
+            if chain_note(report):
+                print(chain_note(report) + "\n")
             print(markdown_table(report))
             for note in notes:
                 print(f"\nWARNING: {note}")

@@ -20,6 +20,7 @@ from ..speculative import Drafter, speculative_sample
 from ..speculative.verifiers import Verifier, parse_verifier
 from ..speculative.costs import CostModel
 from ..speculative.windows import WindowPolicy, as_window_policy
+from .chain_options import chain_options, resolve_chains
 from .metrics import two_sample_report
 
 NUM_TIME_BUCKETS = 10
@@ -236,12 +237,15 @@ def method_grid(drafters: dict[str, Callable[[], Drafter]], verifiers: Sequence[
             for label, make in drafters.items() for verifier in (verifiers or DEFAULT_VERIFIERS) for window in windows]
 
 
-def time_buckets(drafted: Sequence[int], accepted: Sequence[int], num_steps: int, buckets: int = NUM_TIME_BUCKETS):
+def time_buckets(drafted: Sequence[int], accepted: Sequence[int], num_steps: int, buckets: int = NUM_TIME_BUCKETS,
+                 fractions: Sequence[float] | None = None):
     """Acceptance per diffusion-time bucket: bucket b covers t/T in [b/B, (b+1)/B); step k of an
-    N-step sampler sits at t/T = 1 - (k + 0.5) / N. None where nothing was drafted."""
+    N-step sampler sits at `fractions[k]` (a plan's `time_fraction`: DDPM t/T, EDM log sigma, flow t), or
+    without them at t/T = 1 - (k + 0.5) / N. None where nothing was drafted."""
     drafted_b, accepted_b = [0] * buckets, [0] * buckets
     for k in range(num_steps):
-        b = min(int((1 - (k + 0.5) / num_steps) * buckets), buckets - 1)
+        fraction = fractions[k] if fractions is not None else 1 - (k + 0.5) / num_steps
+        b = min(max(int(fraction * buckets), 0), buckets - 1)
         drafted_b[b] += drafted[k]
         accepted_b[b] += accepted[k]
     return [a / d if d else None for a, d in zip(accepted_b, drafted_b)]
@@ -310,6 +314,7 @@ def compare_methods(
     compile: bool | str = False,
     labels: str | Sequence[int] | None = None,
     guidance_scale: float | Sequence[float] | None = None,
+    chain=None,
 ) -> dict:
     """Run ancestral sampling and every method on the same seeds, for each num_steps; the exactness
     test compares each method with ancestral samples from other seeds (`exactness_seeds`).
@@ -333,37 +338,47 @@ def compare_methods(
     config's `cost_models`: None where round times are measured). Every run, warm-up included, gets a fresh
     window policy (`Method.policy`). `compile` (True or a mode): compiled sampling, compilation in `compile_s`.
     A conditional target samples with `labels` and each `guidance_scale` (`sample_labels`): rows per scale,
-    the same labels for every sampler and the exactness reference."""
-    seeds = list(seeds)
-    quality = quality or Quality()
-    if len(seeds) < 2:
-        raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
-    check_permutations(quality.num_permutations, alpha)
-    _check_cost_model_used(cost_model, [m.window for m in methods])
+    the same labels for every sampler and the exactness reference. `chain` (`chain_options.py`: a `Chain`, its
+    config, a name such as "ddim:eta=0.5", None for the schedule's default, or a list: rows per chain) is the
+    sampler of the baseline, its reference and every method alike; rows and `config["chains"]` name it."""
+    seeds, quality, chains = _checked(seeds, quality, alpha, cost_model, methods, chain, schedule, num_steps)
     label_list, scales = sample_labels(model, labels, guidance_scale, len(seeds))
     run = _Runs(model, schedule, tuple(shape), seeds, batch_size, progress, warmup, cost_model, compile,
                 _label_of(seeds, label_list))
     reference_feats = quality.features(quality.reference) if quality.reference is not None else None
-    results = [row for scale in scales for steps in num_steps
-               for row in _rows(run, steps, scale, methods, quality, reference_feats, alpha, log)]
+    results = [row for sampler in chains for scale in scales for steps in num_steps
+               for row in _rows(run, steps, scale, methods, quality, reference_feats, alpha, log, sampler, chains)]
     config = _config(schedule, shape, methods, seeds, num_steps, batch_size, alpha, quality, warmup, cost_model,
-                     compile)
+                     compile, chains)
     if label_list is None:
         return dict(config=config, results=results)
     config.update(_label_config(labels, label_list, scales, quality))
     return dict(config=config, results=results, _labels=label_list)  # _labels: pictures, one class per row
 
 
+def _checked(seeds, quality, alpha, cost_model, methods, chain, schedule, num_steps):
+    """`compare_methods`' options checked before any sampling: (the seeds as a list, the quality, the chains)."""
+    seeds, quality = list(seeds), quality or Quality()
+    if len(seeds) < 2:
+        raise ValueError(f"num_samples: the two-sample tests need at least 2 samples, got {len(seeds)}")
+    check_permutations(quality.num_permutations, alpha)
+    _check_cost_model_used(cost_model, [m.window for m in methods])
+    return seeds, quality, resolve_chains(chain_options(chain), schedule, num_steps, speculative=bool(methods))
+
+
 def _config(schedule, shape, methods, seeds, num_steps, batch_size, alpha, quality, warmup, cost_model,
-            compile) -> dict:
-    """The report's `config`: the run's settings."""
+            compile, chains=()) -> dict:
+    """The report's `config`: the run's settings (the chains by repr, and as configs that rebuild them)."""
     cost_models = {m.name: _cost_model_dict(m.cost_model if m.cost_model is not None else cost_model)
                    for m in methods if m.window == "auto"}
     return dict(num_steps=list(num_steps), num_samples=len(seeds), world_size=_world()[1], first_seed=seeds[0],
                 exactness_first_seed=exactness_seeds(seeds)[0], batch_size=batch_size,
                 alpha=alpha, methods=[m.name for m in methods], sample_shape=list(shape),
                 schedule=schedule.config(), num_permutations=quality.num_permutations,
-                warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models, compile=compile)
+                warmup_steps=WARMUP_STEPS if warmup else 0, cost_models=cost_models, compile=compile,
+                chains=[repr(c) for c in chains],
+                chain_configs=[dict(class_path=f"{type(c).__module__}.{type(c).__qualname__}", init_args=c.config())
+                               for c in chains])
 
 
 def _label_config(policy, label_list: list[int], scales: list[float], quality: Quality) -> dict:
@@ -377,31 +392,33 @@ def _label_config(policy, label_list: list[int], scales: list[float], quality: Q
 
 
 def _rows(run: "_Runs", steps: int, scale: float | None, methods, quality: Quality, reference_feats, alpha: float,
-          log) -> list[dict]:
-    """The report rows of one step count and guidance scale (None: an unconditional target): ancestral
-    sampling, then every method."""
-    base, base_stats = run.ancestral(steps, scale)
+          log, chain=None, chains=()) -> list[dict]:
+    """The report rows of one step count, guidance scale (None: an unconditional target) and chain: ancestral
+    sampling, then every method, all with that chain."""
+    base, base_stats = run.ancestral(steps, scale, chain=chain)
     # The exactness reference: ancestral samples from other seeds (untimed; split over ranks alike).
-    exact_ref, _ = run.ancestral(steps, scale, exactness_seeds(run.seeds), timed=False)
+    exact_ref, _ = run.ancestral(steps, scale, exactness_seeds(run.seeds), timed=False, chain=chain)
     exact_ref_feats = quality.features(exact_ref)
-    guidance = {} if scale is None else {"guidance_scale": scale}
-    entry = dict(method="ancestral", num_steps=steps, **guidance, target_calls_per_sample=float(steps), speedup=1.0,
+    # The row's settings besides the method and num_steps: a conditional target's guidance scale, and the chain.
+    setting = ({} if scale is None else {"guidance_scale": scale}) | {"chain": repr(chain)}
+    entry = dict(method="ancestral", num_steps=steps, **setting, target_calls_per_sample=float(steps), speedup=1.0,
                  wall_clock_s=base_stats.wall_clock_s, compile_s=base_stats.compile_s, wall_clock_ratio=1.0,
                  _samples=base)
     rows = [_with_quality(entry, base, quality, reference_feats, run.labels())]
-    tag = "" if scale is None else f", guidance {scale:g}"
+    tag = ("" if scale is None else f", guidance {scale:g}") + (f", {chain!r}" if len(chains) > 1 else "")
     if log:
         log(f"ancestral, {steps} steps{tag}: {base_stats.wall_clock_s:.2f}s")
     for method in methods:
-        samples, stats = run.method(method, steps, scale)
+        samples, stats = run.method(method, steps, scale, chain)
         # Both sides carry the same labels, index for index: relabel within classes (an exact test).
         strata = None if run.label_of is None else (run.labels(), run.labels())
         exactness = quality.against(quality.features(samples), exact_ref_feats, samples, exact_ref, strata)
         entry = dict(
-            method=method.name, num_steps=steps, **guidance, drafter=stats.drafter, verifier=stats.verifier,
+            method=method.name, num_steps=steps, **setting, drafter=stats.drafter, verifier=stats.verifier,
             window=method.window_name, **{key: stats[key] for key in REPORTED_STATS},
             wall_clock_ratio=stats.wall_clock_s / base_stats.wall_clock_s,
-            acceptance_by_time=time_buckets(stats.drafted_per_step, stats.accepted_per_step, steps),
+            acceptance_by_time=time_buckets(stats.drafted_per_step, stats.accepted_per_step, steps,
+                                            fractions=run.schedule.plan(steps, chain).time_fraction.tolist()),
             vs_ancestral=exactness, exact_ok=min(exactness["energy_p_value"], exactness["mmd_p_value"]) >= alpha,
             _samples=samples,
         )
@@ -452,23 +469,25 @@ class _Runs:
             rank, world = _world()
             run(self.seeds[rank::world][: self.batch_size or len(self.seeds)], min(steps, WARMUP_STEPS), False)
 
-    def ancestral(self, steps: int, scale: float | None = None, seeds: list[int] | None = None, timed: bool = True):
+    def ancestral(self, steps: int, scale: float | None = None, seeds: list[int] | None = None, timed: bool = True,
+                  chain=None):
         def run(shard, num_steps=steps, progress=self.progress and timed):
             out = ancestral_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
                                    batch_size=self.batch_size, progress=progress, return_stats=True,
-                                   compile=self.compile, **self._conditioning(shard, scale))
+                                   compile=self.compile, chain=chain, **self._conditioning(shard, scale))
             return out.samples, out.stats
 
         if timed:
             self._warm(run, steps)
         return sharded(run, seeds or self.seeds)
 
-    def method(self, method: Method, steps: int, scale: float | None = None):
+    def method(self, method: Method, steps: int, scale: float | None = None, chain=None):
         def run(shard, num_steps=steps, progress=self.progress):
             out = speculative_sample(self.model, self.schedule, self.shape, num_steps=num_steps, seeds=shard,
                                      drafter=method.drafter(), verifier=method.rule,
                                      window=method.policy(self.cost_model), batch_size=self.batch_size,
-                                     progress=progress, compile=self.compile, **self._conditioning(shard, scale))
+                                     progress=progress, compile=self.compile, chain=chain,
+                                     **self._conditioning(shard, scale))
             return out.samples, out.stats
 
         self._warm(run, steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -20,16 +21,29 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def report_chains(report: dict) -> list[str]:
+    """The chains (reprs) of a report's rows, in order (none for a report from before chains were recorded)."""
+    return list(dict.fromkeys(r["chain"] for r in report["results"] if r.get("chain") is not None))
+
+
+def chain_note(report: dict) -> str:
+    """The line that names a report's one chain (a report of several chains has a chain column instead)."""
+    chains = report_chains(report)
+    return f"Chain (the ancestral baseline and every method): `{chains[0]}`" if len(chains) == 1 else ""
+
+
 def markdown_table(report: dict) -> str:
     """Speculative methods against the ancestral baseline, one row per (num_steps, method); a conditional
-    target's tables add the guidance scale and, with a classifier, the label accuracy."""
+    target's tables add the guidance scale and, with a classifier, the label accuracy; a report of several
+    chains, the chain (one chain: `chain_note`)."""
     has_data = any("vs_data" in r for r in report["results"])
+    has_chain = len(report_chains(report)) > 1
     has_scale = any(r.get("guidance_scale") is not None for r in report["results"])
     has_accuracy = any("label_accuracy" in r for r in report["results"])
     quality_col = "energy dist. to data" if report["config"]["sample_shape"].__len__() == 1 else "FID to data"
     header = ["steps", "method", "target calls/sample", "speedup", "acceptance", "accepted/round",
               "wall-clock (x ancestral)", "exactness p (vs ancestral)"]
-    header[2:2] = ["guidance"] if has_scale else []
+    header[2:2] = (["chain"] if has_chain else []) + (["guidance"] if has_scale else [])
     header += ([quality_col] if has_data else []) + (["label accuracy"] if has_accuracy else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report["results"]:
@@ -39,7 +53,8 @@ def markdown_table(report: dict) -> str:
         row = [str(r["num_steps"]), r["method"], _fmt(r["target_calls_per_sample"], ".1f"), _fmt(r["speedup"], ".2f") + "x",
                _fmt(r.get("acceptance_rate"), ".3f"), _fmt(r.get("mean_accepted_per_round"), ".2f"),
                _fmt(r["wall_clock_ratio"], ".2f"), (_fmt(p, ".3f") + flag) if exact else "-"]
-        row[2:2] = [_fmt(r.get("guidance_scale"), "g")] if has_scale else []
+        row[2:2] = (([str(r.get("chain"))] if has_chain else [])
+                    + ([_fmt(r.get("guidance_scale"), "g")] if has_scale else []))
         if has_data:
             data = r.get("vs_data", {})
             row.append(_fmt(data.get("fid", data.get("energy_distance")), ".4f"))
@@ -78,6 +93,11 @@ def window_label(window) -> str:
     return f"w{window}" if isinstance(window, int) else str(window)
 
 
+def legend_chain(chain: str | None) -> str:
+    """A chain's repr for a legend: without its unset (None) options."""
+    return re.sub(r"\(, ", "(", re.sub(r",? ?\w+=None", "", str(chain)))
+
+
 LINESTYLES = {"block": "-", "tokenwise-reflection": "--", "tokenwise-residual": ":"}
 MARKERS = "osD^vP*X"
 
@@ -85,7 +105,7 @@ MARKERS = "osD^vP*X"
 def acceptance_plot(report: dict, path: Path | None = None):
     """Acceptance versus diffusion time: one panel per drafter; in a panel, a colour per window, a line
     style per verifier (solid block, dashed token-wise reflection, dotted residual) and a marker per
-    num_steps (and guidance scale, when there are several); each legend sits below its panel, off the
+    num_steps (and guidance scale and chain, when there are several); each legend sits below its panel, off the
     data. Returns the matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -95,6 +115,7 @@ def acceptance_plot(report: dict, path: Path | None = None):
     windows = sorted({r.get("window") for r in curves}, key=window_order)
     steps = sorted({r["num_steps"] for r in curves})
     scales = sorted({r.get("guidance_scale") for r in curves if r.get("guidance_scale") is not None})
+    chains = list(dict.fromkeys(r.get("chain") for r in curves))
     ncols = min(3, max(1, len(drafters)))
     nrows = max(1, -(-len(drafters) // ncols))
     fig = Figure(figsize=(4.2 * ncols, 3.9 * nrows))
@@ -110,7 +131,9 @@ def acceptance_plot(report: dict, path: Path | None = None):
             label = f"{verifier}, {window_label(r.get('window'))}" + (f", {r['num_steps']} steps" if len(steps) > 1 else "")
             scale = r.get("guidance_scale")
             label += f", guidance {scale:g}" if len(scales) > 1 else ""
+            label += f", {legend_chain(r.get('chain'))}" if len(chains) > 1 else ""
             marker = steps.index(r["num_steps"]) + len(steps) * (scales.index(scale) if len(scales) > 1 else 0)
+            marker += len(steps) * max(1, len(scales)) * chains.index(r.get("chain"))
             ax.plot(xs, ys, color=colours[windows.index(r.get("window"))], linestyle=LINESTYLES.get(verifier, "-."),
                     marker=MARKERS[marker % len(MARKERS)], ms=3, lw=1.4, label=label)
         ax.set_title(drafter, fontsize=10)
@@ -129,7 +152,7 @@ def acceptance_plot(report: dict, path: Path | None = None):
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """report.json (every number), report.md (the table), acceptance.png and sample pictures."""
+    """report.json (every number), report.md (the table, and the chain), acceptance.png and sample pictures."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     public = dict(config=report["config"], results=[{k: v for k, v in r.items() if not k.startswith("_")}
@@ -139,14 +162,16 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     paths = dict(json=out_dir / "report.json", markdown=out_dir / "report.md", acceptance=out_dir / "acceptance.png")
     paths["json"].write_text(json.dumps(public, indent=2))
     notes = "".join(f"\n**Warning**: {note}\n" for note in report.get("warnings", []))
+    if chain_note(report):
+        notes = f"\n{chain_note(report)}.\n" + notes
     if report["config"].get("reference"):  # a conditional target: what the quality numbers compare with
         notes = f"\nQuality (FID / energy distance) against: {report['config']['reference']}.\n" + notes
     paths["markdown"].write_text("# Speculative sampling against ancestral sampling\n\n" + markdown_table(report) + "\n" + notes)
     acceptance_plot(report, paths["acceptance"])
-    # Samples: ancestral and the method with the fewest calls, at the first num_steps (and guidance scale).
+    # Samples: ancestral and the method with the fewest calls, at the first num_steps (guidance scale, chain).
     first = report["results"][0]
     same = [r for r in report["results"] if r["num_steps"] == first["num_steps"] and "_samples" in r
-            and r.get("guidance_scale") == first.get("guidance_scale")]
+            and r.get("guidance_scale") == first.get("guidance_scale") and r.get("chain") == first.get("chain")]
     best = min((r for r in same if r["method"] != "ancestral"), key=lambda r: r["target_calls_per_sample"], default=None)
     for tag, r in (("ancestral", same[0] if same else None), ("best", best)):
         if r is not None:

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from ..compiling import compile_mode
 from ..guidance import num_classes_of
+from .chain_options import chain_options, chain_tag, resolve_chains
 from .command import classifier_for, reference_data, resolve_drafters
 from .compare import (DEFAULT_DRAFTERS, Quality, check_label_options, check_permutations, compare_methods, method_grid,
                       sample_labels)
@@ -26,13 +27,17 @@ def ema_model(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
-    """Logger-ready numbers: spec/<method>/<num_steps>steps[/guidance<scale>]/<metric> (the ancestral rows:
-    label accuracy only, for a conditional target with a classifier)."""
+    """Logger-ready numbers: spec/<method>/<num_steps>steps[/guidance<scale>][/<chain>]/<metric> (the chain, its
+    repr without spaces, only in a report of several chains; the ancestral rows: label accuracy only, for a
+    conditional target with a classifier)."""
     metrics = {}
+    several_chains = len(report["config"].get("chains", [])) > 1
     for r in report["results"]:
         prefix = f"spec/{r['method']}/{r['num_steps']}steps"
         if r.get("guidance_scale") is not None:  # a conditional target: one set of numbers per scale
             prefix += f"/guidance{r['guidance_scale']:g}"
+        if several_chains:
+            prefix += f"/{chain_tag(r['chain'])}"
         if "label_accuracy" in r:
             metrics[f"{prefix}/label_accuracy"] = float(r["label_accuracy"])
         if r["method"] == "ancestral":
@@ -83,6 +88,10 @@ class SpeculativeEvaluation(Callback):
             sample pictures show one class per row), 'cycle', 'none' or a list of ints. Unconditional: leave unset.
         guidance_scale: a conditional target's guidance scale, or a list (default: its val_guidance_scale).
             Conditional 1x8x8 targets with 10 classes also get the shipped digits classifier's label accuracy.
+        chain: the sampler family of the ancestral baseline and every method, as `evaluate`'s (default: the
+            target schedule's): {class_path: specdiff_train.chains.DDIM, init_args: {eta: 0.5}}, a name such as
+            ddim:eta=0.5, edm or flow:churn=0.5, a `specdiff_train.chains` chain, or a list (logged per chain).
+            Checked against the target's schedule when fit starts.
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class SpeculativeEvaluation(Callback):
         compile: bool | str = False,
         labels: str | list[int] | None = None,
         guidance_scale: float | list[float] | None = None,
+        chain: str | dict | list | None = None,
     ):
         if num_samples < 2:
             raise ValueError(f"SpeculativeEvaluation.num_samples: the two-sample tests need >= 2, got {num_samples}")
@@ -115,11 +125,13 @@ class SpeculativeEvaluation(Callback):
         self.every_n_epochs, self.num_permutations = every_n_epochs, num_permutations
         check_label_options(labels, guidance_scale)  # the rest once the target is known (`setup`)
         self.labels, self.guidance_scale = labels, guidance_scale
+        self.chains = chain_options(chain, "SpeculativeEvaluation.chain")  # checked against the target in `setup`
         self.last_report: dict | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Labels and scales that this target cannot take are refused before training starts.
+        # Labels, scales and chains that this target cannot take are refused before training starts.
         sample_labels(pl_module, self.labels, self.guidance_scale, self.num_samples)
+        resolve_chains(self.chains, pl_module.schedule, self.num_steps, "SpeculativeEvaluation.chain")
 
     def _quality(self, trainer: Trainer, model: LightningModule, labels: list[int] | None) -> Quality:
         """Raw-sample tests against the data (of the samples' label mix), and label accuracy where the
@@ -140,7 +152,8 @@ class SpeculativeEvaluation(Callback):
             report = compare_methods(model, model.schedule, tuple(model.sample_shape), self.methods,
                                      num_steps=self.num_steps, seeds=range(self.num_samples),
                                      batch_size=self.batch_size, quality=quality, alpha=self.alpha,
-                                     compile=self.compile, labels=self.labels, guidance_scale=self.guidance_scale)
+                                     compile=self.compile, labels=self.labels, guidance_scale=self.guidance_scale,
+                                     chain=self.chains)
         finally:
             model.train(was_training)
         self.last_report = report
