@@ -536,6 +536,35 @@ class SamplingPlan:
         from_x, from_out = self.schedule.x0_coefficients(self.timesteps)
         return torch.stack([from_x, from_out, self.coef_x0, self.coef_xt, self.std], dim=1)
 
+    @cached_property
+    def eps_conversions(self) -> torch.Tensor:
+        """(num_steps, 5) float64: per step, (x0_from_x, x0_from_eps, eps_from_x, eps_from_output, no_signal) with
+        x0 = x0_from_x * x + x0_from_eps * eps (x = alpha x0 + sigma eps) and the schedule's eps estimate
+        eps = eps_from_x * x + eps_from_output * output: what drafters that freeze eps gather when the
+        target predicts something else. no_signal is 1 where alpha = 0 (flow matching's t = 1: eps gives no
+        x0; the x0 columns are 0 there)."""
+        alpha, sigma = self.schedule.signal_noise(self.timesteps)
+        alpha, sigma = alpha.double(), sigma.double()
+        no_signal = alpha == 0
+        safe = torch.where(no_signal, torch.ones_like(alpha), alpha)
+        from_x, from_out = self.schedule.x0_coefficients(self.timesteps)
+        zero = torch.zeros_like(alpha)
+        return torch.stack([torch.where(no_signal, zero, 1 / safe), torch.where(no_signal, zero, -sigma / safe),
+                            (1 - alpha * from_x) / sigma, -alpha * from_out / sigma, no_signal.double()], dim=1)
+
+    @cached_property
+    def no_signal_steps(self) -> tuple[int, ...]:
+        """The steps at a time where eps gives no x0 (`eps_conversions`; flow matching: step 0), once per plan."""
+        return tuple(int(k) for k in self.eps_conversions[:, 4].nonzero().flatten().tolist())
+
+    def eps_tables(self, device, dtype) -> torch.Tensor:
+        """`eps_conversions` on `device` in `dtype`, built once per (device, dtype)."""
+        key = (torch.device(device), dtype)
+        cache = self.__dict__.setdefault("_device_eps_tables", {})
+        if key not in cache:
+            cache[key] = self.eps_conversions.to(device=device, dtype=dtype)
+        return cache[key]
+
     def tables(self, device, dtype) -> "StepTables":
         """The step tables on `device` (coefficients in `dtype`), built once per (device, dtype)."""
         key = (torch.device(device), dtype)

@@ -63,15 +63,19 @@ class EDMSchedule(Schedule):
         total = sigma**2 + sd2
         return sd2 / total, sigma * self.sigma_data / total.sqrt(), 1 / total.sqrt()
 
+    # The two halves of the target call, computed in the states' dtype with few operators (every target call
+    # pays them): with r = 1 / sqrt(sigma^2 + sigma_data^2), c_in = r, c_skip = sigma_data^2 r^2, c_out = sigma sigma_data r.
+    def _rsqrt_total(self, t: torch.Tensor, like: torch.Tensor):
+        sigma = t.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+        return sigma, torch.rsqrt(sigma * sigma + self.sigma_data**2)
+
     def network_inputs(self, x: torch.Tensor, t: torch.Tensor):
-        c_in = self.preconditioning(t)[2]
-        noise_level = NOISE_EMBEDDING_SCALE * t.double().log()
-        return x * c_in.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))), noise_level.float()
+        sigma, r = self._rsqrt_total(t, x)
+        return x * r, sigma.reshape(-1).log() * NOISE_EMBEDDING_SCALE
 
     def network_output(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c_skip, c_out, _ = self.preconditioning(t)
-        shape = (-1, *([1] * (x.dim() - 1)))
-        return c_skip.to(x.dtype).reshape(shape) * x + c_out.to(output.dtype).reshape(shape) * output
+        sigma, r = self._rsqrt_total(t, x)
+        return torch.addcmul(x * (r * r * self.sigma_data**2), output.to(x.dtype), sigma * r * self.sigma_data)
 
     # --- training -------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, device=None, generator=None) -> torch.Tensor:

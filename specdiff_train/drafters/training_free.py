@@ -5,36 +5,27 @@ step formula along the window. `FrozenTargetDrafter` calls the target at each wi
 """
 from __future__ import annotations
 
-import weakref
 from functools import partial
 from typing import Callable
 
 import torch
 
-from ..diffusion import SamplingPlan, denoise, step_mean
+from ..diffusion import denoise, step_mean
 from .base import DraftContext, Drafter, overrides
 
 
 FREEZE_CHOICES = ("eps", "x0", "increment")
-_NO_SIGNAL: "weakref.WeakKeyDictionary[SamplingPlan, bool]" = weakref.WeakKeyDictionary()
-
-
-def has_no_signal_step(plan: SamplingPlan) -> bool:
-    """Whether a step of `plan` is at a time with no signal (alpha = 0: x = sigma eps, so eps gives no x0; flow
-    matching's t = 1). Once per plan: later sampling runs spend no operator or host read on it."""
-    if plan not in _NO_SIGNAL:
-        _NO_SIGNAL[plan] = bool((plan.schedule.signal_noise(plan.timesteps)[0] == 0).any())
-    return _NO_SIGNAL[plan]
-
-
 class FrozenOutputDrafter(Drafter):
     """Shared machinery: freeze one target output and re-apply the step formula at each drafted
     state and its own step. `freeze` picks what stays fixed: the eps prediction, the x0 prediction,
     or the mean increment mu_P - x.
 
-    Any family: eps and x0 come from the schedule's own parametrisation (`to_eps`, `to_x0`). Where a
-    frozen eps cannot give x0 (a step at a time with no signal, alpha = 0: flow matching's first step,
-    t = 1), the x0 of the frozen output is used there (`frozen_x0`, kept only for such plans)."""
+    Any family: for a target that does not predict eps, eps and x0 are converted with the plan's per-step
+    `eps_tables` (gathered once per window, like the step coefficients). Where a frozen eps cannot give x0
+    (a step at a time with no signal, alpha = 0: flow matching's first step, t = 1), the x0 of the frozen
+    output is used there (`frozen_x0`, kept only for such plans)."""
+
+    drafts_first_step = True  # whether a window may start at step 0 (FreeDrafter: never)
 
     def __init__(self, freeze: str = "eps"):
         if freeze not in FREEZE_CHOICES:
@@ -45,8 +36,22 @@ class FrozenOutputDrafter(Drafter):
         super().bind(context)
         self.frozen = torch.zeros(context.capacity, *context.sample_shape, device=context.device, dtype=context.dtype)
         self.has_frozen = torch.zeros(context.capacity, dtype=torch.bool, device=context.device)
-        no_signal = self.freeze == "eps" and self.schedule.prediction != "eps" and has_no_signal_step(self.plan)
-        self.frozen_x0 = torch.zeros_like(self.frozen) if no_signal else None
+        converts = self.freeze == "eps" and self.schedule.prediction != "eps"
+        self.eps_table = self.plan.eps_tables(context.device, context.dtype) if converts else None
+        # A FreeDrafter's first round is a plain target step: it never drafts step 0.
+        drafted_no_signal = any(k >= (0 if self.drafts_first_step else 1) for k in self.plan.no_signal_steps)
+        self.frozen_x0 = torch.zeros_like(self.frozen) if converts and drafted_no_signal else None
+
+    def _eps_columns(self, k: torch.Tensor, like: torch.Tensor):
+        """`plan.eps_conversions` columns at steps k (C,), each (C, 1, ..., 1)."""
+        return self.eps_table[k].reshape(len(k), 5, *([1] * (like.dim() - 1))).unbind(1)
+
+    def _eps_x0(self, x, value, columns, frozen_x0):
+        """x0 of a frozen eps `value` at states x (the frozen x0 where the step has no signal), clipped as the sampler clips."""
+        x0 = torch.addcmul(columns[0] * x, columns[1], value)
+        if frozen_x0 is not None:  # the x0 columns are 0 where the step has no signal (no_signal is 1 there)
+            x0 = torch.addcmul(x0, columns[4], frozen_x0.to(x0.dtype))
+        return x0.clamp(-self.schedule.clip_range, self.schedule.clip_range) if self.schedule.clip_denoised else x0
 
     def join(self, slots: torch.Tensor) -> None:
         self.has_frozen[slots] = False
@@ -55,7 +60,10 @@ class FrozenOutputDrafter(Drafter):
         """The frozen quantity implied by the target's `output` at states x, steps k (the target's x0
         estimate `x0` and step `mean` there, when already computed)."""
         if self.freeze == "eps":
-            return output if self.schedule.prediction == "eps" else self.schedule.to_eps(output, x, self.plan.t(k))
+            if self.eps_table is None:
+                return output
+            columns = self._eps_columns(k, x)
+            return torch.addcmul(columns[2] * x, columns[3], output)
         if self.freeze == "x0":
             return x0 if x0 is not None else self.schedule.denoised(output, x, self.plan.t(k))
         if mean is None:
@@ -72,19 +80,17 @@ class FrozenOutputDrafter(Drafter):
     def _freeze_x0(self, slots, output, x, k, where=None, x0=None) -> None:
         """Keep the x0 of a frozen eps too, for the steps where eps gives no x0 (only for such plans)."""
         if self.frozen_x0 is not None:
-            x0 = x0 if x0 is not None else self.schedule.denoised(output, x, self.plan.t(k))
+            x0 = x0 if x0 is not None else denoise(self.plan.coefficients(k, x), x, output, self.schedule)
             self.update(self.frozen_x0, slots, x0, where)
 
     def propose(self, slots, x, k):
         value = self.frozen[slots]
         if self.freeze == "increment":
             return x + value
-        if self.freeze == "eps":
-            t = self.plan.t(k)
-            x0 = self.schedule.to_x0(value, x, t, prediction="eps")
-            if self.frozen_x0 is not None:  # no signal at t: eps does not determine x0
-                no_signal = (self.schedule.signal_noise(t)[0] == 0).reshape(-1, *([1] * (x.dim() - 1)))
-                x0 = torch.where(no_signal.to(x.device), self.frozen_x0[slots].to(x0.dtype), x0)
+        if self.freeze == "eps" and self.eps_table is not None:
+            x0 = self._eps_x0(x, value, self._eps_columns(k, x), None if self.frozen_x0 is None else self.frozen_x0[slots])
+        elif self.freeze == "eps":
+            x0 = self.schedule.to_x0(value, x, self.plan.t(k), prediction="eps")
             if self.schedule.clip_denoised:
                 x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
         else:
@@ -92,18 +98,25 @@ class FrozenOutputDrafter(Drafter):
         return self.plan.transition_from_x0(x, k, x0)[0]
 
     def propose_step(self, slots, x, step):
-        if overrides(self, "propose", FrozenOutputDrafter) or (self.freeze == "eps" and self.schedule.prediction != "eps"):
-            return self.propose(slots, x, step.k)  # the window's coefficients are for another parametrisation
+        if overrides(self, "propose", FrozenOutputDrafter):
+            return self.propose(slots, x, step.k)
         if step.index == 0:
             self._window_value = value = self.gather(self.frozen, slots)
             if self.freeze == "x0":  # coef_x0 * x0 for the whole window in one operation
                 self._window_x0_terms = (step.window.fields()[2, :-1] * value).unbind(0)
+            if self.eps_table is not None:  # the eps conversions of the whole window, gathered once
+                C, L1 = step.window.steps.shape
+                table = self.eps_table[step.window.steps].permute(2, 1, 0).reshape(5, L1, C, *([1] * (x.dim() - 1)))
+                self._window_eps = list(zip(*(column.unbind(0) for column in table.unbind(0))))
+                self._window_frozen_x0 = None if self.frozen_x0 is None else self.gather(self.frozen_x0, slots)
         value = self._window_value
         if self.freeze == "increment":
             return x + value
         coef = step.coefficients
         if self.freeze == "x0":
             return torch.addcmul(self._window_x0_terms[step.index], coef.coef_xt, x)
+        if self.eps_table is not None:
+            return step_mean(coef, x, self._eps_x0(x, value, self._window_eps[step.index], self._window_frozen_x0))
         return step_mean(coef, x, denoise(coef, x, value, self.schedule))
 
     def describe(self) -> str:
@@ -132,6 +145,8 @@ class FreeDrafter(FrozenOutputDrafter):
     Args:
         freeze: "eps", "x0" or "increment".
     """
+
+    drafts_first_step = False
 
     def ready(self, slots):
         return self.gather(self.has_frozen, slots)
