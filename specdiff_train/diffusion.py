@@ -52,7 +52,24 @@ def _expand(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return coef.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-class Schedule:
+class ConfiguredByArguments:
+    """Equality, hashing and repr from `config()` (the constructor arguments): schedules and chains are values,
+    used as keys of the plan cache and compared with checkpoints' records."""
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self.config().items()))))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
+
+
+class Schedule(ConfiguredByArguments):
     """Base of the training parametrisations (DDPM here, `edm.EDMSchedule`, `flow.FlowSchedule`): how data is
     noised at a schedule time t, what the network learns, and how its output becomes the denoised estimate.
 
@@ -66,18 +83,6 @@ class Schedule:
     prediction = "x0"
     clip_denoised = False
     clip_range = 1.0
-
-    def config(self) -> dict:
-        raise NotImplementedError
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and self.config() == other.config()
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(sorted(self.config().items()))))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
 
     def mismatch(self, other) -> list[str]:
         """Names of the fields where two schedules differ (empty when they are the same)."""
@@ -313,7 +318,7 @@ def cached_plan(schedule, num_steps: int, chain: "Chain | None" = None) -> "Samp
     return _PLAN_CACHE[key]
 
 
-class Chain:
+class Chain(ConfiguredByArguments):
     """A sampler family (ALGORITHMS.md section 8): per-step tables for a schedule and a step count.
 
     Step k maps a state at schedule time `times[k]` (what the network is called with) to the next:
@@ -352,15 +357,6 @@ class Chain:
                 f"schedule is {type(schedule).__name__} ({kind!r}); use a chain for it ({fits}) or a target "
                 f"trained for this chain")
 
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and self.config() == other.config()
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(sorted(self.config().items()))))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
-
 
 def chain_families() -> list[type]:
     """Every `Chain` subclass defined so far (the shipped ones are imported by `chains.py`)."""
@@ -381,7 +377,11 @@ def as_chain(chain) -> Chain:
 
         cls = resolve_class(str(chain["class_path"]))
         if isinstance(cls, type) and issubclass(cls, Chain):
-            return cls(**dict(chain.get("init_args") or {}))
+            init_args = chain.get("init_args") or {}
+            try:
+                return cls(**dict(init_args))
+            except (TypeError, ValueError) as err:  # an unknown option, init_args not a mapping, a bad value
+                raise ValueError(f"chain: {cls.__name__} cannot be built from init_args {init_args!r}: {err}") from None
     raise ValueError(f"chain: expected a specdiff_train.chains chain (e.g. DDIM(eta=1.0)) or its "
                      f"{{class_path, init_args}} config, got {chain!r}")
 

@@ -106,7 +106,7 @@ BAD_CHAINS = [  # (target family, chain value, what the one-line error says afte
     ("edm", 3, r": expected a specdiff_train.chains chain .* got 3"),
     ("edm", {"class_path": "torch.nn.Linear"}, r": expected a specdiff_train.chains chain"),
     ("flow", {"class_path": "specdiff_train.chains.FlowEulerMaruyama", "init_args": {"chrn": 1}},
-     r": .*FlowEulerMaruyama takes churn; got chrn"),
+     r": FlowEulerMaruyama cannot be built from init_args \{'chrn': 1\}: .*unexpected keyword argument 'chrn'"),
     ("edm", "edm:eta=2", r"\.eta: expected a number"),
     ("edm", "ddim", r": DDIM\(eta=1.0\) samples targets trained with a 'ddpm' schedule, but the target's schedule is "
                     r"EDMSchedule"),

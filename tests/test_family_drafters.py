@@ -265,6 +265,9 @@ def test_a_chain_of_another_class_is_refused_and_other_settings_warn(kind, targe
         sample(ddim, None)
     with pytest.warns(UserWarning, match=r"trained for DDIM\(eta=0.5\), sampling uses DDIM\(eta=1.0\): samples stay exact"):
         assert torch.isfinite(sample(ddim, DDIM(eta=1.0)).samples).all()
+    with warnings.catch_warnings():  # DDIM(eta=1) is DDPM ancestral sampling (the same tables): accepted silently
+        warnings.simplefilter("error")
+        assert torch.isfinite(sample(ancestral, DDIM(eta=1.0)).samples).all()
     edm = drafter_cls(str(save_drafter(draft_module(kind, targets["edm"], None), tmp_path / "e.ckpt")))
     with pytest.raises(ValueError, match="trained for another target: schedule: EDMSchedule != DDPMSchedule"):
         sample(edm, None)  # another family's target: the schedule is refused first

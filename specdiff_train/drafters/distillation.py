@@ -42,6 +42,16 @@ OBJECTIVES = ("delta_sq", "tv")
 NUM_BUCKETS = 5  # validation reports per fifth of diffusion time
 
 
+def _same_steps(plan: SamplingPlan, chain) -> bool:
+    """Whether `chain` gives `plan`'s step tables (another spelling of the same sampler, e.g. DDIM(eta=1))."""
+    try:
+        other = plan.schedule.plan(plan.num_steps, chain)
+    except ValueError:
+        return False
+    return all(torch.allclose(getattr(plan, name), getattr(other, name), rtol=1e-12, atol=0)
+               for name in ("coef_x0", "coef_xt", "std")) and torch.equal(plan.timesteps, other.timesteps)
+
+
 # --- the maths ----------------------------------------------------------------------------------
 def x0_delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
     """w_k with delta^2 = w_k |x0_P - x0_Q|^2 for step k of `plan` (any prediction type, no clipping):
@@ -422,12 +432,14 @@ class LearnedDrafter(Drafter):
         """A one-line ValueError when sampling uses a chain of another class than the drafter was trained for;
         a warning when only its settings differ (samples stay exact, acceptance is lower)."""
         trained, used = self.trained_chain, plan.chain
+        if used == trained or _same_steps(plan, trained):  # e.g. DDIM(eta=1) and DDPM ancestral: the same tables
+            return
         if type(used) is not type(trained):
             raise ValueError(
                 f"chain: drafter {self.describe()}{self._where()} was trained for the chain {trained!r}, but sampling "
                 f"uses {used!r}; sample with chain={trained!r}, or train the drafter for this chain "
                 f"(--model.init_args.chain '{chain_flag(used)}')")
-        if used != trained:
+        else:
             warnings.warn(f"chain: drafter {self.describe()}{self._where()} was trained for {trained!r}, sampling uses "
                           f"{used!r}: samples stay exact, acceptance is lower; train it with --model.init_args.chain "
                           f"'{chain_flag(used)}'", stacklevel=4)

@@ -16,7 +16,6 @@ from typing import Sequence
 
 from ..chains import (DDIM, Chain, DDPMAncestral, EulerAncestral, FlowEulerMaruyama, as_chain, chain_families,
                       check_stochastic)
-from ..config_io import resolve_class
 
 # Short names of the shipped chains (chain classes are also known by their own names, any case).
 CHAIN_NAMES: dict[str, type] = {
@@ -88,14 +87,7 @@ def as_chain_option(value, field: str = "chain") -> Chain | None:
             return None
         if isinstance(value, str):
             return chain_from_name(value)
-        if isinstance(value, dict) and "class_path" in value:
-            init_args = value.get("init_args") or {}
-            if not isinstance(init_args, dict):
-                raise ValueError(f"chain: init_args: expected a mapping, got {init_args!r}")
-            cls = resolve_class(str(value["class_path"]))
-            if isinstance(cls, type) and issubclass(cls, Chain):
-                return _build(cls, dict(init_args), value)
-        return as_chain(value)  # a Chain, or its one-line error
+        return as_chain(value)  # a Chain or its {class_path, init_args} config, or a one-line error
     except (ValueError, TypeError) as err:
         raise renamed(err, field) from None
 
