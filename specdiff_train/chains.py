@@ -26,4 +26,4 @@ def check_stochastic(plan: SamplingPlan) -> None:
         raise ValueError(
             f"chain: {plan.chain!r} has no stochastic step with num_steps={plan.num_steps} (every step is "
             "deterministic), so drafts cannot be verified; speculative sampling needs noise: use "
-            f"{plan.chain.stochastic_setting()}" + (" and num_steps >= 2" if plan.num_steps < 2 else ""))
+            + ("num_steps >= 2" if plan.num_steps < 2 else plan.chain.stochastic_setting()))

@@ -183,7 +183,7 @@ class WrongShapeDrafter(FreeDrafter):
         (dict(verifier="greedy"), "verifier"),
         (dict(correction="mirror", verifier="tokenwise"), "correction"),
         (dict(correction="residual", verifier="block"), "applies to verifier='tokenwise' only"),
-        (dict(num_steps=1), "stochastic sampler"),
+        (dict(num_steps=1), r"no stochastic step.*speculative sampling needs noise: use num_steps >= 2"),
         (dict(drafter=object()), "drafter"),
         (dict(drafter=WrongShapeDrafter()), "shape"),
     ],
