@@ -214,6 +214,12 @@ def test_resuming_with_another_net_names_the_difference(trained, tmp_path):
     model = TargetDiffusion(TinyDenoiser(hidden=16), schedule=DDPMSchedule(beta_end=0.03))
     with pytest.raises(ValueError, match=r"schedule.beta_end: 0.02 in the checkpoint, 0.03 here"):
         make_trainer(tmp_path).validate(model, TinyDataModule(), ckpt_path=trained, verbose=False)
+    from specdiff_train.edm import EDMSchedule
+
+    model = TargetDiffusion(TinyDenoiser(hidden=16), schedule=EDMSchedule())  # the same net, another training family
+    with pytest.raises(ValueError, match=r"does not fit this model: schedule: specdiff_train.diffusion.DDPMSchedule "
+                                         r"!= specdiff_train.edm.EDMSchedule"):
+        make_trainer(tmp_path).validate(model, TinyDataModule(), ckpt_path=trained, verbose=False)
 
 
 class RecordingTarget(TargetDiffusion):
