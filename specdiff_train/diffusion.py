@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from .guidance import call_network
+
 PREDICTIONS = ("eps", "x0", "v")
 BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
 
@@ -50,6 +52,20 @@ def cosine_betas(num_train_steps: int, max_beta: float = 0.999, s: float = 0.008
 def _expand(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-row coefficients (B,) -> (B, 1, ..., 1) in x's dtype, for broadcasting over a state."""
     return coef.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def positive_number(value, field: str) -> float:
+    """`value` as a float if it is a finite number > 0; else a one-line ValueError naming `field`."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{field}: expected a number > 0, got {value!r}")
+    return float(value)
+
+
+def eta_setting(eta, deterministic: str) -> float:
+    """A chain's `eta` as a float in [0, 1] (0: the `deterministic` sampler, which speculation refuses)."""
+    if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"chain.eta: expected a number in [0, 1] ((0, 1] to speculate; 0 is {deterministic}), got {eta!r}")
+    return float(eta)
 
 
 class ConfiguredByArguments:
@@ -83,10 +99,14 @@ class Schedule(ConfiguredByArguments):
     prediction = "x0"
     clip_denoised = False
     clip_range = 1.0
+    scales_network_states = False  # whether `network_inputs` rescales the states (EDM's c_in), not only the time
 
     def mismatch(self, other) -> list[str]:
-        """Names of the fields where two schedules differ (empty when they are the same)."""
-        return schedule_mismatch(self, other)
+        """Where two schedules (of any family) differ: their class, else their fields (empty when equal)."""
+        if type(self) is not type(other):
+            return [f"schedule: {type(self).__name__} != {type(other).__name__}"]
+        mine, theirs = self.config(), other.config()
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
     def plan(self, num_steps: int, chain: "Chain | None" = None) -> "SamplingPlan":
         """The sampler `chain` (default: `default_chain()`) with `num_steps` steps."""
@@ -102,6 +122,16 @@ class Schedule(ConfiguredByArguments):
     def network_output(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The target's prediction from the network's raw output (default: the output itself)."""
         return output
+
+    def predict(self, net, x: torch.Tensor, t: torch.Tensor, labels=None, return_features: bool = False):
+        """The prediction of `net` wrapped in this schedule's conditioning (`network_inputs` / `network_output`):
+        what a target, or a draft net standing in for one, outputs at states x and schedule times t (with the
+        net's features after it when `return_features`; labels as `guidance.call_network` takes them)."""
+        net_x, net_t = self.network_inputs(x, t)
+        out = call_network(net, net_x, net_t, labels, return_features)
+        if return_features:
+            return self.network_output(out[0], x, t), out[1]
+        return self.network_output(out, x, t)
 
     def loss_weights(self, t: torch.Tensor, weighting: str) -> torch.Tensor | None:
         if weighting != "none":
@@ -298,14 +328,6 @@ class DDPMSchedule(Schedule):
 MIN_SNR_GAMMA = 5.0
 
 
-def schedule_mismatch(mine, other) -> list[str]:
-    """Where two schedules (of any family) differ: their class, else their fields (empty when equal)."""
-    if type(mine) is not type(other):
-        return [f"schedule: {type(mine).__name__} != {type(other).__name__}"]
-    a, b = mine.config(), other.config()
-    return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
-
-
 _PLAN_CACHE: dict = {}
 
 
@@ -435,9 +457,7 @@ class DDIM(Chain):
     schedule_kind = "ddpm"
 
     def __init__(self, eta: float = 1.0):
-        if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-            raise ValueError(f"chain.eta: expected a number in [0, 1] ((0, 1] to speculate; 0 is deterministic DDIM), got {eta!r}")
-        self.eta = float(eta)
+        self.eta = eta_setting(eta, "deterministic DDIM")
 
     def config(self) -> dict:
         return {"eta": self.eta}
@@ -557,14 +577,6 @@ class SamplingPlan:
         """The steps at a time where eps gives no x0 (`eps_conversions`; flow matching: step 0), once per plan."""
         return tuple(int(k) for k in self.eps_conversions[:, 4].nonzero().flatten().tolist())
 
-    def eps_tables(self, device, dtype) -> torch.Tensor:
-        """`eps_conversions` on `device` in `dtype`, built once per (device, dtype)."""
-        key = (torch.device(device), dtype)
-        cache = self.__dict__.setdefault("_device_eps_tables", {})
-        if key not in cache:
-            cache[key] = self.eps_conversions.to(device=device, dtype=dtype)
-        return cache[key]
-
     def tables(self, device, dtype) -> "StepTables":
         """The step tables on `device` (coefficients in `dtype`), built once per (device, dtype)."""
         key = (torch.device(device), dtype)
@@ -625,6 +637,11 @@ class StepTables:
     def scalar_coefficients(self) -> list[StepCoefficients]:
         """Python-float coefficients per step (every row at one step, as in ancestral sampling)."""
         return [StepCoefficients(*row) for row in self.plan.step_coefficients.tolist()]
+
+    @cached_property
+    def eps_conversions(self) -> torch.Tensor:
+        """The plan's `eps_conversions` on this device in the coefficients' dtype (built on first use)."""
+        return self.plan.eps_conversions.to(device=self.coefficients.device, dtype=self.coefficients.dtype)
 
     @cached_property
     def scalar_std(self) -> list[float]:

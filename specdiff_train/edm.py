@@ -12,17 +12,11 @@ import math
 
 import torch
 
-from .diffusion import Chain, Schedule
+from .diffusion import Chain, Schedule, eta_setting, positive_number
 
 # EDM's c_noise is ln(sigma) / 4; our nets embed DDPM-like timesteps (0..1000) sinusoidally, so it is
 # scaled by 1000: ln(sigma) spans about -6.2..4.4, hence about -1550..1100 network time units.
 NOISE_EMBEDDING_SCALE = 1000.0 / 4
-
-
-def _positive(value, field: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{field}: expected a number > 0, got {value!r}")
-    return float(value)
 
 
 class EDMSchedule(Schedule):
@@ -37,17 +31,18 @@ class EDMSchedule(Schedule):
 
     kind = "edm"
     prediction = "x0"  # the target outputs D; the network inside it predicts F
+    scales_network_states = True  # the net sees c_in x
 
     def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  p_mean: float = -1.2, p_std: float = 1.2, clip_denoised: bool = False, clip_range: float = 1.0):
-        self.sigma_data = _positive(sigma_data, "schedule.sigma_data")
-        self.sigma_min = _positive(sigma_min, "schedule.sigma_min")
-        self.sigma_max = _positive(sigma_max, "schedule.sigma_max")
+        self.sigma_data = positive_number(sigma_data, "schedule.sigma_data")
+        self.sigma_min = positive_number(sigma_min, "schedule.sigma_min")
+        self.sigma_max = positive_number(sigma_max, "schedule.sigma_max")
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"schedule.sigma_min/sigma_max: expected sigma_min < sigma_max, got {sigma_min} >= "
                              f"{sigma_max}")
-        self.p_mean, self.p_std = float(p_mean), _positive(p_std, "schedule.p_std")
-        self.clip_denoised, self.clip_range = bool(clip_denoised), _positive(clip_range, "schedule.clip_range")
+        self.p_mean, self.p_std = float(p_mean), positive_number(p_std, "schedule.p_std")
+        self.clip_denoised, self.clip_range = bool(clip_denoised), positive_number(clip_range, "schedule.clip_range")
 
     def config(self) -> dict:
         return dict(sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max, p_mean=self.p_mean,
@@ -135,11 +130,9 @@ class EulerAncestral(Chain):
 
     def __init__(self, eta: float = 1.0, rho: float = 7.0, sigma_min: float | None = None,
                  sigma_max: float | None = None):
-        if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-            raise ValueError(f"chain.eta: expected a number in [0, 1] ((0, 1] to speculate; 0 is the deterministic Euler sampler), got {eta!r}")
-        self.eta, self.rho = float(eta), _positive(rho, "chain.rho")
-        self.sigma_min = None if sigma_min is None else _positive(sigma_min, "chain.sigma_min")
-        self.sigma_max = None if sigma_max is None else _positive(sigma_max, "chain.sigma_max")
+        self.eta, self.rho = eta_setting(eta, "the deterministic Euler sampler"), positive_number(rho, "chain.rho")
+        self.sigma_min = None if sigma_min is None else positive_number(sigma_min, "chain.sigma_min")
+        self.sigma_max = None if sigma_max is None else positive_number(sigma_max, "chain.sigma_max")
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
             raise ValueError(f"chain.sigma_min/sigma_max: expected sigma_min < sigma_max, got {sigma_min} >= {sigma_max}")
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .diffusion import Chain, Schedule
+from .diffusion import Chain, Schedule, positive_number
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 TIME_SCALE = 1000.0  # the network is called with 1000 t: our nets embed DDPM-like timesteps
@@ -35,12 +35,9 @@ class FlowSchedule(Schedule):
                  clip_denoised: bool = False, clip_range: float = 1.0):
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"schedule.t_sampling: expected one of {T_SAMPLINGS}, got {t_sampling!r}")
-        if not logit_std > 0:
-            raise ValueError(f"schedule.logit_std: expected > 0, got {logit_std!r}")
-        if not clip_range > 0:
-            raise ValueError(f"schedule.clip_range: expected > 0, got {clip_range!r}")
-        self.t_sampling, self.logit_mean, self.logit_std = t_sampling, float(logit_mean), float(logit_std)
-        self.clip_denoised, self.clip_range = bool(clip_denoised), float(clip_range)
+        self.t_sampling, self.logit_mean = t_sampling, float(logit_mean)
+        self.logit_std = positive_number(logit_std, "schedule.logit_std")
+        self.clip_denoised, self.clip_range = bool(clip_denoised), positive_number(clip_range, "schedule.clip_range")
 
     def config(self) -> dict:
         return dict(t_sampling=self.t_sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,

@@ -124,3 +124,26 @@ def save_tiny_pipeline(folder, *, in_channels: int = 1, sample_size: int = 8, bl
                        norm_num_groups=4, attention_head_dim=8, **(unet_kwargs or {}))
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_kwargs)).save_pretrained(str(folder))
     return Path(folder)
+
+
+def train_on_fixed_states(module, x0, steps: int, seed: int, lr: float = 3e-3) -> list[tuple[float, float]]:
+    """`steps` Adam steps of a drafter-training module's `losses` on the same states each step (the generator
+    reseeded with `seed`): [(loss, mean delta^2)] per step."""
+    optimizer = torch.optim.Adam(getattr(module, module.module_key).parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        loss, delta_sq, _, _ = module.losses(x0, torch.Generator().manual_seed(seed))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append((loss.item(), delta_sq.mean().item()))
+    return history
+
+
+def widen_scheduler_tables(sched):
+    """A diffusers scheduler with its beta / alpha tables in float64, to compare steps with ours in float64
+    (both are built from the same float32 betas)."""
+    sched.betas = sched.betas.double()
+    sched.alphas = 1.0 - sched.betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    return sched

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import widen_scheduler_tables
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.noise import Stream, gaussian, uniform
 from specdiff_train.sampling import ancestral_sample
@@ -24,10 +25,7 @@ def reference_scheduler(schedule: DDPMSchedule, num_steps: int):
         timestep_spacing="leading",
     )
     sched.set_timesteps(num_steps)
-    # Compare in float64: widen diffusers' float32 tables (both are built from the same float32 betas).
-    sched.betas = sched.betas.double()
-    sched.alphas = 1.0 - sched.betas
-    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    widen_scheduler_tables(sched)  # compare in float64
     sched.one = torch.tensor(1.0, dtype=torch.float64)
     return sched
 

@@ -439,8 +439,7 @@ class LearnedDrafter(Drafter):
                 f"chain: drafter {self.describe()}{self._where()} was trained for the chain {trained!r}, but sampling "
                 f"uses {used!r}; sample with chain={trained!r}, or train the drafter for this chain "
                 f"(--model.init_args.chain '{chain_flag(used)}')")
-        else:
-            warnings.warn(f"chain: drafter {self.describe()}{self._where()} was trained for {trained!r}, sampling uses "
+        warnings.warn(f"chain: drafter {self.describe()}{self._where()} was trained for {trained!r}, sampling uses "
                           f"{used!r}: samples stay exact, acceptance is lower; train it with --model.init_args.chain "
                           f"'{chain_flag(used)}'", stacklevel=4)
 
@@ -449,9 +448,8 @@ class LearnedDrafter(Drafter):
         if tuple(sample_shape) != self.sample_shape:
             problems.append(f"sample_shape: {self.sample_shape} != {tuple(sample_shape)}")
         if problems:
-            where = f" ({self.checkpoint})" if self.checkpoint else ""
             raise ValueError(
-                f"drafter {self.describe()}{where} was trained for another target: " + "; ".join(problems)
+                f"drafter {self.describe()}{self._where()} was trained for another target: " + "; ".join(problems)
                 + ". Train one from this target's checkpoint (configs/drafter/*.yaml with --model.init_args.target_ckpt)."
             )
 

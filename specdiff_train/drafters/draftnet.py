@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from ..diffusion import Chain, DDPMSchedule, Schedule, denoise, step_mean
-from ..guidance import call_network, num_classes_of
+from ..guidance import num_classes_of
 from .base import overrides
 from .checkpoints import load_drafter, recorded_chain, recorded_schedule
 from .distillation import FrozenTargetDistillation, LearnedDrafter, check_drafter_module, draft_delta_sq, mismatch_loss
@@ -102,16 +102,11 @@ class DraftDistillation(FrozenTargetDistillation):
         return loss, delta_sq.detach(), k, {}
 
 
-def draft_output(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None,
-                 schedule: Schedule | None = None) -> torch.Tensor:
-    """The draft net's prediction at states x, schedule times t, in the target's parametrisation: the net is
-    wrapped in `schedule`'s preconditioning as the target's net is (`network_inputs` / `network_output`; DDPM:
-    none). A conditional net (`num_classes` > 0) is given the rows' labels."""
-    if schedule is None:
-        return call_network(net, x, t, labels if num_classes_of(net) else None)
-    net_x, net_t = schedule.network_inputs(x, t)
-    out = call_network(net, net_x, net_t, labels if num_classes_of(net) else None)
-    return schedule.network_output(out, x, t)
+def draft_output(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels, schedule: Schedule) -> torch.Tensor:
+    """The draft net's prediction at states x, schedule times t, in the target's parametrisation (the net wrapped
+    in `schedule`'s conditioning as the target's net is: `Schedule.predict`). A conditional net (`num_classes`
+    > 0) is given the rows' labels."""
+    return schedule.predict(net, x, t, labels if num_classes_of(net) else None)
 
 
 # --- checkpoint ---------------------------------------------------------------------------------

@@ -150,12 +150,6 @@ def medusa_x0(head, schedule: Schedule, features, anchor_state, anchor_x0, x, t,
     return anchor_x0 + head(features, inputs, t_in, offset)
 
 
-def scales_states(schedule: Schedule) -> bool:
-    """Whether the schedule's net sees scaled states (it overrides `network_inputs`: EDM, flow matching), so
-    that the anchor state needs its own time; False for DDPM (states as they are)."""
-    return type(schedule).network_inputs is not Schedule.network_inputs
-
-
 # --- training -----------------------------------------------------------------------------------
 class HeadDistillation(FrozenTargetDistillation):
     """Trains Medusa-like heads (`MLPHead` / `ConvHead` above) by self-distillation against the
@@ -315,7 +309,7 @@ class MedusaDrafter(LearnedDrafter):
 
     def _anchor_time(self, anchor_step: torch.Tensor) -> torch.Tensor | None:
         """The anchors' schedule times, where the schedule scales the states it gives its net (EDM); else None."""
-        return self.plan.t(anchor_step) if scales_states(self.schedule) else None
+        return self.plan.t(anchor_step) if self.schedule.scales_network_states else None
 
     @torch.no_grad()
     def propose(self, slots, x, k):

@@ -21,7 +21,7 @@ class FrozenOutputDrafter(Drafter):
     or the mean increment mu_P - x.
 
     Any family: for a target that does not predict eps, eps and x0 are converted with the plan's per-step
-    `eps_tables` (gathered once per window, like the step coefficients). Where a frozen eps cannot give x0
+    `StepTables.eps_conversions` (gathered once per window, like the step coefficients). Where a frozen eps cannot give x0
     (a step at a time with no signal, alpha = 0: flow matching's first step, t = 1), the x0 of the frozen
     output is used there (`frozen_x0`, kept only for such plans)."""
 
@@ -37,7 +37,7 @@ class FrozenOutputDrafter(Drafter):
         self.frozen = torch.zeros(context.capacity, *context.sample_shape, device=context.device, dtype=context.dtype)
         self.has_frozen = torch.zeros(context.capacity, dtype=torch.bool, device=context.device)
         converts = self.freeze == "eps" and self.schedule.prediction != "eps"
-        self.eps_table = self.plan.eps_tables(context.device, context.dtype) if converts else None
+        self.eps_table = self.plan.tables(context.device, context.dtype).eps_conversions if converts else None
         # A FreeDrafter's first round is a plain target step: it never drafts step 0.
         drafted_no_signal = any(k >= (0 if self.drafts_first_step else 1) for k in self.plan.no_signal_steps)
         self.frozen_x0 = torch.zeros_like(self.frozen) if converts and drafted_no_signal else None

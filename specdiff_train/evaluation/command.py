@@ -229,11 +229,10 @@ class SpecDiffTrainer(Trainer):
         quality = Quality(feature_extractor=extractor, num_permutations=num_permutations, seed=seed, **reference,
                           classifier=classifier_for(shape, num_classes_of(model), extractor))
         num_steps = num_steps or DEFAULT_NUM_STEPS
-        chains = resolve_chains(chain_options(chain, "evaluate.chain"), model.schedule, num_steps, "evaluate.chain")
         report = compare_methods(
             model, model.schedule, shape, methods, num_steps=num_steps, seeds=range(seed, seed + num_samples),
             batch_size=batch_size, quality=quality, alpha=alpha, progress=_progress_enabled(), log=rank_zero_info,
-            compile=compile, labels=labels, guidance_scale=guidance_scale, chain=chains,
+            compile=compile, labels=labels, guidance_scale=guidance_scale, chain=chain,  # checked in _check_options
         )
         report["config"]["ckpt_path"] = ckpt_path
         report["warnings"] = notes

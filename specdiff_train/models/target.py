@@ -31,7 +31,7 @@ from ..config_io import (
     state_dict_mismatch,
 )
 from ..diffusion import DDPMSchedule, Schedule
-from ..guidance import NULL_LABEL, call_network, class_grid_labels
+from ..guidance import NULL_LABEL, class_grid_labels
 from ..optim import follow_run_length
 from ..sampling import ancestral_sample
 
@@ -224,11 +224,7 @@ class TargetDiffusion(LightningModule):
         """The prediction at states x (B, *shape), schedule times t (B,) (DDPM: train timesteps; EDM: sigma;
         flow matching: t in [0, 1]) and, for a conditional target, labels (B,) (`guidance.NULL_LABEL` or None:
         unconditional rows). The schedule's preconditioning wraps the network (EDM: D = c_skip x + c_out F)."""
-        net_x, net_t = self.schedule.network_inputs(x, t)
-        out = call_network(self.net, net_x, net_t, labels, return_features)
-        if return_features:
-            return self.schedule.network_output(out[0], x, t), out[1]
-        return self.schedule.network_output(out, x, t)
+        return self.schedule.predict(self.net, x, t, labels, return_features)
 
     # --- training -----------------------------------------------------------------------------------
     def diffusion_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
