@@ -26,6 +26,7 @@ import math
 import pytest
 import torch
 
+from helpers import widen_scheduler_tables
 from specdiff_train.chains import (
     DDIM,
     DDPMAncestral,
@@ -73,10 +74,7 @@ def ddim_reference(schedule: DDPMSchedule, num_steps: int):
         steps_offset=0, timestep_spacing="leading",
     )
     sched.set_timesteps(num_steps)
-    # Compare in float64: widen diffusers' float32 tables (both are built from the same float32 betas).
-    sched.betas = sched.betas.double()
-    sched.alphas = 1.0 - sched.betas
-    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    widen_scheduler_tables(sched)  # compare in float64
     sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
     return sched
 
@@ -458,3 +456,49 @@ def test_as_chain_from_config():
     with pytest.raises(ValueError) as excinfo:  # the chain's own check of its arguments
         as_chain({"class_path": "specdiff_train.chains.DDIM", "init_args": {"eta": 3}})
     one_line_error(excinfo, "chain.eta")
+
+
+# --- the targets' conditioning and losses, written out (EDM Table 1; rectified flow) ------------------------
+def _tiny_target(schedule):
+    from specdiff_train.models import TargetDiffusion
+    from specdiff_train.nets import MLPDenoiser
+
+    torch.manual_seed(0)
+    return TargetDiffusion(MLPDenoiser(dim=2, hidden=16, depth=1, time_embed_dim=8), schedule=schedule).eval()
+
+
+@torch.no_grad()
+def test_an_edm_target_is_its_net_preconditioned():
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd /
+    sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4 (times 1000 for our nets);
+    features come from the same call."""
+    sd = 0.7
+    target = _tiny_target(EDMSchedule(sigma_data=sd))
+    x, sigma = torch.randn(5, 2), torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
+    s = sigma.float()[:, None]
+    F, features = target.net(x / (s**2 + sd**2).sqrt(), 250 * sigma.log().float(), return_features=True)
+    expected = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * F
+    torch.testing.assert_close(target(x, sigma), expected, rtol=1e-5, atol=1e-6)
+    out, feats = target(x, sigma, return_features=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats, features, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_the_training_losses_are_edm_s_and_rectified_flow_s():
+    """EDM: lambda(sigma) |D - x0|^2 with lambda = 1 / c_out^2, i.e. the unit loss on F against
+    (x0 - c_skip x) / c_out at x = x0 + sigma n. Flow: |v - (n - x0)|^2 at x = (1 - t) x0 + t n, with the net
+    called at 1000 t."""
+    sd = 0.5
+    edm = _tiny_target(EDMSchedule(sigma_data=sd))
+    x0, n = torch.randn(6, 2), torch.randn(6, 2)
+    sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 50.0])
+    s = sigma[:, None]
+    x = x0 + s * n
+    F = edm.net(x / (s**2 + sd**2).sqrt(), 250 * sigma.log())
+    F_target = (x0 - sd**2 / (s**2 + sd**2) * x) / (s * sd / (s**2 + sd**2).sqrt())
+    torch.testing.assert_close(edm.diffusion_loss(x0, sigma, n), (F - F_target).pow(2).mean(), rtol=1e-4, atol=1e-6)
+    flow = _tiny_target(FlowSchedule())
+    t = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+    v = flow.net((1 - t[:, None]) * x0 + t[:, None] * n, 1000 * t)
+    torch.testing.assert_close(flow.diffusion_loss(x0, t, n), (v - (n - x0)).pow(2).mean(), rtol=1e-5, atol=1e-6)
