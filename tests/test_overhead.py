@@ -221,14 +221,14 @@ def test_guided_ancestral_step_overhead(digits_cond, batch, steps):
 #
 # EDM's preconditioning (c_in, c_noise, c_skip, c_out from sigma: 19 operators per target call, measured on the
 # ancestral step's network count, 176 against 157) runs inside the target's forward (`TargetDiffusion.forward`
-# -> `schedule.network_inputs` / `network_output`), so it is counted with the network, as any target's own work
+# -> `Schedule.predict`: `network_inputs` / `network_output`), so it is counted with the network, as any target's own work
 # is, not as the sampler's (guidance's combination, by contrast, runs in the sampler, outside the network): it is
 # per target call, the same for ancestral and speculative sampling, and a network that gave D = c_skip x + c_out F
 # directly would cost the sampler the same. It is held by `test_ancestral_step_of_every_family` (at most 20 more
 # network operators per call than the DDPM target). The flow schedule's time scaling costs 1 operator per call.
 #
 # Drafters that freeze eps on a target that does not predict it (EDM: x0, flow: velocity) convert with the plan's
-# per-step `eps_tables`, gathered once per window like the step coefficients: within 10% too. One known excess:
+# per-step `StepTables.eps_conversions`, gathered once per window like the step coefficients: within 10% too. One known excess:
 # frozen-eps on flow matching (+14.8%): at t = 1 (step 0) eps gives no x0, so the frozen-target drafter, whose
 # windows start at step 0, keeps the x0 of the frozen output beside the eps (one more gather, denoise and store
 # per round, one addcmul per drafted step); the FreeDrafter never drafts step 0 and skips it. No host sync either way.
