@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast test-compiled benchmark bench-rounds bench-windows bench-gpu clean
+.PHONY: install demo test test-fast test-compiled benchmark bench-rounds bench-windows bench-gpu frontier clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,3 +54,7 @@ bench-gpu:
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache
+
+# docs/frontier.md: quality against sequential target calls for every sampler (about 25 minutes on 2 CPU cores).
+frontier: install
+	$(PY) scripts/frontier.py --targets toy2d digits --threads 2 --json docs/frontier.json --plot docs/frontier.png --markdown docs/frontier.md

@@ -17,7 +17,9 @@ from specdiff_train.evaluation.bootstrap import (
     energy_pair_kernel,
     fid_bootstrap,
     kid_bootstrap,
+    metric_replicates,
     metric_with_interval,
+    paired_difference,
     polynomial_pair_kernel,
     rbf_pair_kernel,
     shifted_percentile_interval,
@@ -134,6 +136,25 @@ def test_intervals_separate_different_laws():
     one_line_error(excinfo, "metric", "'is'")
 
 
+def test_paired_difference_cancels_the_shared_reference():
+    """Two coupled samplers (row i of both from seed i, as the frontier's points) measured against one reference on
+    the same resamples: their difference's interval is far narrower than either interval (the reference's noise
+    and the shared seeds' cancel), and it separates a small bias the separate intervals cannot."""
+    g = torch.Generator().manual_seed(2)
+    data = torch.randn(800, 2, generator=g)
+    good = torch.randn(800, 2, generator=g)
+    biased = 1.15 * good
+    good_reps, biased_reps = (metric_replicates("energy", x, data, 200) for x in (good, biased))
+    _, good_low, good_high = shifted_percentile_interval(good_reps)
+    _, biased_low, _ = shifted_percentile_interval(biased_reps)
+    diff, low, high = paired_difference(biased_reps, good_reps)
+    assert biased_low < good_high  # separately the intervals overlap
+    assert 0 < low <= diff <= high and high - low < good_high - good_low
+    with pytest.raises(ValueError) as excinfo:
+        paired_difference(good_reps, metric_replicates("energy", good, data, 100))
+    one_line_error(excinfo, "paired_difference", "num_resamples")
+
+
 # --- diffusers' solvers over our targets -----------------------------------------------------------------------
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_diffusers_ddim_is_our_ddim_eta0_chain(prediction):
@@ -194,6 +215,9 @@ def test_frontier_points_and_bad_input():
                                       ancestral_steps=[10, 1000], solver_steps=[5], speculative_steps=[100])
     assert [(p.method, p.num_steps) for p in points] == [
         ("ancestral", 10), ("ancestral", 1000), ("ddim", 5), ("speculative free-x0/block/w8", 100)]
+    learned = frontier.frontier_points(["speculative"], drafters=["free-x0", "medusa"], speculative_steps=[100, 1000],
+                                       drafter_steps={"medusa": [100]})
+    assert [(p.drafter, p.num_steps) for p in learned] == [("free-x0", 100), ("medusa", 100), ("free-x0", 1000)]
     with pytest.raises(ValueError) as excinfo:
         frontier.frontier_points(["ancestral", "dpm-solver"])
     one_line_error(excinfo, "methods", "'dpm-solver'", "dpm-solver++")
@@ -236,20 +260,27 @@ def test_run_frontier_records_and_exactness():
                                     num_resamples=100, log=lines.append)
     assert len(records) == 3 * 2 * 2 and len(lines) == 4
     for r in records:
-        assert set(frontier.RECORD_FIELDS) <= set(r)
+        assert set(frontier.RECORD_FIELDS) <= set(r) and "replicates" not in r
         assert r["ci_low"] <= r["value"] <= r["ci_high"] and r["num_samples"] == 1200 and r["wall_clock_ratio"] is None
+        assert r["diff_low"] <= r["diff"] <= r["diff_high"]
+    json.dumps(records)
     by = {(r["method"], r["metric"], r["reference"]): r for r in records}
     speculative = by["speculative free-x0/block/w8", "energy", "ancestral_1000"]
     assert speculative["calls_per_sample"] < 200 and 0 < speculative["acceptance_rate"] <= 1
-    for method in ("ancestral", "speculative free-x0/block/w8"):
-        for metric in ("energy", "mmd"):
+    for metric in ("energy", "mmd"):
+        assert by["ancestral", metric, "data"]["diff"] == 0.0  # the anchor itself
+        for method in ("ancestral", "speculative free-x0/block/w8"):
             row = by[method, metric, "ancestral_1000"]
             assert row["ci_low"] <= 0.0 <= row["ci_high"], row
-    assert by["ddim", "energy", "ancestral_1000"]["ci_low"] > 0  # 5 ODE steps shrink the spread: detected
+        row = by["speculative free-x0/block/w8", metric, "data"]
+        assert row["diff_low"] <= 0.0 <= row["diff_high"], row
+        # 5 ODE steps shrink the spread: detected against the other seeds' samples and in the paired difference
+        assert by["ddim", metric, "ancestral_1000"]["ci_low"] > 0 and by["ddim", metric, "data"]["diff_low"] > 0
     summary = "\n".join(frontier.reach_summary(records))
-    assert "within that interval" in summary and "ddim does not reach it" in summary
+    assert "free-x0/block/w8 at 1000 steps: no difference detectable" in summary
+    assert "ddim: a loss is detectable up to N=5" in summary and "the largest N run" in summary
     table = frontier.frontier_table(records)
-    assert table.count("\n") == 2 + 3 - 1
+    assert table.count("\n") == 2 + 3 - 1 and table.count("|") == 5 * (4 + 3 * 2 + 1)
 
 
 def test_conditional_target_refused():
@@ -291,6 +322,10 @@ def test_script_writes_json_plot_and_page(tmp_path, capsys):
     text = page.read_text()
     assert text.startswith("# Frontier\n\nHand-written notes.") and "old run" not in text
     assert "![quality against sequential target calls](f.png)" in text and "### toy2d" in text
+    # --from-json redraws the page and plot from the records, without sampling
+    (tmp_path / "f.png").unlink()
+    again = script.main(["--from-json", str(out), "--plot", str(tmp_path / "f.png"), "--markdown", str(page)])
+    assert again == records and (tmp_path / "f.png").exists() and "redrawn from" in page.read_text()
 
 
 @pytest.mark.parametrize("argv,expected", [

@@ -155,11 +155,29 @@ METRICS = {
 }
 
 
-def metric_with_interval(metric: str, x: torch.Tensor, y: torch.Tensor, num_resamples: int = NUM_RESAMPLES,
-                         seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
-    """(value, low, high) of `metric` between x and y, both sets resampled independently (seeds seed, seed + 1)."""
+def metric_replicates(metric: str, x: torch.Tensor, y: torch.Tensor, num_resamples: int = NUM_RESAMPLES,
+                      seed: int = 0) -> torch.Tensor:
+    """(1 + num_resamples,) values of `metric` between x and y: observed, then resamples of both sets drawn
+    independently (seeds seed, seed + 1). The resamples depend only on the set sizes and seeds, so two samplers
+    with the same seeds per row share them: their difference is a paired bootstrap (`paired_difference`)."""
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {sorted(METRICS)}, got {metric!r}")
     wx = bootstrap_counts(len(x), num_resamples, seed).to(x.device)
     wy = bootstrap_counts(len(y), num_resamples, seed + 1).to(x.device)
-    return shifted_percentile_interval(METRICS[metric][0](x, y, wx, wy).cpu(), level)
+    return METRICS[metric][0](x, y, wx, wy).cpu()
+
+
+def metric_with_interval(metric: str, x: torch.Tensor, y: torch.Tensor, num_resamples: int = NUM_RESAMPLES,
+                         seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+    """(value, low, high) of `metric` between x and y (`metric_replicates`, `shifted_percentile_interval`)."""
+    return shifted_percentile_interval(metric_replicates(metric, x, y, num_resamples, seed), level)
+
+
+def paired_difference(replicates: torch.Tensor, baseline: torch.Tensor,
+                      level: float = LEVEL) -> tuple[float, float, float]:
+    """(difference, low, high) of a metric minus a baseline's, both computed on the same resamples (same sizes,
+    seeds and reference): the reference's noise and what the two samples share cancel in the difference."""
+    if replicates.shape != baseline.shape:
+        raise ValueError(f"paired_difference: replicates of shapes {tuple(replicates.shape)} and "
+                         f"{tuple(baseline.shape)} are not paired; use the same num_resamples and sample sizes")
+    return shifted_percentile_interval(replicates - baseline, level)

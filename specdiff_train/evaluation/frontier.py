@@ -23,7 +23,7 @@ import torch
 from ..sampling import ancestral_sample
 from ..solvers import SOLVERS, solver_sample
 from ..speculative import speculative_sample
-from .bootstrap import METRICS, NUM_RESAMPLES, metric_with_interval
+from .bootstrap import METRICS, NUM_RESAMPLES, metric_replicates, paired_difference, shifted_percentile_interval
 
 FAMILIES = ("ancestral", *SOLVERS, "speculative")
 ANCESTRAL_STEPS = (10, 20, 50, 100, 200, 1000)
@@ -92,8 +92,10 @@ def default_metrics(sample_shape: Sequence[int]) -> list[str]:
 def frontier_points(families: Sequence[str], *, drafters: Sequence[str] = ("free-x0",), windows: Sequence = (8,),
                     verifier: str = "block", ancestral_steps: Sequence[int] = ANCESTRAL_STEPS,
                     solver_steps: Sequence[int] = SOLVER_STEPS, speculative_steps: Sequence[int] = SPECULATIVE_STEPS,
-                    num_train_steps: int = 1000) -> list[FrontierPoint]:
-    """Every point of the frontier, checked (one-line errors naming the option)."""
+                    num_train_steps: int = 1000, drafter_steps: dict[str, Sequence[int]] | None = None
+                    ) -> list[FrontierPoint]:
+    """Every point of the frontier, checked (one-line errors naming the option). `drafter_steps` limits a drafter
+    to the speculative step counts it was trained for (a learned drafter's checkpoint records one)."""
     families = check_families(families)
     steps = {"ancestral": check_steps("ancestral_steps", ancestral_steps, num_train_steps),
              "solver": check_steps("solver_steps", solver_steps, num_train_steps),
@@ -109,8 +111,10 @@ def frontier_points(families: Sequence[str], *, drafters: Sequence[str] = ("free
         elif family in SOLVERS:
             points += [FrontierPoint(family, n) for n in steps["solver"]]
         else:
+            only = drafter_steps or {}
             points += [FrontierPoint("speculative", n, drafter, window, verifier)
-                       for n in steps["speculative"] for drafter in drafters for window in windows]
+                       for n in steps["speculative"] for drafter in drafters for window in windows
+                       if drafter not in only or n in only[drafter]]
     return points
 
 
@@ -157,17 +161,34 @@ def batch_one_seconds(model, point: FrontierPoint, seeds: Sequence[int], make_dr
 def quality(samples: torch.Tensor, references: dict[str, torch.Tensor], metrics: Sequence[str],
             features: Callable[[torch.Tensor], torch.Tensor] | None, num_resamples: int = NUM_RESAMPLES,
             seed: int = 0) -> list[dict]:
-    """{metric, reference, value, ci_low, ci_high} for each metric x reference (references already in the
-    metric's space: features for image metrics)."""
+    """{metric, reference, value, ci_low, ci_high, num_reference, replicates} for each metric x reference
+    (references already in the metric's space: features for image metrics); `replicates` (a tensor) is
+    what `with_paired_differences` pairs, and is not for the JSON."""
     rows = []
     for metric in metrics:
         x = features(samples) if METRICS[metric][1] else samples
         for name, reference in references.items():
             y = reference[metric]
-            value, low, high = metric_with_interval(metric, x, y, num_resamples, seed)
+            replicates = metric_replicates(metric, x, y, num_resamples, seed)
+            value, low, high = shifted_percentile_interval(replicates)
             rows.append(dict(metric=metric, reference=name, value=value, ci_low=low, ci_high=high,
-                             num_reference=len(y)))
+                             num_reference=len(y), replicates=replicates))
     return rows
+
+
+def with_paired_differences(records: list[dict]) -> list[dict]:
+    """The records without their replicates, and with `diff`, `diff_low`, `diff_high`: the metric minus the
+    1000-step ancestral point's on the same resamples (same seeds, same reference), a paired 95% interval;
+    None when the run has no such point."""
+    anchors = {(r["metric"], r["reference"]): r["replicates"] for r in records
+               if r["family"] == "ancestral" and r["num_steps"] == REFERENCE_STEPS}
+    out = []
+    for record in records:
+        anchor = anchors.get((record["metric"], record["reference"]))
+        diff = (None,) * 3 if anchor is None else paired_difference(record["replicates"], anchor)
+        plain = {k: v for k, v in record.items() if k != "replicates"}
+        out.append({**plain, **dict(zip(("diff", "diff_low", "diff_high"), diff))})
+    return out
 
 
 def run_frontier(model, target: str, points: Sequence[FrontierPoint], *, data: torch.Tensor, num_samples: int,
@@ -223,7 +244,7 @@ def run_frontier(model, target: str, points: Sequence[FrontierPoint], *, data: t
         shown = ", ".join(f"{r['metric']} {r['value']:.4g}" for r in rows if r["reference"] == "data")
         log(f"[{target}] {point.method} N={point.num_steps}: {sampled.calls_per_sample:.1f} calls/sample, "
             f"{shown} ({time.perf_counter() - start:.0f} s)")
-    return records
+    return with_paired_differences(records)
 
 
 def _checked_run(model, target: str, points, metrics, feature_extractor, factories: dict) -> list[str]:
@@ -242,7 +263,7 @@ def _checked_run(model, target: str, points, metrics, feature_extractor, factori
 
 # --- reporting ------------------------------------------------------------------------------------
 def _interval(row: dict) -> str:
-    return f"{row['value']:.4g} [{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
+    return f"{row['value']:.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
 
 
 def _ordered_metrics(records: list[dict]) -> list[str]:
@@ -261,58 +282,78 @@ def points_of(records: list[dict]) -> dict[tuple[str, int], dict[tuple[str, str]
     return out
 
 
+def _difference(row: dict) -> str:
+    return "-" if row.get("diff") is None else f"{row['diff']:+.3g} [{row['diff_low']:+.3g}, {row['diff_high']:+.3g}]"
+
+
 def frontier_table(records: list[dict]) -> str:
-    """One markdown table of one target's records: a row per point, a column per metric x reference."""
-    metrics, references = _ordered_metrics(records), _references(records)
-    columns = [(m, ref) for ref in references for m in metrics]
-    head = ("| method | N | calls/sample | batch-1 time (x ancestral 100) | "
-            + " | ".join(f"{m} to {ref.replace('_', '-')}" for m, ref in columns) + " |")
-    lines = [head, "|" + "---|" * (4 + len(columns))]
+    """One markdown table of one target's records: a row per point; per metric its value to the data, its paired
+    difference to the 1000-step ancestral point's, and its value to the 1000-step sampler's samples (other seeds)."""
+    metrics = _ordered_metrics(records)
+    reference = f"ancestral_{REFERENCE_STEPS}"
+    titles = ([f"{m} to data" for m in metrics] + [f"{m} minus ancestral {REFERENCE_STEPS}'s (paired)" for m in metrics]
+              + [f"{m} to ancestral-{REFERENCE_STEPS} samples" for m in metrics])
+    lines = ["| method | N | calls/sample | batch-1 time (x ancestral 100) | " + " | ".join(titles) + " |",
+             "|" + "---|" * (4 + len(titles))]
     for (method, steps), row in points_of(records).items():
         first = next(iter(row.values()))
         ratio = first["wall_clock_ratio"]
+        cells = ([_interval(row[m, "data"]) if (m, "data") in row else "-" for m in metrics]
+                 + [_difference(row[m, "data"]) if (m, "data") in row else "-" for m in metrics]
+                 + [_interval(row[m, reference]) if (m, reference) in row else "-" for m in metrics])
         lines.append(f"| {method} | {steps} | {first['calls_per_sample']:.1f} | "
-                     + ("-" if ratio is None else f"{ratio:.2f}") + " | "
-                     + " | ".join(_interval(row[c]) if c in row else "-" for c in columns) + " |")
+                     + ("-" if ratio is None else f"{ratio:.2f}") + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def reaches(row: dict, reference_row: dict) -> bool:
-    """A point reaches the reference's quality when its value is not above the reference's interval."""
-    return row["value"] <= reference_row["ci_high"]
+def detectable_loss(row: dict) -> bool:
+    """Worse than the 1000-step ancestral sampler, detectably: the paired difference's interval lies above 0."""
+    return row["diff_low"] > 0.0
+
+
+def _family_sentence(family: str, rows: list[dict]) -> str:
+    """Where a family's loss against the 1000-step sampler stops being detectable (rows sorted by N)."""
+    lossy = [r for r in rows if detectable_loss(r)]
+    if not lossy:
+        return (f"  - {family}: no loss detectable at any N run, down to N={rows[0]['num_steps']} (paired difference "
+                f"{_difference(rows[0])}).")
+    last = lossy[-1]
+    above = [r for r in rows if r["num_steps"] > last["num_steps"]]
+    text = (f"  - {family}: a loss is detectable up to N={last['num_steps']} (paired difference {_difference(last)})"
+            + ("" if len(lossy) == len([r for r in rows if r["num_steps"] <= last["num_steps"]])
+               else ", not at every N below it"))
+    if not above:
+        return text + ", the largest N run: it does not reach 1000-step quality here."
+    return text + (f"; none from N={above[0]['num_steps']} ({above[0]['calls_per_sample']:.0f} calls) on "
+                   f"(paired difference {_difference(above[0])}).")
 
 
 def reach_summary(records: list[dict], reference: str = "data") -> list[str]:
-    """Plain sentences, from the numbers: per metric, the 1000-step ancestral quality, whether each speculative
-    1000-step point lies within its interval and at what calls, and the fewest calls at which each solver (and
-    respaced ancestral sampling) reaches it, or that it does not."""
+    """Plain sentences from the numbers, per metric: the 1000-step ancestral quality; whether each speculative
+    1000-step point differs from it detectably (paired interval excluding 0) and at how many calls; for each
+    other sampler, up to which N a loss against it is detectable at this sample size."""
     points = points_of(records)
     lines = []
     for metric in _ordered_metrics(records):
         anchor = points.get(("ancestral", REFERENCE_STEPS), {}).get((metric, reference))
         if anchor is None:
             continue
-        lines.append(f"- **{metric}** to {reference}: ancestral sampling at {REFERENCE_STEPS} steps gives "
+        lines.append(f"- **{metric}** to the {reference}: ancestral sampling at {REFERENCE_STEPS} steps gives "
                      f"{_interval(anchor)}.")
         for (method, steps), row in points.items():
             r = row.get((metric, reference))
             if r and r["family"] == "speculative" and steps == REFERENCE_STEPS:
-                where = "within" if anchor["ci_low"] <= r["value"] <= anchor["ci_high"] else "outside"
-                lines.append(f"  - {method}: {_interval(r)}, {where} that interval, at {r['calls_per_sample']:.1f} "
-                             f"calls/sample ({REFERENCE_STEPS / r['calls_per_sample']:.1f}x fewer).")
-        families = dict.fromkeys(r["family"] for r in records if r["family"] != "speculative")
-        for family in families:
-            rows = sorted((r for (method, _), row in points.items() for (m, ref), r in row.items()
-                           if method == family and m == metric and ref == reference and
-                           not (family == "ancestral" and r["num_steps"] == REFERENCE_STEPS)),
+                same = "no difference detectable" if r["diff_low"] <= 0.0 <= r["diff_high"] else "a detectable difference"
+                lines.append(f"  - {method} at {REFERENCE_STEPS} steps: {same} (paired difference {_difference(r)}), "
+                             f"at {r['calls_per_sample']:.1f} calls/sample ({REFERENCE_STEPS / r['calls_per_sample']:.1f}x "
+                             "fewer).")
+        for family in dict.fromkeys(r["family"] for r in records if r["family"] != "speculative"):
+            rows = sorted((row[metric, reference] for (method, steps), row in points.items()
+                           if method == family and (metric, reference) in row
+                           and not (family == "ancestral" and steps == REFERENCE_STEPS)),
                           key=lambda r: r["num_steps"])
-            hit = next((r for r in rows if reaches(r, anchor)), None)
-            if hit is None and rows:
-                best = min(rows, key=lambda r: r["value"])
-                lines.append(f"  - {family} does not reach it at {', '.join(str(r['num_steps']) for r in rows)} steps "
-                             f"(best {_interval(best)} at N={best['num_steps']}).")
-            elif hit is not None:
-                lines.append(f"  - {family} reaches it at {hit['calls_per_sample']:.0f} calls ({_interval(hit)}).")
+            if rows:
+                lines.append(_family_sentence(family, rows))
     return lines
 
 
@@ -332,6 +373,11 @@ def frontier_plot(records: list[dict], path: str | Path | None = None):
         mine = [r for r in records if r["target"] == target and r["reference"] == reference]
         for j, metric in enumerate(_ordered_metrics(mine)):
             ax = axes[i][j]
+            anchor = [r for r in mine if r["metric"] == metric and r["family"] == "ancestral"
+                      and r["num_steps"] == REFERENCE_STEPS]
+            if anchor:
+                ax.axhspan(anchor[0]["ci_low"], anchor[0]["ci_high"], color="0.85", zorder=0,
+                           label=f"ancestral {REFERENCE_STEPS} steps, 95%")
             for method in dict.fromkeys(r["method"] for r in mine):
                 line = sorted((r for r in mine if r["method"] == method and r["metric"] == metric),
                               key=lambda r: r["calls_per_sample"])
