@@ -162,7 +162,10 @@ def markdown_section(records: list[dict], args, argv, plot: Path | None, page: P
 
 def write_markdown(path: Path, section: str) -> None:
     old = path.read_text() if path.exists() else ""
-    head = old.split(MARKER, 1)[0] if MARKER in old else "# The quality-cost frontier\n\n"
+    if MARKER in old:
+        head = old.split(MARKER, 1)[0]
+    else:  # a page without the marker yet: all of it is hand-written, keep it above the run
+        head = (old.rstrip("\n") + "\n\n") if old.strip() else "# The quality-cost frontier\n\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + MARKER + "\n\n" + section)
     print(f"wrote {path}")

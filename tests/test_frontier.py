@@ -322,6 +322,11 @@ def test_script_writes_json_plot_and_page(tmp_path, capsys):
     text = page.read_text()
     assert text.startswith("# Frontier\n\nHand-written notes.") and "old run" not in text
     assert "![quality against sequential target calls](f.png)" in text and "### toy2d" in text
+    # a page without the marker keeps all its text above the run
+    fresh = tmp_path / "fresh.md"
+    fresh.write_text("# Notes\n\nkeep me\n")
+    script.main(["--from-json", str(out), "--markdown", str(fresh)])
+    assert fresh.read_text().startswith("# Notes\n\nkeep me\n\n" + script.MARKER)
     # --from-json redraws the page and plot from the records, without sampling
     (tmp_path / "f.png").unlink()
     again = script.main(["--from-json", str(out), "--plot", str(tmp_path / "f.png"), "--markdown", str(page)])
