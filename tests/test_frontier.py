@@ -283,6 +283,30 @@ def test_run_frontier_records_and_exactness():
     assert table.count("\n") == 2 + 3 - 1 and table.count("|") == 5 * (4 + 3 * 2 + 1)
 
 
+def _record(family, steps, diff, low, high, calls=None, metric="fid"):
+    return dict(target="t", method=family, family=family, num_steps=steps, calls_per_sample=calls or steps,
+                wall_clock_ratio=None, metric=metric, reference="data", value=1.0 + diff, ci_low=0.5 + diff,
+                ci_high=1.5 + diff, num_samples=100, diff=diff, diff_low=low, diff_high=high)
+
+
+def test_reach_summary_reads_the_paired_intervals():
+    """A loss counts as detectable only when the paired interval lies above 0, not when the point estimate does:
+    N=10 here is worse in its point estimate but not detectably; a non-monotone family says so."""
+    records = [_record("ancestral", 1000, 0.0, 0.0, 0.0),
+               _record("ddim", 5, 3.0, 2.0, 4.0), _record("ddim", 10, 0.4, -0.2, 1.0), _record("ddim", 20, -0.1, -0.6, 0.4),
+               _record("dpm-solver++", 5, 2.0, 1.0, 3.0), _record("dpm-solver++", 10, 0.1, -0.5, 0.7),
+               _record("dpm-solver++", 20, 0.9, 0.1, 1.7),
+               _record("speculative", 1000, 0.3, 0.05, 0.6, calls=125.0)]
+    records[-1]["method"] = "speculative free-x0/block/w8"
+    lines = frontier.reach_summary(records)
+    assert lines[0].startswith("- **fid** to the data: ancestral sampling at 1000 steps gives 1 [0.5, 1.5]")
+    assert "speculative free-x0/block/w8 at 1000 steps: a detectable difference" in lines[1]
+    assert "(8.0x fewer)" in lines[1]
+    assert lines[2].startswith("  - ddim: a loss is detectable up to N=5 ") and "none from N=10 (10 calls) on" in lines[2]
+    assert lines[3].startswith("  - dpm-solver++: a loss is detectable up to N=20 ")
+    assert "not at every N below it" in lines[3] and "the largest N run" in lines[3]
+
+
 def test_conditional_target_refused():
     class Conditional(_Gaussian2d):
         num_classes = 10
