@@ -113,6 +113,11 @@ def run_target(name: str, args, log) -> list[dict]:
                                       speculative_steps=args.speculative_steps,
                                       num_train_steps=model.schedule.num_train_steps,
                                       drafter_steps=trained_steps(ckpt.parent, names))
+    for drafter, steps in trained_steps(ckpt.parent, names).items():
+        skipped = [n for n in args.speculative_steps if n not in steps]
+        if skipped and "speculative" in args.methods:
+            print(f"[{name}] {drafter} runs at {steps[0]} steps only, the step count it was distilled for "
+                  f"(not at {', '.join(map(str, skipped))})", flush=True)
     extractor = None
     if any(frontier.METRICS[m][1] for m in metrics):
         from specdiff_train.evaluation.command import image_feature_extractor

@@ -229,6 +229,12 @@ def test_frontier_points_and_bad_input():
         frontier.frontier_points(["speculative"], speculative_steps=[1])
     one_line_error(excinfo, "speculative_steps", "at least 2")
     with pytest.raises(ValueError) as excinfo:
+        frontier.frontier_points(["speculative"], windows=[8, "automatic"])
+    one_line_error(excinfo, "window", "'automatic'")
+    with pytest.raises(ValueError) as excinfo:
+        frontier.frontier_points(["speculative"], verifier="blocks")
+    one_line_error(excinfo, "blocks")
+    with pytest.raises(ValueError) as excinfo:
         frontier.check_metrics(["fid"], (2,), "toy2d")
     one_line_error(excinfo, "metrics", "fid", "toy2d", "(2,)", "energy")
     with pytest.raises(ValueError) as excinfo:
@@ -307,10 +313,15 @@ def test_reach_summary_reads_the_paired_intervals():
     assert "not at every N below it" in lines[3] and "the largest N run" in lines[3]
 
 
-def test_conditional_target_refused():
+def test_conditional_target_and_solver_on_edm_refused_before_sampling():
     class Conditional(_Gaussian2d):
         num_classes = 10
 
+    edm = EDMSchedule()
+    with pytest.raises(ValueError) as excinfo:
+        frontier.run_frontier(_Gaussian2d(edm, torch.tensor(0.0), 1.0), "edm", frontier.frontier_points(["ddim"]),
+                              data=torch.zeros(4, 2), num_samples=4, metrics=["energy"])
+    one_line_error(excinfo, "ddim", "EDMSchedule")
     schedule = DDPMSchedule(1000)
     with pytest.raises(ValueError) as excinfo:
         frontier.run_frontier(Conditional(schedule, torch.tensor(0.0), 1.0), "cond", [], data=torch.zeros(4, 2),

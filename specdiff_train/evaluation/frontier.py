@@ -22,7 +22,10 @@ import torch
 
 from ..sampling import ancestral_sample
 from ..solvers import SOLVERS, solver_sample
+from ..solvers import check_solver
 from ..speculative import speculative_sample
+from ..speculative.verifiers import parse_verifier
+from ..speculative.windows import as_window_policy
 from .bootstrap import METRICS, NUM_RESAMPLES, metric_replicates, paired_difference, shifted_percentile_interval
 
 FAMILIES = ("ancestral", *SOLVERS, "speculative")
@@ -104,6 +107,10 @@ def frontier_points(families: Sequence[str], *, drafters: Sequence[str] = ("free
         raise ValueError("speculative_steps: speculative sampling needs at least 2 steps (the last step is noiseless)")
     if "speculative" in families and not (drafters and windows):
         raise ValueError("drafters / windows: speculative points need at least one drafter and one window")
+    if "speculative" in families:
+        for window in windows:
+            as_window_policy(window)  # "window: unknown policy ..." before any sampling
+        parse_verifier(verifier)
     points = []
     for family in families:
         if family == "ancestral":
@@ -252,6 +259,8 @@ def _checked_run(model, target: str, points, metrics, feature_extractor, factori
     if getattr(model, "num_classes", 0):
         raise ValueError(f"{target}: the frontier samples unconditional targets; this one is class-conditional")
     metrics = check_metrics(metrics, model.sample_shape, target)
+    for solver in dict.fromkeys(p.family for p in points if p.family in SOLVERS):
+        check_solver(solver, model.schedule)  # e.g. an EDM target: refused before any sampling
     if any(METRICS[m][1] for m in metrics) and feature_extractor is None:
         raise ValueError(f"metrics: FID / KID on {target} need a feature network for images of shape "
                          f"{tuple(model.sample_shape)}; pass one (--feature-net) or use {' or '.join(VECTOR_METRICS)}")
