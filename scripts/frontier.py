@@ -86,16 +86,23 @@ def trained_steps(target_dir: Path, names: list[str]) -> dict[str, list[int]]:
     return out
 
 
+HELD_OUT_SEED_OFFSET = 1_000_003  # toy2d's held-out draws: the training data's seed plus this
+
+
 def held_out_data(name: str, num: int) -> torch.Tensor:
-    """`num` data points of the target's dataset (configs/target/NAME.yaml), from its validation split when that
-    is large enough (toy2d: fresh draws never trained on), else from its training split (digits: 90 held-out
-    images are too few for FID)."""
+    """`num` data points of the target's dataset (configs/target/NAME.yaml) that it did not train on where the
+    data allow: toy2d, a generator, gives fresh draws from another seed; a fixed dataset, its validation split
+    when that holds `num` points, else its training split (digits: its 90 held-out images are too few for FID)."""
     from omegaconf import OmegaConf
 
     from specdiff_train.data import DiffusionDataModule
+    from specdiff_train.data.toy2d import make_toy2d
 
-    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "target" / f"{name}.yaml"))
-    return DiffusionDataModule(**config["data"]["init_args"]).reference_samples(num, seed=1)
+    init = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "target" / f"{name}.yaml"))["data"]["init_args"]
+    data = DiffusionDataModule(**init)
+    if data.dataset == "toy2d":
+        return torch.from_numpy(make_toy2d(data.name, num, seed=data.seed + HELD_OUT_SEED_OFFSET))
+    return data.reference_samples(num, seed=1)
 
 
 def run_target(name: str, args, log) -> list[dict]:

@@ -374,6 +374,24 @@ def test_script_writes_json_plot_and_page(tmp_path, capsys):
     assert again == records and (tmp_path / "f.png").exists() and "redrawn from" in page.read_text()
 
 
+def test_toy2d_reference_data_is_never_trained_on():
+    """toy2d's data reference: fresh draws of the distribution, none of them a point the target trained on (its
+    validation split holds 2500 points, fewer than the frontier's 4000)."""
+    from omegaconf import OmegaConf
+
+    from specdiff_train.data import DiffusionDataModule
+
+    script = _script()
+    held_out = script.held_out_data("toy2d", 4000)
+    init = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/target/toy2d.yaml"))["data"]["init_args"]
+    data = DiffusionDataModule(**init)
+    data.setup()
+    training = data._source[0] if isinstance(data._source, tuple) else data._source
+    assert held_out.shape == (4000, 2) and len(training) == 50_000
+    assert not {tuple(p) for p in held_out.tolist()} & {tuple(p) for p in training.tolist()}
+    assert abs(held_out.norm(dim=1).mean().item() - training.norm(dim=1).mean().item()) < 0.02  # the same law
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--methods", "ancestral", "euler"], "unknown method 'euler'"),
     (["--ancestral-steps", "0"], "ancestral_steps"),
