@@ -167,7 +167,7 @@ def test_diffusers_ddim_is_our_ddim_eta0_chain(prediction):
     """diffusers' DDIMScheduler (eta 0) run by `solver_sample` gives, seed for seed, the samples of our DDIM(eta=0)
     chain: the same initial noise and the same deterministic steps."""
     pytest.importorskip("diffusers")
-    from specdiff_train.solvers import solver_sample
+    from specdiff_train.evaluation.solvers import solver_sample
 
     schedule = DDPMSchedule(1000, prediction=prediction)
     model = GaussianDataDenoiser(schedule, torch.tensor(0.5), 0.25)
@@ -180,7 +180,7 @@ def test_solvers_converge_to_the_data_law():
     """On Gaussian data N(0.5, 0.5^2) (exact denoiser) the probability-flow ODE maps noise onto the data law:
     both solvers' sample std approaches 0.5 as steps grow, DPM-Solver++(2M) faster than DDIM."""
     pytest.importorskip("diffusers")
-    from specdiff_train.solvers import solver_sample
+    from specdiff_train.evaluation.solvers import solver_sample
 
     schedule = DDPMSchedule(1000)
     model = GaussianDataDenoiser(schedule, torch.tensor(0.5), 0.25)
@@ -198,7 +198,7 @@ def test_solvers_converge_to_the_data_law():
 
 def test_solver_errors():
     pytest.importorskip("diffusers")
-    from specdiff_train.solvers import solver_sample
+    from specdiff_train.evaluation.solvers import solver_sample
 
     schedule = DDPMSchedule(1000)
     model = GaussianDataDenoiser(schedule, torch.tensor(0.0), 1.0)

@@ -22,8 +22,7 @@ LAYERS = [
                       "specdiff_train.sampling_stats", "specdiff_train.config_io", "specdiff_train.errors",
                       "specdiff_train.optim", "specdiff_train.plotting", "specdiff_train.callbacks",
                       "specdiff_train._aranges", "specdiff_train.compiling", "specdiff_train.guidance",
-                      "specdiff_train.chains", "specdiff_train.edm", "specdiff_train.flow",
-                      "specdiff_train.solvers"]),
+                      "specdiff_train.chains", "specdiff_train.edm", "specdiff_train.flow"]),
     ("nets", ["specdiff_train.nets"]),
     ("data", ["specdiff_train.data"]),
     ("models", ["specdiff_train.models"]),  # targets and their checkpoints

@@ -21,11 +21,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..sampling import ancestral_sample
-from ..solvers import SOLVERS, solver_sample
-from ..solvers import check_solver
 from ..speculative import speculative_sample
 from ..speculative.verifiers import parse_verifier
 from ..speculative.windows import as_window_policy
+from .solvers import SOLVERS, check_solver, solver_sample
 from .bootstrap import METRICS, NUM_RESAMPLES, metric_replicates, paired_difference, shifted_percentile_interval
 
 FAMILIES = ("ancestral", *SOLVERS, "speculative")

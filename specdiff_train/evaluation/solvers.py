@@ -21,12 +21,14 @@ from typing import Sequence
 
 import torch
 
-from .diffusion import DDPMSchedule
-from .sampling import check_sample_shape, conditioning, initial_noise, model_device_dtype, state_dtype
+from ..diffusion import DDPMSchedule
+from ..models.diffusers_target import BETA_SCHEDULES, PREDICTIONS
+from ..sampling import check_sample_shape, conditioning, initial_noise, model_device_dtype, state_dtype
 
 SOLVERS = ("ddim", "dpm-solver++")
-_PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+# Our schedule's names -> diffusers' (the inverse of what loading a diffusers pipeline maps).
+_PREDICTION_TYPES = {ours: theirs for theirs, ours in PREDICTIONS.items()}
+_BETA_SCHEDULES = {ours: theirs for theirs, ours in BETA_SCHEDULES.items()}
 INSTALL_HINT = 'the solvers run through diffusers: pip install -e ".[diffusers]"'
 
 
