@@ -115,12 +115,12 @@ def run_target(name: str, args, log) -> list[dict]:
     shape = tuple(model.sample_shape)
     metrics = frontier.check_metrics(args.metrics or frontier.default_metrics(shape), shape, name)
     names = args.drafters or ["free-x0", *(n for n in LEARNED if (ckpt.parent / f"{n}.ckpt").exists())]
+    distilled_for = trained_steps(ckpt.parent, names)
     points = frontier.frontier_points(args.methods, drafters=names, windows=args.windows, verifier=args.verifier,
                                       ancestral_steps=args.ancestral_steps, solver_steps=args.solver_steps,
                                       speculative_steps=args.speculative_steps,
-                                      num_train_steps=model.schedule.num_train_steps,
-                                      drafter_steps=trained_steps(ckpt.parent, names))
-    for drafter, steps in trained_steps(ckpt.parent, names).items():
+                                      num_train_steps=model.schedule.num_train_steps, drafter_steps=distilled_for)
+    for drafter, steps in distilled_for.items():
         skipped = [n for n in args.speculative_steps if n not in steps]
         if skipped and "speculative" in args.methods:
             print(f"[{name}] {drafter} runs at {steps[0]} steps only, the step count it was distilled for "

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .metrics import flatten_pair, median_bandwidth, pairwise_distances
+from .metrics import Kernel, energy_kernel, flatten_pair, median_bandwidth, pairwise_distances, rbf_kernel
 
 NUM_RESAMPLES = 200
 LEVEL = 0.95
@@ -89,13 +89,16 @@ def kernel_discrepancy(x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: t
     return _within(x, wx, kernel) + _within(y, wy, kernel) - 2 * xy
 
 
-def energy_pair_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return -pairwise_distances(a, b)
+def on_distances(kernel: Kernel) -> PairKernel:
+    """A kernel of distances (`metrics.energy_kernel`, `metrics.rbf_kernel`) as a kernel of two point sets."""
+    return lambda a, b: kernel(pairwise_distances(a, b))
+
+
+energy_pair_kernel = on_distances(energy_kernel())
 
 
 def rbf_pair_kernel(bandwidth: float) -> PairKernel:
-    scale = -0.5 / bandwidth**2
-    return lambda a, b: torch.exp(scale * pairwise_distances(a, b) ** 2)
+    return on_distances(rbf_kernel(bandwidth))
 
 
 def polynomial_pair_kernel(dim: int) -> PairKernel:

@@ -164,18 +164,16 @@ def batch_one_seconds(model, point: FrontierPoint, seeds: Sequence[int], make_dr
     return statistics.median(times)
 
 
-def quality(samples: torch.Tensor, references: dict[str, torch.Tensor], metrics: Sequence[str],
-            features: Callable[[torch.Tensor], torch.Tensor] | None, num_resamples: int = NUM_RESAMPLES,
-            seed: int = 0) -> list[dict]:
-    """{metric, reference, value, ci_low, ci_high, num_reference, replicates} for each metric x reference
-    (references already in the metric's space: features for image metrics); `replicates` (a tensor) is
-    what `with_paired_differences` pairs, and is not for the JSON."""
+def quality(samples: dict[str, torch.Tensor], references: dict[str, dict[str, torch.Tensor]], metrics: Sequence[str],
+            num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> list[dict]:
+    """{metric, reference, value, ci_low, ci_high, num_reference, replicates} for each metric x reference. The
+    samples and each reference come in each metric's space (metric -> tensor: features for image metrics);
+    `replicates` (a tensor) is what `with_paired_differences` pairs, and is not for the JSON."""
     rows = []
     for metric in metrics:
-        x = features(samples) if METRICS[metric][1] else samples
         for name, reference in references.items():
             y = reference[metric]
-            replicates = metric_replicates(metric, x, y, num_resamples, seed)
+            replicates = metric_replicates(metric, samples[metric], y, num_resamples, seed)
             value, low, high = shifted_percentile_interval(replicates)
             rows.append(dict(metric=metric, reference=name, value=value, ci_low=low, ci_high=high,
                              num_reference=len(y), replicates=replicates))
@@ -221,12 +219,13 @@ def run_frontier(model, target: str, points: Sequence[FrontierPoint], *, data: t
     factories = drafter_factories or {}
     metrics = _checked_run(model, target, points, metrics, feature_extractor, factories)
 
-    def featurise(x: torch.Tensor) -> torch.Tensor:
-        from .features import extract_features
-        return extract_features(x, feature_extractor)
-
     def in_metric_spaces(x: torch.Tensor) -> dict:
-        return {m: featurise(x) if METRICS[m][1] else x for m in metrics}
+        """metric -> x in its space; the image features are extracted once for FID and KID alike."""
+        if not any(METRICS[m][1] for m in metrics):
+            return dict.fromkeys(metrics, x)
+        from .features import extract_features
+        features = extract_features(x, feature_extractor)
+        return {m: features if METRICS[m][1] else x for m in metrics}
 
     seeds = list(range(num_samples))
     log(f"[{target}] reference: ancestral sampling, {REFERENCE_STEPS} steps, {num_samples} other seeds")
@@ -245,7 +244,7 @@ def run_frontier(model, target: str, points: Sequence[FrontierPoint], *, data: t
                     calls_per_sample=sampled.calls_per_sample, wall_clock_ratio=ratio, num_samples=num_samples,
                     drafter=point.drafter, window=point.window, verifier=point.verifier if point.drafter else None,
                     **sampled.extra)
-        rows = quality(sampled.samples, references, metrics, featurise, num_resamples)
+        rows = quality(in_metric_spaces(sampled.samples), references, metrics, num_resamples)
         records += [{**base, **row} for row in rows]
         shown = ", ".join(f"{r['metric']} {r['value']:.4g}" for r in rows if r["reference"] == "data")
         log(f"[{target}] {point.method} N={point.num_steps}: {sampled.calls_per_sample:.1f} calls/sample, "
