@@ -55,13 +55,9 @@ sys.path.insert(0, str(ROOT))
 from specdiff_train.models import load_target  # noqa: E402
 from specdiff_train.overhead import ancestral_overhead, speculative_overhead  # noqa: E402
 from specdiff_train.sampling import ancestral_sample  # noqa: E402
-from specdiff_train.speculative import (  # noqa: E402
-    DraftNetworkDrafter,
-    MedusaDrafter,
-    relative_draft_cost,
-    speculative_sample,
-)
+from specdiff_train.speculative import relative_draft_cost, speculative_sample  # noqa: E402
 from specdiff_train.drafters import training_free_drafters  # noqa: E402
+from specdiff_train.drafters.shipped import LEARNED_KINDS, learned_drafters_beside  # noqa: E402
 from specdiff_train.diffusion import DDPMAncestral  # noqa: E402
 from specdiff_train.evaluation.chain_options import chain_from_name, names_help, resolve_chains  # noqa: E402
 from specdiff_train.speculative.windows import as_window_policy  # noqa: E402
@@ -70,13 +66,6 @@ TRAINING_FREE = training_free_drafters()
 VERIFIERS = {"block": dict(verifier="block"), "tokenwise": dict(verifier="tokenwise")}
 
 
-LEARNED = {"draftnet": DraftNetworkDrafter, "medusa": MedusaDrafter}
-
-
-def learned_drafters(target_dir: Path, names) -> dict:
-    """Learned drafters whose checkpoints sit beside the target (draftnet.ckpt, medusa.ckpt)."""
-    return {name: (lambda cls=LEARNED[name], path=target_dir / f"{name}.ckpt": cls(str(path)))
-            for name in names if (target_dir / f"{name}.ckpt").exists()}
 
 
 def window_arg(token: str) -> int | str:
@@ -145,7 +134,7 @@ def run_target(name: str, args, target=None, chain=None, target_dir: Path | None
     target = target if target is not None else load_target(target_dir / "target.ckpt")
     shape, schedule = tuple(target.sample_shape), target.schedule
     drafters = {k: TRAINING_FREE[k] for k in args.drafters}
-    drafters.update(learned_drafters(target_dir, args.learned))
+    drafters.update(learned_drafters_beside(target_dir, args.learned))
     chain = schedule.plan(2, chain).chain  # the chain itself (the target's default when None)
     label, on_chain = target_label(name, chain), dict(chain=chain)
     rows = []
@@ -290,7 +279,7 @@ def main(argv=None):
                              f"{names_help()} (default: each target's own); each target runs those that fit its schedule")
     parser.add_argument("--num-steps", nargs="+", type=int, default=[100, 1000])
     parser.add_argument("--drafters", nargs="+", default=["frozen-eps", "free-eps", "free-x0"], choices=sorted(TRAINING_FREE))
-    parser.add_argument("--learned", nargs="*", default=sorted(LEARNED), choices=sorted(LEARNED),
+    parser.add_argument("--learned", nargs="*", default=sorted(LEARNED_KINDS), choices=sorted(LEARNED_KINDS),
                         help="learned drafters to add where checkpoints/<target>/<name>.ckpt exists")
     parser.add_argument("--windows", nargs="+", type=window_arg, default=[1, 3, 8],
                         help="fixed windows (ints) and/or policies: auto (cost-aware), heuristic; "
