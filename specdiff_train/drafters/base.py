@@ -142,6 +142,10 @@ class Drafter:
 
     #: set True to receive the target's features (`return_features=True`) in `observe`.
     wants_features: bool = False
+    #: names of the per-slot tensor attributes that `start_round` / `observe` modify (with `update`). A
+    #: compiled round works on copies of them and writes them back after its graph: a CUDA graph is not
+    #: recorded for a graph that modifies its inputs. A drafter that leaves one out samples the same, uncaptured.
+    round_state: tuple[str, ...] = ()
 
     def bind(self, context: DraftContext) -> None:
         """Called once per sampling run, before any chain joins."""

@@ -265,6 +265,8 @@ class MedusaDrafter(LearnedDrafter):
         drafter._set(head, schedule, sample_shape, chain=chain)
         return drafter
 
+    round_state = ("features", "anchor_state", "anchor_x0", "anchor_step", "has_anchor")
+
     def bind(self, context: DraftContext) -> None:
         super().bind(context)
         shape, cap, dev, dtype = context.sample_shape, context.capacity, context.device, context.dtype

@@ -26,6 +26,7 @@ class FrozenOutputDrafter(Drafter):
     output is used there (`frozen_x0`, kept only for such plans)."""
 
     drafts_first_step = True  # whether a window may start at step 0 (FreeDrafter: never)
+    round_state = ("frozen", "has_frozen", "frozen_x0")
 
     def __init__(self, freeze: str = "eps"):
         if freeze not in FREEZE_CHOICES:

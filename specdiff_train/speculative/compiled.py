@@ -15,7 +15,10 @@ What differs from an eager round, so that every round of a run reuses a few grap
   powers of two for adaptive ones): padded drafts are never used, so the samples are the
   same (noise is keyed by position);
 - no compaction (evaluation of all rows, corrections for all chains): data-dependent shapes are host reads;
-- the correction is computed in every round rather than only when the host read says a chain needs one.
+- the correction is computed in every round rather than only when the host read says a chain needs one;
+- the drafter's and policy's per-slot state (their `round_state`) is modified on copies inside the graph
+  and written back after it: a graph that modifies its inputs is not recorded as a CUDA graph (inductor
+  skips it, "mutated inputs"), and such a round ran launch by launch on a GPU.
 
 One graph per (capacity, padded width), and one per noise-buffer layout for plain rounds; dynamo reuses
 them in later calls with the same network, drafter, verifier and shapes. A drafter whose hooks cannot be
@@ -51,6 +54,8 @@ class CompiledRounds:
         self._check_only = compile_graphs(self._check_program, mode)
         self.cuda_graphs = uses_cuda_graphs(mode) and engine.pool.all_slots.device.type == "cuda"
         self.drafter_eager = False
+        owners = [engine.drafter] + ([engine.policy] if self.capturable_policy else [])
+        self.round_state = [(owner, name) for owner in owners for name in getattr(owner, "round_state", ())]
 
     # --- the programs (traced by dynamo; plain tensor code) ------------------------------------------
     def _draw(self, noise_tensors, chain_rounds, L: int):
@@ -99,11 +104,37 @@ class CompiledRounds:
             out["flags"] = host_flags(out["finished"], out["next_lengths"], out["advanced"], out["needs_correction"])
         return out
 
+    def _detach_state(self) -> list:
+        """In a program: point the round's state attributes at copies (the graph then modifies no input)."""
+        originals = [getattr(owner, name) for owner, name in self.round_state]
+        for (owner, name), value in zip(self.round_state, originals):
+            if value is not None:
+                setattr(owner, name, value.clone())
+        return originals
+
+    def _reattach_state(self, out: dict, originals: list) -> dict:
+        """In a program: the state's new values go out with the round's outputs; the originals come back."""
+        out["round_state"] = [getattr(owner, name) for owner, name in self.round_state]
+        for (owner, name), value in zip(self.round_state, originals):
+            setattr(owner, name, value)
+        return out
+
+    def _write_back_state(self, new_values: list) -> None:
+        """After the graph: the state's new values into its own tensors (a state first made by the graph,
+        such as Medusa's features, is copied out of the CUDA graphs' memory pool)."""
+        for (owner, name), new in zip(self.round_state, new_values):
+            current = getattr(owner, name)
+            if current is not None:
+                current.copy_(new)
+            elif new is not None:
+                setattr(owner, name, new.clone())
+
     def _speculative_program(self, x, n, lengths, live, chain_rounds, noise_tensors, L: int):
+        originals = self._detach_state()
         noise = self._draw(noise_tensors, chain_rounds, L)
         window, states, draft_means = self._drafts(x, n, lengths, noise, L)
         out = self._check(x, n, lengths, live, noise, window, states, draft_means)
-        return self._observe_learn_flags(out, n, lengths, live)
+        return self._reattach_state(self._observe_learn_flags(out, n, lengths, live), originals)
 
     def _check_program(self, x, n, lengths, live, noise, window_steps, states, draft_means):
         """The eager-drafter fallback's compiled part: the target call, verification and commit values."""
@@ -112,11 +143,11 @@ class CompiledRounds:
         return self._check(x, n, lengths, live, noise, window, states, draft_means)
 
     def _plain_program(self, x, n, lengths, live, chain_rounds, noise_tensors):
-        engine = self.engine
+        engine, originals = self.engine, self._detach_state()
         result, verification = engine._plain_round(engine.pool.all_slots, x, self._safe_steps(n),
                                                    self._draw(noise_tensors, chain_rounds, 0).xi)
         out = self._outcome(x, n, live, result, result.next_state, verification)
-        return self._observe_learn_flags(out, n, lengths, live)
+        return self._reattach_state(self._observe_learn_flags(out, n, lengths, live), originals)
 
     # --- what the engine calls ---------------------------------------------------------------------
     def run(self, x, n, lengths, live, chain_rounds, noise_tensors, L: int, plain: bool) -> dict:
@@ -139,6 +170,8 @@ class CompiledRounds:
                 out = self._eager_drafter_round(*args, L)  # raises if the rest cannot be captured either
                 self._warn_eager_drafter(err)
         target.count_traced()
+        if "round_state" in out:
+            self._write_back_state(out.pop("round_state"))
         if self.cuda_graphs:  # what the engine keeps must not live in the CUDA graphs' memory pool
             out.update({key: out[key].clone() for key in _KEPT if key in out})
         return out

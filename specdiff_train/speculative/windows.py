@@ -28,6 +28,7 @@ class WindowPolicy:
     between compiled rounds."""
 
     capturable = False
+    round_state: tuple[str, ...] = ()  # as `Drafter.round_state`: the tensors a captured `learn` modifies
 
     def start(self, plan, capacity: int, device) -> int:
         """Set up for a run of `plan` with `capacity` slots; return the longest window the policy will
@@ -103,6 +104,7 @@ class HeuristicWindow(WindowPolicy):
     """
 
     capturable = True
+    round_state = ("window",)
 
     def __init__(self, initial: int = 4, max_window: int = 16):
         self.initial = _check_window(initial, "initial")
