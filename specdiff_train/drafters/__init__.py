@@ -8,6 +8,8 @@ checkpoint format together.
   format and the drafter/target check; `cost.py`: a draft call's cost next to a target call.
 - `draftnet.py`: the distilled draft network (`DraftDistillation`, `DraftNetworkDrafter`, `load_draft_network`).
 - `medusa.py`: Medusa-like heads (`MLPHead`, `ConvHead`, `HeadDistillation`, `MedusaDrafter`).
+- `hybrid.py`: `HybridDrafter`, per step the learned drafter or the Free Drafter, chosen from the validation
+  acceptance its checkpoint records.
 
 This layer sits between `models/` (targets) and `speculative/` (the sampling engine, which re-exports
 the drafters as `specdiff_train.speculative.*`).
@@ -17,6 +19,7 @@ from .checkpoints import check_drafter_target, drafter_target_warning, export_sl
 from .cost import relative_draft_cost
 from .distillation import FrozenTargetDistillation, LearnedDrafter, frozen_target
 from .draftnet import DraftDistillation, DraftNetworkDrafter, load_draft_network
+from .hybrid import HybridDrafter
 from .medusa import ConvHead, HeadDistillation, MedusaDrafter, MLPHead
 from .training_free import FreeDrafter, FrozenOutputDrafter, FrozenTargetDrafter, training_free_drafters
 
@@ -33,6 +36,7 @@ __all__ = [
     "FrozenTargetDistillation",
     "FrozenTargetDrafter",
     "HeadDistillation",
+    "HybridDrafter",
     "LearnedDrafter",
     "MLPHead",
     "MedusaDrafter",

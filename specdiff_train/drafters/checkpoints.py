@@ -137,6 +137,12 @@ def load_drafter(ckpt_path: str | Path, module_key: str, map_location="cpu") -> 
     return module, hparams
 
 
+def recorded_acceptance(ckpt_path: str | Path) -> dict | None:
+    """The acceptance per fifth of diffusion time that a drafter checkpoint records from its last validation
+    (`distillation.acceptance_record`), or None for checkpoints written before it was recorded."""
+    return read_checkpoint(ckpt_path).get("validation_acceptance")
+
+
 def export_slim_drafter(ckpt_path: str | Path, out_path: str | Path) -> Path:
     """A small copy of a drafter checkpoint: the drafter's weights and the hyperparameters (no optimizer
     or loop state), for shipping in `checkpoints/`."""
@@ -151,6 +157,8 @@ def export_slim_drafter(ckpt_path: str | Path, out_path: str | Path) -> Path:
         "global_step": ckpt.get("global_step"),
         "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
     }
+    if ckpt.get("validation_acceptance") is not None:
+        slim["validation_acceptance"] = ckpt["validation_acceptance"]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, out)

@@ -124,6 +124,29 @@ def time_bucket(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
     return frac.mul(NUM_BUCKETS).floor().clamp(0, NUM_BUCKETS - 1).long()
 
 
+def acceptance_by_fifth(plan: SamplingPlan, k: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
+    """(2, NUM_BUCKETS) float64: per fifth of diffusion time (`time_bucket`), the sum of `acceptance` over the
+    rows drafted at steps k and their count (summed over validation batches and ranks, then divided)."""
+    bucket = time_bucket(plan, k)
+    sums = torch.zeros(2, NUM_BUCKETS, dtype=torch.float64, device=acceptance.device)
+    sums[0].index_add_(0, bucket, acceptance.double())
+    sums[1].index_add_(0, bucket, torch.ones_like(acceptance, dtype=torch.float64))
+    return sums
+
+
+def acceptance_record(sums: torch.Tensor, free_sums: torch.Tensor | None, plan: SamplingPlan, global_step: int) -> dict:
+    """What a drafter checkpoint records of its last validation (`validation_acceptance`): the one-step
+    acceptance 2 Phi(-delta/2) per fifth of diffusion time, index 0 nearest the data (the `val/acceptance_t0.0`
+    .. `t0.8` logs), of the drafter and, where its validation measures it, of the Free Drafter (x0) on the same
+    states; with the rows behind each fifth (a fifth without rows is None), the step count and the training step."""
+    def means(s):
+        return [None if n == 0 else float(a / n) for a, n in zip(s[0].tolist(), s[1].tolist())]
+
+    return dict(time_fractions=[[b / NUM_BUCKETS, (b + 1) / NUM_BUCKETS] for b in range(NUM_BUCKETS)],
+                acceptance=means(sums), free_acceptance=None if free_sums is None else means(free_sums),
+                rows=[int(n) for n in sums[1].tolist()], num_steps=int(plan.num_steps), global_step=int(global_step))
+
+
 @torch.no_grad()
 def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, generator: torch.Generator,
                         device=None, dtype=torch.float32) -> torch.Tensor:
@@ -374,13 +397,41 @@ class FrozenTargetDistillation(LightningModule):
         self.log("train/delta", delta_sq.sqrt().mean(), batch_size=len(x0))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, torch.Tensor] = {}
+
     def validation_step(self, batch, batch_idx: int) -> None:
         gen = torch.Generator().manual_seed(batch_idx)  # the same states and noise at every validation
         x0, labels = self._data(batch, gen)
         _, delta_sq, k, extra = self.losses(x0, gen, labels)
         self.log_mismatch("val", delta_sq, k)
+        # a kind whose validation also has the Free Drafter's (x0) delta^2 on the same states returns it per row
+        free_sq = extra.pop("free_delta_sq", None)
+        per_row = {"acceptance": delta_sq}
+        if free_sq is not None:
+            per_row["free_acceptance"] = free_sq
+            extra["free_acceptance"] = one_step_acceptance(free_sq.double().sqrt()).mean().float()
+        for name, sq in per_row.items():
+            sums = acceptance_by_fifth(self.plan, k, one_step_acceptance(sq.double().sqrt()))
+            self._val_sums[name] = self._val_sums[name] + sums if name in self._val_sums else sums
         for name, value in extra.items():
             self.log(f"val/{name}", value, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep this validation's acceptance per fifth for the checkpoint (`on_save_checkpoint`); the sanity
+        check's two batches are not a validation."""
+        sums = getattr(self, "_val_sums", {})
+        if self.trainer.sanity_checking or "acceptance" not in sums:
+            return
+        reduce = lambda s: self.trainer.strategy.reduce(s, reduce_op="sum")  # noqa: E731  (all ranks' rows)
+        free = sums.get("free_acceptance")
+        self.validation_acceptance = acceptance_record(reduce(sums["acceptance"]), None if free is None else reduce(free),
+                                                       self.plan, self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        record = getattr(self, "validation_acceptance", None)
+        if record is not None:
+            checkpoint["validation_acceptance"] = record
 
     def log_mismatch(self, prefix: str, delta_sq: torch.Tensor, k: torch.Tensor) -> None:
         """Mean delta and acceptance, overall and per fifth of diffusion time (t0.0 = near the data)."""

@@ -224,8 +224,7 @@ class HeadDistillation(FrozenTargetDistillation):
         delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
         extra = {}
         if not self.training:
-            free_sq = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)
-            extra["free_acceptance"] = one_step_acceptance(free_sq.sqrt()).mean().float()
+            extra["free_delta_sq"] = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)  # per row
             acc = one_step_acceptance(delta_sq.detach().sqrt())
             for j in range(1, K + 1):
                 if (offsets == j).any():

@@ -42,6 +42,13 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _round_state(owner) -> list[tuple[object, str]]:
+    """(object, attribute name) of the per-slot state a drafter or policy modifies in a round, its parts'
+    (a hybrid drafter's `parts`) included."""
+    pairs = [(owner, name) for name in getattr(owner, "round_state", ())]
+    return pairs + [pair for part in getattr(owner, "parts", ()) for pair in _round_state(part)]
+
+
 class CompiledRounds:
     """The compiled round programs of one `RoundEngine` (see the module docstring)."""
 
@@ -55,7 +62,7 @@ class CompiledRounds:
         self.cuda_graphs = uses_cuda_graphs(mode) and engine.pool.all_slots.device.type == "cuda"
         self.drafter_eager = False
         owners = [engine.drafter] + ([engine.policy] if self.capturable_policy else [])
-        self.round_state = [(owner, name) for owner in owners for name in getattr(owner, "round_state", ())]
+        self.round_state = [pair for owner in owners for pair in _round_state(owner)]
 
     # --- the programs (traced by dynamo; plain tensor code) ------------------------------------------
     def _draw(self, noise_tensors, chain_rounds, L: int):
