@@ -16,10 +16,16 @@ from lightning.pytorch import Trainer
 from helpers import ROOT, TinyDataModule
 from specdiff_train.drafters import HeadDistillation, MLPHead, export_slim_drafter
 from specdiff_train.drafters.checkpoints import recorded_acceptance
-from specdiff_train.drafters.distillation import NUM_BUCKETS, acceptance_by_fifth, acceptance_record, time_bucket
+from specdiff_train.drafters.distillation import (
+    NUM_BUCKETS,
+    acceptance_by_fifth,
+    acceptance_prior,
+    acceptance_record,
+    time_bucket,
+)
 from specdiff_train.drafters.hybrid import choice_from_record
 from specdiff_train.models import load_target
-from specdiff_train.speculative import FreeDrafter, HybridDrafter, MedusaDrafter, speculative_sample
+from specdiff_train.speculative import CostAwareWindow, FreeDrafter, HybridDrafter, MedusaDrafter, speculative_sample
 from specdiff_train.speculative.verify import verify_block
 from specdiff_train.testing import TransitionRecorder, marginal_test, path_test
 
@@ -65,7 +71,7 @@ def _toy_target():
 def _sample(drafter, **kw):
     target = _toy_target()
     return speculative_sample(target, target.schedule, target.sample_shape, num_steps=40, seeds=range(64),
-                              batch_size=32, drafter=drafter, window=4, **kw)
+                              batch_size=32, drafter=drafter, **(dict(window=4) | kw))
 
 
 @pytest.mark.parametrize("choice,alone", [([1] * 5, lambda: MedusaDrafter(str(TOY_MEDUSA))),
@@ -142,3 +148,15 @@ def test_record_acceptance_script_adds_the_record_without_changing_weights(tmp_p
     after = torch.load(ckpt, weights_only=True)
     assert after["validation_acceptance"] == record and record["num_steps"] == 100
     assert all(torch.equal(before[k], after["state_dict"][k]) for k in before)
+
+
+def test_the_record_is_a_prior_for_adaptive_windows():
+    """Each step gets its fifth's recorded acceptance (clamped into (0, 1)), and `auto` samples with it."""
+    record = recorded_acceptance(TOY_MEDUSA)
+    target = _toy_target()
+    plan = target.schedule.plan(40)
+    prior = acceptance_prior(record, plan)
+    assert len(prior) == 40 and prior[0] == min(record["acceptance"][-1], 0.99)  # step 0: the fifth nearest noise
+    assert prior[-1] == record["acceptance"][0] and all(0 < p < 1 for p in prior)
+    result = _sample(FreeDrafter("x0"), window=CostAwareWindow(max_window=4, prior=prior))
+    assert result.stats.target_calls_per_sample < 40

@@ -147,6 +147,14 @@ def acceptance_record(sums: torch.Tensor, free_sums: torch.Tensor | None, plan: 
                 rows=[int(n) for n in sums[1].tolist()], num_steps=int(plan.num_steps), global_step=int(global_step))
 
 
+def acceptance_prior(record: dict, plan: SamplingPlan, default: float = 0.8) -> list[float]:
+    """A per-step prior for `CostAwareWindow(prior=...)` from a checkpoint's `validation_acceptance`: each step
+    of `plan` gets its fifth's recorded acceptance (`default` where a fifth had no rows), kept inside
+    [0.01, 0.99] (the policy needs a pass probability strictly between 0 and 1)."""
+    by_fifth = [default if a is None else min(max(float(a), 0.01), 0.99) for a in record["acceptance"]]
+    return [by_fifth[b] for b in time_bucket(plan, torch.arange(plan.num_steps)).tolist()]
+
+
 @torch.no_grad()
 def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, generator: torch.Generator,
                         device=None, dtype=torch.float32) -> torch.Tensor:
