@@ -146,6 +146,18 @@ def test_a_few_training_steps_lower_the_loss(family, kind, targets):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_heads_train_on_their_own_drafted_paths(family, targets):
+    """`draft_rollout_fraction`: training states on the heads' own path lower the loss as well; bad values name the field."""
+    module = draft_module("medusa", targets[family], FAMILIES[family][1], objective="tv", draft_rollout_fraction=1.0)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    losses = [loss for loss, _ in train_on_fixed_states(module, x0, steps=15, seed=1)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert module.hparams["draft_rollout_fraction"] == 1.0
+    with pytest.raises(ValueError, match="model.init_args.draft_rollout_fraction"):
+        draft_module("medusa", targets[family], FAMILIES[family][1], draft_rollout_fraction=1.5)
+
+
 def test_lightning_fit_with_a_chain_config_records_it(targets, tmp_path):
     """The Lightning loop (training and validation steps, the trajectory pool, the per-time logs) on an EDM target,
     with the chain given as YAML gives it (a dict); the checkpoint records it."""

@@ -138,6 +138,31 @@ def test_rollout_follows_the_target_chain():
     assert z.abs().max() < 6 and (states[1][:2] != states[0][:2]).all()
 
 
+def test_rollout_on_the_drafters_own_path():
+    """Rows marked `drafted` take the drafter's steps after the first (the first is the target's step from the
+    anchor, as in a speculative round); the other rows and the target's outputs are unchanged."""
+    schedule = DDPMSchedule(1000)
+    plan, model = schedule.plan(20), GaussianDataDenoiser(schedule, MEAN, VAR)
+    k, x = torch.tensor([2, 2, 2]), torch.randn(3, 2)
+    offsets = []
+
+    def draft_x0(x, k, offset):
+        offsets.append(offset)
+        return torch.zeros_like(x)  # a drafter far from the target: its path leaves the target's
+
+    run = lambda **kw: target_rollout(model, plan, x, k, model(x, plan.t(k)), 3,  # noqa: E731
+                                      torch.Generator().manual_seed(0), **kw)
+    plain = run()
+    own = run(draft_x0=draft_x0, drafted=torch.tensor([True, False, True]))
+    assert offsets == [1, 2]  # the state after the first step is one step after the anchor
+    torch.testing.assert_close(own[0][0], plain[0][0])  # the first step: the target's
+    torch.testing.assert_close(own[0][2][1], plain[0][2][1])  # an undrafted row: the target's path
+    mean = plan.transition_from_x0(own[0][0], own[1][0], torch.zeros(3, 2))[0]
+    z = (own[0][1] - mean) / plan.std_at(own[1][0])[:, None]
+    assert z[[0, 2]].abs().max() < 6 and (own[0][1][[0, 2]] != plain[0][1][[0, 2]]).all()
+    torch.testing.assert_close(own[2][1], model(own[0][1], plan.t(own[1][1])))  # outputs at the drafted states
+
+
 # --- exactness with learned drafters -----------------------------------------------------------------
 def draft_network_drafter(schedule):
     torch.manual_seed(0)

@@ -172,14 +172,25 @@ def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, gene
 
 @torch.no_grad()
 def target_rollout(target, plan: SamplingPlan, x: torch.Tensor, k: torch.Tensor, output: torch.Tensor,
-                   num_steps: int, generator: torch.Generator):
+                   num_steps: int, generator: torch.Generator, draft_x0=None, drafted: torch.Tensor | None = None):
     """Continue the target's chains (the plan's sampler) from states x at steps k (with the target's `output`
     there) for `num_steps` steps: lists of the later states, their steps and the target's outputs.
-    Rows whose chain has ended keep their last step index (mask them with `steps < N`)."""
+    Rows whose chain has ended keep their last step index (mask them with `steps < N`).
+
+    With `draft_x0(x, k, offset) -> x0` and a (B,) bool mask `drafted`, those rows follow the drafter's own
+    steps after the first (the path a speculative round drafts: its first state is the target's step from the
+    anchor, the later ones the drafter's means plus the step noise); the target's outputs are still evaluated
+    at every state, for the loss."""
     last = plan.num_steps - 1
     states, steps, outputs = [], [], []
-    for _ in range(num_steps):
+    for offset in range(num_steps):
         mean, std = plan.transition(x, k.clamp(max=last), output)
+        if draft_x0 is not None and offset > 0:
+            x0 = draft_x0(x, k.clamp(max=last), offset)
+            if plan.schedule.clip_denoised:  # as the drafter's proposals are clipped
+                x0 = x0.clamp(-plan.schedule.clip_range, plan.schedule.clip_range)
+            own = plan.transition_from_x0(x, k.clamp(max=last), x0)[0]
+            mean = torch.where(drafted.reshape(-1, *([1] * (x.dim() - 1))), own.to(mean.dtype), mean)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         x = mean + std.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * noise
         k = k + 1

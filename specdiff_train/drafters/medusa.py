@@ -171,6 +171,9 @@ class HeadDistillation(FrozenTargetDistillation):
         optimizer: builds the optimizer from the heads' parameters.
         sample_shape: linked from the data by the CLI; must equal the target's.
         guidance_scale: a conditional target's guidance scale the heads are for (`FrozenTargetDistillation`).
+        draft_rollout_fraction: share of each training batch whose rollout follows the heads' own drafts after
+            its first step (the states a speculative round drafts from; `target_rollout(draft_x0=...)`) instead
+            of the target's chain; validation always rolls the target's chain.
     """
 
     module_key = "head"
@@ -188,9 +191,13 @@ class HeadDistillation(FrozenTargetDistillation):
         sample_shape: tuple[int, ...] | None = None,
         guidance_scale: float = 1.0,
         chain: Chain | dict | None = None,
+        draft_rollout_fraction: float = 0.0,
     ):
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
                          trajectory_refresh, optimizer, sample_shape, guidance_scale, chain)
+        if not 0.0 <= draft_rollout_fraction <= 1.0:
+            raise ValueError(f"model.init_args.draft_rollout_fraction: expected a value in [0, 1], got {draft_rollout_fraction}")
+        self.draft_rollout_fraction = float(draft_rollout_fraction)
         check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
         feature_dim = getattr(self.target.net, "feature_dim", None)
         if getattr(head, "feature_dim", None) != feature_dim:
@@ -202,7 +209,7 @@ class HeadDistillation(FrozenTargetDistillation):
         if self.plan.num_stochastic_steps < 2:
             raise ValueError(f"model.init_args.num_steps: heads need at least 2 stochastic steps, got {num_steps}")
         self.head = head
-        self.record_hparams(max_offset=int(head.max_offset))
+        self.record_hparams(max_offset=int(head.max_offset), draft_rollout_fraction=self.draft_rollout_fraction)
 
     def losses(self, x0, gen, labels=None):
         plan, S, K = self.plan, self.plan.num_stochastic_steps, int(self.head.max_offset)
@@ -210,7 +217,15 @@ class HeadDistillation(FrozenTargetDistillation):
         with torch.no_grad():  # the target as the sampler calls it: guided outputs, the conditional rows' features
             out_m, features = self.target_output(x_m, plan.t(m), labels, return_features=True)
             anchor_x0 = self.schedule.denoised(out_m, x_m, plan.t(m))
-            states, steps, outputs = target_rollout(self.target_with(labels), plan, x_m, m, out_m, K, gen)
+            drafted = torch.arange(len(x0), device=x0.device) < round(self.draft_rollout_fraction * len(x0))
+            own = None
+            if self.training and bool(drafted.any()):
+                anchor_t = plan.t(m)
+                own = lambda x, k, offset: medusa_x0(  # noqa: E731  the heads' x0 at the path's state, `offset` after m
+                    self.head, self.schedule, features, x_m, anchor_x0, x, plan.t(k), torch.full_like(m, offset),
+                    anchor_t)
+            states, steps, outputs = target_rollout(self.target_with(labels), plan, x_m, m, out_m, K, gen,
+                                                    draft_x0=own, drafted=drafted)
         offsets = torch.arange(1, K + 1, device=x0.device).repeat_interleave(len(x0))
         x, k, out = torch.cat(states), torch.cat(steps), torch.cat(outputs)
         keep = k < S  # drafted steps only (not past the chain's last stochastic step)
