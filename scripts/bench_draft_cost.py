@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,24 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 from specdiff_train.diffusion import DDPMSchedule  # noqa: E402
 from specdiff_train.drafters import relative_draft_cost  # noqa: E402
+from specdiff_train.drafters.cost import median_call_time  # noqa: E402
 from specdiff_train.drafters.medusa import ConvHead, medusa_x0  # noqa: E402
 from specdiff_train.drafters.shipped import LEARNED_KINDS, learned_drafters_beside  # noqa: E402
 from specdiff_train.models import load_target  # noqa: E402
 from specdiff_train.nets import UNet  # noqa: E402
-
-
-def median_time(fn, device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -57,8 +42,8 @@ def cifar_rows(device, repeats: int) -> list[dict]:
     x, anchor, anchor_x0 = (torch.randn(1, 3, 32, 32, device=device) for _ in range(3))
     features = torch.randn(1, 128, 32, 32, device=device)
     t, anchor_t, offset = (torch.full((1,), v, device=device) for v in (490, 500, 3))
-    target_s = median_time(lambda: net(x, t), device, repeats)
-    draft_s = median_time(lambda: medusa_x0(head, schedule, features, anchor, anchor_x0, x, t, offset, anchor_t),
+    target_s = median_call_time(lambda: net(x, t), device, repeats)
+    draft_s = median_call_time(lambda: medusa_x0(head, schedule, features, anchor, anchor_x0, x, t, offset, anchor_t),
                           device, repeats)
     return [dict(target="CIFAR-size U-Net (random weights)", drafter="medusa heads (ddpm_cifar10_medusa.yaml sizes)",
                  draft_ms=1e3 * draft_s, target_ms=1e3 * target_s, relative=draft_s / target_s, cifar_relative=draft_s / target_s)]

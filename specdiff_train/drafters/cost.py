@@ -11,6 +11,22 @@ from ..sampling import model_device_dtype
 from .base import DraftContext, Drafter, Verification
 
 
+def median_call_time(fn, device, repeats: int) -> float:
+    """Median wall-clock of `repeats` calls of `fn` after one warm-up call (synchronised on CUDA)."""
+    device = torch.device(device)
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def relative_draft_cost(drafter: Drafter, target, schedule: Schedule, sample_shape, *, num_steps: int = 100,
                         batch_size: int = 64, repeats: int = 20, seed: int = 0, chain=None) -> dict:
@@ -47,19 +63,6 @@ def relative_draft_cost(drafter: Drafter, target, schedule: Schedule, sample_sha
     x_next, k_next = plan.transition(x, k, out)[0], k + 1
     drafter.start_round(slots, x_next, k_next)
 
-    def median_time(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    draft_s = median_time(lambda: drafter.propose(slots, x_next, k_next))
-    target_s = median_time(lambda: call_target(x_next, k_next))
+    draft_s = median_call_time(lambda: drafter.propose(slots, x_next, k_next), device, repeats)
+    target_s = median_call_time(lambda: call_target(x_next, k_next), device, repeats)
     return dict(draft_s=draft_s, target_s=target_s, relative=draft_s / target_s)
