@@ -160,3 +160,13 @@ def test_the_record_is_a_prior_for_adaptive_windows():
     assert prior[-1] == record["acceptance"][0] and all(0 < p < 1 for p in prior)
     result = _sample(FreeDrafter("x0"), window=CostAwareWindow(max_window=4, prior=prior))
     assert result.stats.target_calls_per_sample < 40
+
+
+def test_bench_draft_cost_prints_the_table(capsys):
+    """scripts/bench_draft_cost.py end to end (1 timed call each): a row per drafter, CIFAR-sized heads first."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_draft_cost import main
+
+    main(["--repeats", "1", "--targets", "toy2d"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[2].startswith("| CIFAR-size U-Net") and {line.split(" | ")[1] for line in lines[3:]} == {"draftnet", "medusa"}
