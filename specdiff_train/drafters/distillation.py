@@ -452,6 +452,11 @@ class FrozenTargetDistillation(LightningModule):
         if record is not None:
             checkpoint["validation_acceptance"] = record
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run keeps the last validation's record until it validates again."""
+        if checkpoint.get("validation_acceptance") is not None:
+            self.validation_acceptance = checkpoint["validation_acceptance"]
+
     def log_mismatch(self, prefix: str, delta_sq: torch.Tensor, k: torch.Tensor) -> None:
         """Mean delta and acceptance, overall and per fifth of diffusion time (t0.0 = near the data)."""
         delta = delta_sq.double().sqrt()
