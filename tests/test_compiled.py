@@ -238,6 +238,16 @@ def test_latency_tables_of_compiled_sampling_leave_compilation_out():
     assert all(0 < r["median_s"] < 1 for r in compiled)  # compilation (seconds) is not in the times
 
 
+def _readme_drafter():
+    """The README's example drafter (tests/external_drafter/my_drafters.py), which declares its `round_state`."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "external_drafter"))
+    from my_drafters import DampedFreeDrafter
+
+    return DampedFreeDrafter
+
+
 def _input_mutations_of_compiled_rounds(monkeypatch, drafter, window) -> list[int]:
     """Sample with compiled rounds whose graphs go through AOT autograd (as inductor's do) and count, per
     graph, the inputs it modifies in place: inductor records no CUDA graph for such a graph."""
@@ -267,6 +277,7 @@ def _input_mutations_of_compiled_rounds(monkeypatch, drafter, window) -> list[in
     pytest.param(lambda: FreeDrafter("x0"), lambda: 4, id="free-x0"),
     pytest.param(lambda: FreeDrafter("eps"), lambda: HeuristicWindow(initial=2, max_window=4), id="free-eps-heuristic"),
     pytest.param(DRAFTERS["medusa"], lambda: 3, id="medusa"),
+    pytest.param(lambda: _readme_drafter()(0.9), lambda: 4, id="readme-example"),
 ])
 def test_compiled_rounds_modify_no_graph_input(monkeypatch, drafter, window):
     """The drafter's and policy's `round_state` is modified on copies and written back after the graph, so

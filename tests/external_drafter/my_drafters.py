@@ -5,6 +5,8 @@ from specdiff_train.speculative import Drafter
 class DampedFreeDrafter(Drafter):
     """Reuse the last verified eps, shrunk towards zero."""
 
+    round_state = ("eps", "ready_mask")           # the per-slot tensors observe modifies (compiled rounds)
+
     def __init__(self, damping: float = 0.9):
         self.damping = damping
 
