@@ -360,7 +360,7 @@ def test_drafter_checkpoints_are_checked_against_the_target_they_are_used_with(t
     assert target_fingerprint(target) in warning and target_fingerprint(other) in warning
     assert "Sampling stays exact" in warning and "--model.init_args.target_ckpt" in warning
 
-    sample = lambda model: speculative_sample(model, model.schedule, (2,), num_steps=5, seeds=[0],  # noqa: E731
+    sample = lambda model: speculative_sample(model, model.schedule, (2,), num_steps=100, seeds=[0],  # noqa: E731
                                               drafter=DraftNetworkDrafter(str(drafter_path)), window=2)
     with pytest.warns(Warning, match="was trained against another target"):
         sample(other)  # the Python API says it too
@@ -457,3 +457,16 @@ def test_a_drafter_trained_for_another_guidance_scale_warns(conditional_toy2d):
         out = speculative_sample(target, target.schedule, (2,), num_steps=20, seeds=range(6), drafter=drafter,
                                  labels=[0, 1, 2, 3, None, 1], guidance_scale=2.0, window=4)
     assert torch.isfinite(out.samples).all()
+
+
+def test_sampling_at_another_step_count_than_trained_warns():
+    """A drafter distilled for the 100-step sampler, used at 40 steps: exact, but its acceptance is not what it was
+    trained for; the warning names the step counts and the fix. At 100 steps: no warning."""
+    target = load_target(ROOT / "checkpoints" / "toy2d" / "target.ckpt").eval()
+    drafter = lambda: MedusaDrafter(str(ROOT / "checkpoints" / "toy2d" / "medusa.ckpt"))  # noqa: E731
+    kw = dict(seeds=range(4), window=4)
+    with pytest.warns(UserWarning, match=r"trained for the 100-step sampler, sampling uses 40 steps.*--model.init_args.num_steps 40"):
+        speculative_sample(target, target.schedule, target.sample_shape, num_steps=40, drafter=drafter(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        speculative_sample(target, target.schedule, target.sample_shape, num_steps=100, drafter=drafter(), **kw)

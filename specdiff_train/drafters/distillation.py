@@ -489,6 +489,7 @@ class LearnedDrafter(Drafter):
     trained_chain: Chain
     checkpoint: str | None = None
     trained_guidance_scale: float | None = None  # None: trained for an unconditional target
+    trained_num_steps: int | None = None  # the sampler's step count it was distilled for (None: not recorded)
 
     def _set(self, module: torch.nn.Module, schedule: Schedule, sample_shape, hparams: dict | None = None,
              chain: Chain | dict | None = None) -> None:
@@ -499,6 +500,8 @@ class LearnedDrafter(Drafter):
         self.trained_chain = as_chain(chain) if chain is not None else schedule.default_chain()
         if (hparams or {}).get("num_classes"):
             self.trained_guidance_scale = float(hparams.get("guidance_scale", 1.0))
+        steps = (hparams or {}).get("num_steps")
+        self.trained_num_steps = None if steps is None else int(steps)
 
     def _where(self) -> str:
         return f" ({self.checkpoint})" if self.checkpoint else ""
@@ -518,6 +521,15 @@ class LearnedDrafter(Drafter):
                           f"{used!r}: samples stay exact, acceptance is lower; train it with --model.init_args.chain "
                           f"'{chain_flag(used)}'", stacklevel=4)
 
+    def check_num_steps(self, plan: SamplingPlan) -> None:
+        """A warning when sampling uses another step count than the drafter was distilled for: its offsets and
+        steps are other steps then (samples stay exact, acceptance is lower)."""
+        trained = self.trained_num_steps
+        if trained is not None and plan.num_steps != trained:
+            warnings.warn(f"num_steps: drafter {self.describe()}{self._where()} was trained for the {trained}-step "
+                          f"sampler, sampling uses {plan.num_steps} steps: samples stay exact, acceptance is lower; "
+                          f"train it with --model.init_args.num_steps {plan.num_steps}", stacklevel=4)
+
     def check_compatible(self, schedule: Schedule, sample_shape) -> None:
         problems = self.target_schedule.mismatch(schedule)
         if tuple(sample_shape) != self.sample_shape:
@@ -531,6 +543,7 @@ class LearnedDrafter(Drafter):
     def bind(self, context: DraftContext) -> None:
         super().bind(context)  # refuses another target (`check_compatible`) before the chain is compared
         self.check_chain(context.plan)
+        self.check_num_steps(context.plan)
         self.module.to(device=context.device, dtype=context.dtype)
         trained = self.trained_guidance_scale
         if trained is not None and context.labels is not None and trained != context.guidance_scale:
