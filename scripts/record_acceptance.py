@@ -6,6 +6,8 @@ their weights. The hybrid drafter (`HybridDrafter.from_checkpoint`) chooses its 
 
     python scripts/record_acceptance.py --config configs/drafter/digits_medusa.yaml --ckpt checkpoints/digits/medusa.ckpt
     python scripts/record_acceptance.py ... --limit-val-batches 16   # more validation rows
+    python scripts/record_acceptance.py --config configs/drafter/digits_medusa.yaml \
+        --ckpt checkpoints/digits/medusa_1000.ckpt --model.init_args.num_steps 1000   # what training overrode
 """
 from __future__ import annotations
 
@@ -22,14 +24,18 @@ from specdiff_train.cli import main as cli_main  # noqa: E402
 from specdiff_train.config_io import read_checkpoint  # noqa: E402
 
 
-def record_acceptance(config: str, ckpt: str, limit_val_batches: int | None = None) -> dict:
-    """Validate `ckpt`'s drafter with `config`'s module and data (the checkpoint's weights loaded into it) and
-    write the record into `ckpt`; returns the record."""
-    args = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+def record_acceptance(config: str, ckpt: str, limit_val_batches: int | None = None, overrides=()) -> dict:
+    """Validate `ckpt`'s drafter with `config`'s module and data (the checkpoint's weights loaded into it; `overrides`:
+    more `train.py` options, as the drafter was trained with) and write the record into `ckpt`; returns the record."""
+    args = ["--config", config, *overrides, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false"]
     if limit_val_batches is not None:
         args += ["--trainer.limit_val_batches", str(limit_val_batches)]
-    cli = cli_main(args, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI is given `args`, not this script's command line
+    try:
+        cli = cli_main(args, run=False)
+    finally:
+        sys.argv = argv
     checkpoint = read_checkpoint(ckpt)
     model, hparams = cli.model, checkpoint.get("hyper_parameters") or {}
     if hparams.get("_class_path", "").rsplit(".", 1)[-1] != type(model).__name__:
@@ -53,8 +59,8 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="the drafter's training config (configs/drafter/*.yaml)")
     parser.add_argument("--ckpt", required=True, help="the drafter checkpoint to validate and record into")
     parser.add_argument("--limit-val-batches", type=int, default=None)
-    args = parser.parse_args(argv)
-    record = record_acceptance(args.config, args.ckpt, args.limit_val_batches)
+    args, overrides = parser.parse_known_args(argv)
+    record = record_acceptance(args.config, args.ckpt, args.limit_val_batches, overrides)
     print(f"{args.ckpt}: acceptance per fifth of diffusion time (t/T 0-0.2 first, nearest the data), "
           f"{record['num_steps']} steps, {sum(record['rows'])} rows")
     for name in ("acceptance", "free_acceptance"):

@@ -470,3 +470,12 @@ def test_sampling_at_another_step_count_than_trained_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         speculative_sample(target, target.schedule, target.sample_shape, num_steps=100, drafter=drafter(), **kw)
+
+
+def test_the_shipped_1000_step_heads_belong_to_the_digits_target():
+    from specdiff_train.drafters.checkpoints import drafter_target_warning, recorded_acceptance
+
+    path = ROOT / "checkpoints" / "digits" / "medusa_1000.ckpt"
+    drafter = MedusaDrafter(str(path))
+    assert drafter.trained_num_steps == 1000 and recorded_acceptance(path)["num_steps"] == 1000
+    assert drafter_target_warning(path, load_target(ROOT / "checkpoints" / "digits" / "target.ckpt")) is None
