@@ -100,6 +100,10 @@ def test_acceptance_record_per_fifth():
     assert record["acceptance"] == [0.5] * NUM_BUCKETS and record["free_acceptance"] == [0.25] * NUM_BUCKETS
     assert sum(record["rows"]) == 2 * len(k) and record["num_steps"] == NUM_STEPS and record["global_step"] == 7
     assert record["time_fractions"][0] == [0.0, 0.2]
+    # each row's value its own diffusion time: a fifth's mean lies inside that fifth (index 0 nearest the data)
+    by_time = acceptance_record(acceptance_by_fifth(plan, k, plan.time_fraction[k].double()), None, plan, 0)
+    for (low, high), mean in zip(by_time["time_fractions"], by_time["acceptance"]):
+        assert low <= mean < high, by_time
 
 
 def test_choice_from_a_record_and_bad_input():
