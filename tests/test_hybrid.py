@@ -174,3 +174,14 @@ def test_bench_draft_cost_prints_the_table(capsys):
     main(["--repeats", "1", "--targets", "toy2d"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert lines[1].startswith("| CIFAR-size U-Net") and {line.split(" | ")[1] for line in lines[2:]} == {"draftnet", "medusa"}
+
+
+def test_a_hybrid_from_an_evaluate_config():
+    """As the docs' YAML gives it: `class_path` with the learned checkpoint only (choice from its record), or a choice."""
+    from specdiff_train.evaluation.command import resolve_drafters
+
+    config = {"class_path": "specdiff_train.speculative.HybridDrafter", "init_args": {"learned": str(TOY_MEDUSA)}}
+    (label,) = resolve_drafters([config])
+    assert label == "hybrid(medusa|FreeDrafter(freeze=x0):LLLFF)"  # the heads in the three fifths nearest the data
+    config["init_args"]["choice"] = [0, 0, 0, 0, 1]
+    assert list(resolve_drafters([config])) == ["hybrid(medusa|FreeDrafter(freeze=x0):FFFFL)"]
