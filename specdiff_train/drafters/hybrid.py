@@ -20,6 +20,8 @@ from ..config_io import read_checkpoint
 from .base import DraftContext, Drafter, DraftStep, Verification
 from .checkpoints import recorded_acceptance
 from .distillation import NUM_BUCKETS, time_bucket
+from .draftnet import DraftNetworkDrafter
+from .medusa import MedusaDrafter
 from .training_free import training_free_drafters
 
 #: what the choice per fifth means (index 0: the fifth of diffusion time nearest the data, as the record)
@@ -52,9 +54,6 @@ def _learned_drafter(learned: str | Drafter) -> Drafter:
     """A learned drafter from its checkpoint (Medusa heads or a draft network, told apart by what it records)."""
     if isinstance(learned, Drafter):
         return learned
-    from .draftnet import DraftNetworkDrafter
-    from .medusa import MedusaDrafter
-
     hparams = read_checkpoint(learned).get("hyper_parameters") or {}
     if isinstance(hparams.get("head"), dict):
         return MedusaDrafter(learned)
@@ -119,15 +118,16 @@ class HybridDrafter(Drafter):
         for part in self.parts:
             part.start_round(slots, x, k)
 
+    def _pick(self, k: torch.Tensor, learned: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """Per row, the learned drafter's mean where step k's fifth chose it, else the fallback's."""
+        use = self.use_learned[k.clamp(max=len(self.use_learned) - 1)]
+        return torch.where(use.reshape(-1, *([1] * (learned.dim() - 1))), learned, fallback)
+
     def propose_step(self, slots: torch.Tensor, x: torch.Tensor, step: DraftStep) -> torch.Tensor:
-        learned, fallback = (part.propose_step(slots, x, step) for part in self.parts)
-        use = self.use_learned[step.k.clamp(max=len(self.use_learned) - 1)]
-        return torch.where(use.reshape(-1, *([1] * (x.dim() - 1))), learned, fallback)
+        return self._pick(step.k, *(part.propose_step(slots, x, step) for part in self.parts))
 
     def propose(self, slots: torch.Tensor, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        learned, fallback = self.learned.propose(slots, x, k), self.fallback.propose(slots, x, k)
-        use = self.use_learned[k.clamp(max=len(self.use_learned) - 1)]
-        return torch.where(use.reshape(-1, *([1] * (x.dim() - 1))), learned, fallback)
+        return self._pick(k, *(part.propose(slots, x, k) for part in self.parts))
 
     def observe(self, slots: torch.Tensor, verification: Verification) -> None:
         for part in self.parts:
