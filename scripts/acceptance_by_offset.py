@@ -1,0 +1,125 @@
+"""Where a drafter loses its calls: one-step acceptance per fifth of the chain and per offset from the window's
+anchor, on the target's own chains, and the target calls per sample a fixed window would take at that
+acceptance (`specdiff_train.drafters.diagnostics`; docs/drafters.md, "Where the calls go").
+
+Drafters: `free-x0`, the learned kinds beside the target (`medusa`, `draftnet`, or `medusa=PATH`), and the
+reference `stale-time` (a full target call at the drafted state with the anchor's time). `--what-if` adds, per
+drafter, the modelled calls if its acceptance were 1 in the fifth nearest the data, or in the other four.
+
+    python scripts/acceptance_by_offset.py --target checkpoints/digits --drafters free-x0 medusa stale-time --what-if
+    python scripts/acceptance_by_offset.py --target checkpoints/digits --num-steps 1000 \\
+        --drafters free-x0 medusa=checkpoints/digits/medusa_1000.ckpt --max-offset 64 --windows 16 32 64
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specdiff_train.drafters.diagnostics import (  # noqa: E402
+    draft_network_rule,
+    expected_calls,
+    free_x0_rule,
+    heads_rule,
+    rollout_acceptance,
+    stale_time_rule,
+)
+from specdiff_train.drafters.distillation import NUM_BUCKETS, frozen_target, time_bucket  # noqa: E402
+from specdiff_train.drafters.shipped import LEARNED_KINDS  # noqa: E402
+from specdiff_train.guidance import num_classes_of  # noqa: E402
+
+RULES = ("free-x0", "stale-time", *LEARNED_KINDS)
+
+
+def make_rule(spec: str, target_dir: Path, target, plan, guidance_scale: float):
+    """A draft rule from `name` or `kind=PATH`."""
+    name, _, path = spec.partition("=")
+    if name not in RULES:
+        raise SystemExit(f"--drafters: unknown drafter {name!r}; expected one of {', '.join(RULES)} (learned: KIND=PATH)")
+    if name == "free-x0":
+        return free_x0_rule
+    if name == "stale-time":
+        return stale_time_rule(target, plan, guidance_scale)
+    path = Path(path) if path else target_dir / f"{name}.ckpt"
+    if not path.is_file():
+        raise SystemExit(f"--drafters: no {name} checkpoint at {path}; train one (configs/drafter/) or pass {name}=PATH")
+    drafter = LEARNED_KINDS[name](str(path))
+    drafter.check_num_steps(plan)  # warns if it was distilled for another step count
+    module = drafter.module.eval()
+    return heads_rule(module, plan) if name == "medusa" else draft_network_rule(module, plan)
+
+
+def by_fifth(plan, table: torch.Tensor) -> list[float]:
+    """Mean acceptance per fifth of diffusion time (nearest the data first) over the table's offsets."""
+    buckets = time_bucket(plan, torch.arange(table.shape[0]))
+    return [table[buckets == b].nanmean().item() for b in range(NUM_BUCKETS)]
+
+
+def fmt(values, digits=3) -> str:
+    return " ".join("-" if math.isnan(v) else f"{v:.{digits}f}" for v in values)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="checkpoints/digits", help="folder with target.ckpt (and drafter checkpoints)")
+    parser.add_argument("--num-steps", type=int, default=100)
+    parser.add_argument("--drafters", nargs="+", default=["free-x0", "medusa", "stale-time"])
+    parser.add_argument("--chains", type=int, default=48, help="target trajectories whose every step is an anchor")
+    parser.add_argument("--max-offset", type=int, default=8)
+    parser.add_argument("--windows", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--by-offset", action="store_true", help="print each drafter's fifth x offset table")
+    parser.add_argument("--what-if", action="store_true", help="modelled calls with acceptance 1 in some fifths")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    target_dir = Path(args.target)
+    target = frozen_target(str(target_dir / "target.ckpt"))
+    plan = target.schedule.plan(args.num_steps)
+    rules = {spec: make_rule(spec, target_dir, target, plan, args.guidance_scale) for spec in args.drafters}
+    classes = num_classes_of(target)
+    labels = torch.arange(args.chains) % classes if classes else None  # conditional: chains cycle through the classes
+    start = time.perf_counter()
+    tables = rollout_acceptance(target, plan, rules, num_chains=args.chains, max_offset=args.max_offset,
+                                generator=torch.Generator().manual_seed(args.seed), labels=labels,
+                                guidance_scale=args.guidance_scale)
+    print(f"{target_dir}, {args.num_steps} steps ({plan.num_stochastic_steps} stochastic), {args.chains} target "
+          f"trajectories (seed {args.seed}), offsets 1-{args.max_offset}; CPU ({platform.machine()}), "
+          f"{torch.get_num_threads()} thread(s), {time.perf_counter() - start:.0f} s\n")
+    print("Calls: token-wise model, independent acceptance per step; offsets past the table take its last column.\n")
+    header = " | ".join(f"calls w{w}" for w in args.windows)
+    print(f"| drafter | acceptance per fifth (nearest the data first) | {header} |")
+    print("|---|---|" + "---|" * len(args.windows))
+    for name, table in tables.items():
+        calls = " | ".join(f"{expected_calls(table, w):.1f}" for w in args.windows)
+        print(f"| {name} | {fmt(by_fifth(plan, table))} | {calls} |")
+    if args.by_offset:
+        buckets = time_bucket(plan, torch.arange(plan.num_stochastic_steps))
+        for name, table in tables.items():
+            print(f"\n{name}: acceptance per fifth (rows, nearest the data first) and offset (columns 1-{args.max_offset})")
+            for b in range(NUM_BUCKETS):
+                print(f"  {b}: {fmt(table[buckets == b].nanmean(0).tolist())}")
+    if args.what_if:
+        buckets = time_bucket(plan, torch.arange(plan.num_stochastic_steps))
+        print(f"\n| drafter | what if | {header} |")
+        print("|---|---|" + "---|" * len(args.windows))
+        for name, table in tables.items():
+            for what, perfect in (("acceptance 1 in the fifth nearest the data", buckets == 0),
+                                  ("acceptance 1 in the other four fifths", buckets != 0)):
+                ideal = table.clone()
+                ideal[perfect] = 1.0
+                calls = " | ".join(f"{expected_calls(ideal, w):.1f}" for w in args.windows)
+                print(f"| {name} | {what} | {calls} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Where a drafter loses its calls: one-step acceptance by step and by offset from the anchor, on the target's
+own chains, and the calls a fixed window would take at that acceptance (docs/drafters.md, "Where the calls go").
+
+- `Anchor` (what a drafter knows when its window starts) and draft rules `rule(anchor, x, k, offset) -> x0`:
+  `free_x0_rule` (the Free Drafter freezing x0), `heads_rule` (Medusa heads), `draft_network_rule`, and the
+  reference `stale_time_rule` (a full target call at the drafted state, with the anchor's time: what a drafter
+  that knew the state perfectly but not the time would draft; a reference, not a bound).
+- `rollout_acceptance`: per rule, a (stochastic steps, max_offset) table of mean one-step acceptance 2 Phi(-delta / 2)
+  of step k drafted `offset` steps after its anchor, the anchors on the target's sampling trajectories and the
+  drafted states on the target's own chain from there (as the drafters' validation measures it).
+- `expected_calls`: sequential target calls per sample of a fixed-window round at a given table, in a model
+  where each drafted step is accepted independently (token-wise verification; block verification accepts at
+  least as much). It is checked against the sampler's measured calls in docs/drafters.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..diffusion import SamplingPlan, one_step_acceptance
+from ..guidance import guided_output
+from .distillation import target_rollout, target_trajectories, x0_delta_sq_weight
+
+
+@dataclass
+class Anchor:
+    """A window's anchor: the last committed state (one target call there), as a drafter observes it."""
+
+    state: torch.Tensor
+    step: torch.Tensor
+    t: torch.Tensor
+    x0: torch.Tensor
+    features: torch.Tensor | None
+    labels: torch.Tensor | None = None
+
+
+#: rule(anchor, x, k, offset) -> the draft's x0 at states x, step indices k (B,), `offset` steps after the anchor
+DraftRule = Callable[[Anchor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def free_x0_rule(anchor: Anchor, x, k, offset) -> torch.Tensor:
+    """The Free Drafter (x0): the anchor's x0, frozen through the window."""
+    return anchor.x0
+
+
+def heads_rule(head: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
+    """Medusa heads (`medusa.medusa_x0`) on the anchor's features."""
+    from .medusa import medusa_x0  # medusa builds on this layer's siblings; imported where used
+
+    schedule = plan.schedule
+
+    def rule(anchor, x, k, offset):
+        anchor_t = anchor.t if schedule.scales_network_states else None
+        return medusa_x0(head, schedule, anchor.features, anchor.state, anchor.x0, x, plan.t(k),
+                         torch.full_like(k, offset), anchor_t)
+
+    return rule
+
+
+def draft_network_rule(net: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
+    """A draft network's own x0 at the drafted state (it ignores the anchor)."""
+    from .draftnet import draft_output
+
+    schedule = plan.schedule
+
+    def rule(anchor, x, k, offset):
+        t = plan.t(k)
+        return schedule.to_x0(draft_output(net, x, t, anchor.labels, schedule), x, t)
+
+    return rule
+
+
+def stale_time_rule(target, plan: SamplingPlan, guidance_scale: float = 1.0) -> DraftRule:
+    """Reference: the target's x0 at the drafted state but at the anchor's time (a full target call per drafted
+    step). Far from the data it is near 1; near the data the time a step moves matters as much as the state."""
+    schedule = plan.schedule
+
+    def rule(anchor, x, k, offset):
+        return schedule.denoised(guided_output(target, x, anchor.t, anchor.labels, guidance_scale), x, anchor.t)
+
+    return rule
+
+
+@torch.no_grad()
+def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num_chains: int = 48,
+                       max_offset: int = 8, generator: torch.Generator | None = None,
+                       labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per rule, a (plan.num_stochastic_steps, max_offset) float64 table: mean one-step acceptance of step k drafted
+    `offset` = column + 1 steps after its anchor (NaN where no anchor reaches: offsets past the chain's start
+    or end). Anchors are every step of `num_chains` target trajectories (the plan's sampler); from each, the
+    target's own chain runs `max_offset` steps, and each rule drafts every state of it. The draft's x0 is
+    clipped where the sampler clips; delta is the chain's own |coef_x0 (x0_P - x0_Q)| / std."""
+    if max_offset < 1:
+        raise ValueError(f"max_offset: expected an int >= 1, got {max_offset}")
+    if num_chains < 1:
+        raise ValueError(f"num_chains: expected an int >= 1, got {num_chains}")
+    schedule, S = plan.schedule, plan.num_stochastic_steps
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = next(target.parameters()).device
+    net = lambda x, t: guided_output(target, x, t, labels, guidance_scale)  # noqa: E731
+    trajectories = target_trajectories(net, plan, num_chains, tuple(target.sample_shape), gen, device=device)
+    tables = {name: torch.full((S, max_offset), float("nan"), dtype=torch.float64) for name in rules}
+    for m in range(S - 1):
+        x_m = trajectories[m]
+        k_m = torch.full((num_chains,), m, dtype=torch.int64, device=device)
+        t_m = plan.t(k_m)
+        out_m, features = guided_output(target, x_m, t_m, labels, guidance_scale, return_features=True)
+        anchor = Anchor(x_m, k_m, t_m, schedule.denoised(out_m, x_m, t_m), features, labels)
+        states, steps, outputs = target_rollout(net, plan, x_m, k_m, out_m, min(max_offset, S - 1 - m), gen)
+        for offset, (x, k, out) in enumerate(zip(states, steps, outputs), start=1):
+            t = plan.t(k)
+            x0_target = schedule.denoised(out, x, t)
+            weight = x0_delta_sq_weight(plan, k).double()
+            for name, rule in rules.items():
+                x0 = rule(anchor, x, k, offset)
+                if schedule.clip_denoised:  # as the drafters clip their proposals
+                    x0 = x0.clamp(-schedule.clip_range, schedule.clip_range)
+                delta_sq = weight * (x0_target - x0).double().pow(2).flatten(1).sum(1)
+                tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean().cpu()
+    return tables
+
+
+def expected_calls(acceptance: torch.Tensor, window: int, final_step: bool = True) -> float:
+    """Expected sequential target calls per sample with a fixed `window`, if stochastic step k drafted `offset`
+    steps after its anchor were accepted independently with probability acceptance[k, offset - 1] (offsets past
+    the table take its last column; NaN counts as 0). The rounds as the sampler runs them: the first is a plain
+    target step (the drafter's warm-up); then from the state at step s (anchor: the last committed state, step
+    s - 1) steps s .. s + w - 1 are drafted at offsets 1 .. w (w shortened to the steps left); the first
+    rejection at position i advances the chain i + 1 steps (i drafts and the verifier's own step), w accepted
+    drafts w + 1. `final_step`: the plan ends with a deterministic step after the table's (DDPM: std 0); it costs
+    one more call unless the last round's drafts all reached it (then the verification evaluated its state)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected an int >= 1, got {window!r}")
+    table = torch.nan_to_num(acceptance.double(), nan=0.0).clamp(0, 1)
+    S, last = table.shape[0], table.shape[1] - 1
+    remaining = [0.0] * (S + 1)  # remaining[s]: expected calls from the state at step s
+    remaining[S] = 1.0 if final_step else 0.0  # reached by the verifier's own step: the final step's call
+    for s in range(S - 1, 0, -1):
+        length = min(window, S - s)
+        calls, reach = 1.0, 1.0  # this round's call; probability that the first i drafts were accepted
+        for i in range(length):
+            accept = float(table[s + i, min(i, last)])
+            calls += reach * (1 - accept) * remaining[s + i + 1]
+            reach *= accept
+        remaining[s] = calls + reach * (0.0 if s + length == S else remaining[s + length + 1])
+    return 1.0 + remaining[1] if S > 1 else S + float(final_step)

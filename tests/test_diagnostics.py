@@ -1,0 +1,124 @@
+"""Acceptance by step and offset on the target's own chains, and the modelled calls (drafters/diagnostics.py).
+
+The calls model is held to the sampler itself: on the closed-form chain a drafter that proposes the target's
+mean pushed a fixed c stds off is accepted at every step with probability 2 Phi(-c / 2), independently, which
+is the model's assumption; the sampler's mean calls must match the model's within their standard error. The
+acceptance tables are held to what they must give by construction: 1 for the target's own x0, the Free
+Drafter's values for untrained (zero-output) heads, NaN where no anchor reaches.
+"""
+import math
+import sys
+from functools import lru_cache
+
+import pytest
+import torch
+
+from helpers import ROOT
+from specdiff_train.diffusion import DDPMSchedule
+from specdiff_train.drafters import MLPHead
+from specdiff_train.drafters.diagnostics import (
+    expected_calls,
+    free_x0_rule,
+    heads_rule,
+    rollout_acceptance,
+    stale_time_rule,
+)
+from specdiff_train.models import load_target
+from specdiff_train.speculative import FreeDrafter, speculative_sample
+from specdiff_train.testing import GaussianDataDenoiser
+
+
+class ShiftedExactDrafter(FreeDrafter):
+    """The target's own step mean pushed `shift` stds off along the first axis (the closed-form target is cheap
+    to call directly, uncounted): each drafted step has delta = shift exactly, whatever the state."""
+
+    def __init__(self, model, shift: float):
+        super().__init__("x0")
+        self.model, self.shift = model, shift
+
+    def propose(self, slots, x, k):
+        mean = self.plan.transition(x, k, self.model(x, self.plan.t(k)))[0].clone()
+        mean[:, 0] += self.shift * self.plan.std_at(k).to(mean.dtype)
+        return mean
+
+
+@pytest.mark.parametrize("shift,window,num_steps", [(1.0, 4, 20), (0.5, 8, 40), (2.0, 3, 20)])
+def test_expected_calls_match_the_sampler_at_a_known_acceptance(shift, window, num_steps):
+    schedule = DDPMSchedule(1000)
+    model = GaussianDataDenoiser(schedule, torch.tensor([1.5, -1.0]), 0.05)
+    result = speculative_sample(model, schedule, (2,), num_steps=num_steps, seeds=range(4000),
+                                drafter=ShiftedExactDrafter(model, shift), verifier="tokenwise", window=window)
+    plan = schedule.plan(num_steps)
+    accept = 2 * torch.special.ndtr(torch.tensor(-shift / 2, dtype=torch.float64)).item()
+    table = torch.full((plan.num_stochastic_steps, 2), accept)
+    modelled = expected_calls(table, window, final_step=plan.num_steps > plan.num_stochastic_steps)
+    measured = result.stats.target_calls_per_sample
+    assert abs(measured - modelled) < 0.08, (measured, modelled)  # about 3 standard errors of 4000 chains
+
+
+def test_expected_calls_at_the_extremes():
+    S = 99
+    assert expected_calls(torch.zeros(S, 8), 8) == pytest.approx(S + 1)  # one step a call, and the final step
+    for w in (1, 8, 16):  # warm-up, then w + 1 steps a round; the last round's drafts reach the end: no final call
+        rounds = math.ceil((S - 1) / (w + 1))
+        extra = 1.0 if (S - 1) % (w + 1) == 0 else 0.0  # a bonus step that lands on the end leaves the final call
+        assert expected_calls(torch.ones(S, 8), w) == pytest.approx(1 + rounds + extra)
+    assert expected_calls(torch.full((S, 8), float("nan")), 4, final_step=False) == pytest.approx(S)
+    first_only = torch.zeros(S, 8)
+    first_only[:, 0] = 1.0  # offset 1 always accepted, offset 2 never: every round advances 2 steps
+    assert expected_calls(first_only, 8) == pytest.approx(1 + (S - 1) / 2 + 1)  # warm-up, 49 rounds, the final step
+    better = torch.full((S, 8), 0.9)
+    better[:20] = 0.95
+    assert expected_calls(better, 8) < expected_calls(torch.full((S, 8), 0.9), 8)
+
+
+@pytest.mark.parametrize("window", [0, -1, 2.5, True])
+def test_expected_calls_refuse_a_bad_window(window):
+    with pytest.raises(ValueError, match="window: expected an int >= 1"):
+        expected_calls(torch.ones(10, 2), window)
+
+
+@lru_cache(maxsize=1)
+def _toy():
+    return load_target(ROOT / "checkpoints" / "toy2d" / "target.ckpt").eval()
+
+
+def test_rollout_acceptance_by_construction():
+    target = _toy()
+    plan = target.schedule.plan(20)
+    schedule = plan.schedule
+    exact = lambda anchor, x, k, offset: schedule.denoised(target(x, plan.t(k)), x, plan.t(k))  # noqa: E731
+    head = MLPHead(dim=2, feature_dim=target.net.feature_dim, hidden=16, depth=1, max_offset=3)  # zero output layer
+    rules = {"exact": exact, "free": free_x0_rule, "untrained heads": heads_rule(head, plan),
+             "stale time": stale_time_rule(target, plan)}
+    tables = rollout_acceptance(target, plan, rules, num_chains=6, max_offset=3,
+                                generator=torch.Generator().manual_seed(0))
+    S = plan.num_stochastic_steps
+    reached = ~torch.isnan(tables["free"])
+    assert tables["free"].shape == (S, 3)
+    steps, offsets = torch.arange(S).unsqueeze(1), torch.arange(1, 4).unsqueeze(0)
+    assert torch.equal(reached, steps >= offsets)  # step k is drafted from anchors k - offset >= 0 only
+    assert torch.allclose(tables["exact"][reached], torch.ones(()).double())
+    assert torch.allclose(tables["untrained heads"][reached], tables["free"][reached])
+    free, stale = tables["free"][reached], tables["stale time"][reached]
+    assert ((free > 0) & (free < 1)).all() and ((stale > 0) & (stale <= 1)).all()
+    assert stale.mean() > free.mean()  # the state, known exactly, explains most of the step
+    with pytest.raises(ValueError, match="max_offset"):
+        rollout_acceptance(target, plan, rules, max_offset=0)
+
+
+def test_acceptance_by_offset_script_prints_the_tables(capsys):
+    """scripts/acceptance_by_offset.py end to end on toy2d (the shipped heads), with the what-if rows."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from acceptance_by_offset import main
+
+    main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--num-steps", "20", "--chains", "4", "--max-offset", "3",
+          "--windows", "3", "--drafters", "free-x0", "medusa", "stale-time", "--what-if", "--by-offset"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"free-x0", "medusa", "stale-time"} <= set(rows)
+    calls = lambda line: float(line.rstrip(" |").split(" | ")[-1])  # noqa: E731
+    whatif = [line for line in out.splitlines() if "acceptance 1 in" in line]
+    assert len(whatif) == 6 and all(calls(line) <= calls(rows[line.split(" | ")[0][2:]]) for line in whatif)
+    with pytest.raises(SystemExit, match="unknown drafter"):
+        main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--drafters", "nope"])
