@@ -80,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--by-offset", action="store_true", help="print each drafter's fifth x offset table")
     parser.add_argument("--what-if", action="store_true", help="modelled calls with acceptance 1 in some fifths")
+    parser.add_argument("--save", help="write the tables ({drafter: (steps, offsets) tensor}) to this file (torch.save)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     target_dir = Path(args.target)
@@ -92,6 +93,8 @@ def main(argv=None):
     tables = rollout_acceptance(target, plan, rules, num_chains=args.chains, max_offset=args.max_offset,
                                 generator=torch.Generator().manual_seed(args.seed), labels=labels,
                                 guidance_scale=args.guidance_scale)
+    if args.save:
+        torch.save(tables, args.save)
     print(f"{target_dir}, {args.num_steps} steps ({plan.num_stochastic_steps} stochastic), {args.chains} target "
           f"trajectories (seed {args.seed}), offsets 1-{args.max_offset}; CPU ({platform.machine()}), "
           f"{torch.get_num_threads()} thread(s), {time.perf_counter() - start:.0f} s\n")

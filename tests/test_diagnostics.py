@@ -107,13 +107,15 @@ def test_rollout_acceptance_by_construction():
         rollout_acceptance(target, plan, rules, max_offset=0)
 
 
-def test_acceptance_by_offset_script_prints_the_tables(capsys):
+def test_acceptance_by_offset_script_prints_the_tables(capsys, tmp_path):
     """scripts/acceptance_by_offset.py end to end on toy2d (the shipped heads), with the what-if rows."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from acceptance_by_offset import main
 
     main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--num-steps", "20", "--chains", "4", "--max-offset", "3",
-          "--windows", "3", "--drafters", "free-x0", "medusa", "stale-time", "--what-if", "--by-offset"])
+          "--windows", "3", "--drafters", "free-x0", "medusa", "stale-time", "--what-if", "--by-offset", "--save", str(tmp_path / "t.pt")])
+    saved = torch.load(tmp_path / "t.pt")
+    assert set(saved) == {"free-x0", "medusa", "stale-time"} and saved["medusa"].shape == (19, 3)
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     assert {"free-x0", "medusa", "stale-time"} <= set(rows)

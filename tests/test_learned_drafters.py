@@ -120,6 +120,11 @@ def test_tv_objective_is_the_mean_rejection_probability():
     rejection = 1 - one_step_acceptance(delta_sq.sqrt())
     torch.testing.assert_close(mismatch_loss(delta_sq, "tv"), rejection.mean())
     assert mismatch_loss(delta_sq, "delta_sq") == delta_sq.mean()
+    near = delta_sq[:3]  # where 2 Phi(-delta/2) is representable
+    torch.testing.assert_close(mismatch_loss(near, "log_acceptance"), -one_step_acceptance(near.sqrt()).log().mean())
+    far = torch.tensor([1e4], dtype=torch.float64, requires_grad=True)  # delta 100: acceptance 0 in float64
+    mismatch_loss(far, "log_acceptance").backward()
+    assert 0.1 < float(far.grad) < 0.2  # ~ d(delta^2 / 8): the hopeless step keeps its gradient (tv's is 0)
     with pytest.raises(ValueError, match="objective"):
         mismatch_loss(delta_sq, "l1")
 

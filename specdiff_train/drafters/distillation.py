@@ -20,6 +20,7 @@ The maths is in the small functions at the top; the modules only wire them toget
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from ..models.target import TargetDiffusion, split_batch
 from .base import DraftContext, Drafter
 from .checkpoints import chain_record
 
-OBJECTIVES = ("delta_sq", "tv")
+OBJECTIVES = ("delta_sq", "tv", "log_acceptance")
 NUM_BUCKETS = 5  # validation reports per fifth of diffusion time
 
 
@@ -110,11 +111,16 @@ def mismatch_loss(delta_sq: torch.Tensor, objective: str) -> torch.Tensor:
     drafter gets accepted, then dominate the loss.
     "tv": mean rejection probability 1 - 2 Phi(-delta/2) = erf(delta / (2 sqrt 2)), the quantity that
     acceptance actually depends on: its gradient fades for hopeless steps and goes to the improvable ones.
+    "log_acceptance": mean -log(2 Phi(-delta/2)): a window's drafts are all accepted with the product of their
+    acceptances, so the sum of their -log is what a run of accepted drafts depends on. Like "tv" for small
+    delta (~ delta / sqrt(2 pi)), like delta^2 / 8 for large: the steps near the data keep their gradient.
     """
     if check_objective(objective) == "delta_sq":
         return delta_sq.mean()
-    delta = (delta_sq + 1e-12).sqrt()  # erf, not 1 - 2 Phi: no cancellation for small delta
-    return torch.erf(delta / (2 * 2**0.5)).mean()
+    delta = (delta_sq + 1e-12).sqrt()
+    if objective == "log_acceptance":
+        return -(torch.special.log_ndtr(-delta / 2) + math.log(2.0)).mean()
+    return torch.erf(delta / (2 * 2**0.5)).mean()  # erf, not 1 - 2 Phi: no cancellation for small delta
 
 
 def time_bucket(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
@@ -269,7 +275,8 @@ class FrozenTargetDistillation(LightningModule):
         target_ckpt: the target checkpoint (frozen, EMA weights), or a diffusers DDPMPipeline folder or
             hub id (recorded as given, with the weights' fingerprint).
         num_steps: the sampler the drafter is for (respaced steps); training uses its steps.
-        objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
+        objective: "delta_sq" (mean delta^2), "tv" (mean rejection probability) or "log_acceptance" (mean -log
+            acceptance); see `mismatch_loss`.
         trajectory_fraction: share of each batch whose states come from the target's own sampling
             trajectories instead of forward-noised data (0 = data only).
         trajectory_chains: chains in the pool of target trajectories.

@@ -37,8 +37,8 @@ class DraftDistillation(FrozenTargetDistillation):
         num_steps: the sampler the drafter is for (respaced steps); training timesteps are its steps.
         mode: "distill" (regress on the target's output with the delta-matching weight) or "data"
             (plain eps diffusion loss on the data: DDPM eps targets only).
-        objective: distill only: "delta_sq" (mean delta^2, ALGORITHMS.md 5) or "tv" (mean rejection
-            probability 1 - 2 Phi(-delta/2)); see `mismatch_loss`.
+        objective: distill only: "delta_sq" (mean delta^2, ALGORITHMS.md 5), "tv" (mean rejection
+            probability 1 - 2 Phi(-delta/2)) or "log_acceptance" (mean -log 2 Phi(-delta/2)); see `mismatch_loss`.
         trajectory_fraction: distill only: share of the batch taken from the target's own sampling
             trajectories instead of forward-noised data.
         trajectory_chains: chains in the pool of target trajectories.

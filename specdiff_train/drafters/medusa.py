@@ -163,7 +163,8 @@ class HeadDistillation(FrozenTargetDistillation):
         target_ckpt: the target checkpoint (frozen, EMA weights).
         num_steps: the sampler the heads are for (respaced steps): offsets count its steps.
         chain: the sampler chain the heads are for (None: the schedule's default; `FrozenTargetDistillation`).
-        objective: "delta_sq" (mean delta^2) or "tv" (mean rejection probability); see `mismatch_loss`.
+        objective: "delta_sq" (mean delta^2), "tv" (mean rejection probability) or "log_acceptance" (mean -log
+            acceptance); see `mismatch_loss`.
         trajectory_fraction: share of anchors taken from the target's own sampling trajectories
             instead of forward-noised data.
         trajectory_chains: chains in the pool of target trajectories.
