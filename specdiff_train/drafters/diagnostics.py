@@ -22,6 +22,8 @@ import torch
 from ..diffusion import SamplingPlan, one_step_acceptance
 from ..guidance import guided_output
 from .distillation import target_rollout, target_trajectories, x0_delta_sq_weight
+from .draftnet import draft_output
+from .medusa import medusa_x0
 
 
 @dataclass
@@ -47,8 +49,6 @@ def free_x0_rule(anchor: Anchor, x, k, offset) -> torch.Tensor:
 
 def heads_rule(head: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
     """Medusa heads (`medusa.medusa_x0`) on the anchor's features."""
-    from .medusa import medusa_x0  # medusa builds on this layer's siblings; imported where used
-
     schedule = plan.schedule
 
     def rule(anchor, x, k, offset):
@@ -61,8 +61,6 @@ def heads_rule(head: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
 
 def draft_network_rule(net: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
     """A draft network's own x0 at the drafted state (it ignores the anchor)."""
-    from .draftnet import draft_output
-
     schedule = plan.schedule
 
     def rule(anchor, x, k, offset):
