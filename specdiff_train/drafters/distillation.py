@@ -114,6 +114,7 @@ def mismatch_loss(delta_sq: torch.Tensor, objective: str) -> torch.Tensor:
     "log_acceptance": mean -log(2 Phi(-delta/2)): a window's drafts are all accepted with the product of their
     acceptances, so the sum of their -log is what a run of accepted drafts depends on. Like "tv" for small
     delta (~ delta / sqrt(2 pi)), like delta^2 / 8 for large: the steps near the data keep their gradient.
+    On the digits heads it did worse than "tv" (docs/drafters.md): the hopeless last steps take the capacity.
     """
     if check_objective(objective) == "delta_sq":
         return delta_sq.mean()
