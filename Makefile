@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m specdiff_train.demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not compile_matrix"
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 -m "not compile_matrix"
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not compile_matrix" --timeout=600
