@@ -9,7 +9,7 @@ own chains, and the calls a fixed window would take at that acceptance (docs/dra
   of step k drafted `offset` steps after its anchor, the anchors on the target's sampling trajectories and the
   drafted states on the target's own chain from there (as the drafters' validation measures it).
 - `expected_calls`: sequential target calls per sample of a fixed-window round at a given table, in a model
-  where each drafted step is accepted independently (token-wise verification; block verification took 4-14%
+  where each drafted step is accepted independently (token-wise verification; block verification took 4-15%
   fewer calls on digits). tests/test_diagnostics.py holds it to the sampler; docs/drafters.md compares it with
   the sampler's calls on digits.
 """
