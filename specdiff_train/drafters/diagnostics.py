@@ -73,7 +73,8 @@ def draft_network_rule(net: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
 
 def stale_time_rule(target, plan: SamplingPlan, guidance_scale: float = 1.0) -> DraftRule:
     """Reference: the target's x0 at the drafted state but at the anchor's time (a full target call per drafted
-    step). Far from the data it is near 1; near the data the time a step moves matters as much as the state."""
+    step). Far from the data it is near 1 (digits: 0.96-0.99); nearest the data 0.64: there the stale time
+    costs most."""
     schedule = plan.schedule
 
     def rule(anchor, x, k, offset):
