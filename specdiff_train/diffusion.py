@@ -171,7 +171,10 @@ class Schedule(ConfiguredByArguments):
 
     def denoised(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The x0 estimate used by the sampler (clipped when clip_denoised)."""
-        x0 = self.to_x0(output, x_t, t)
+        return self.clip(self.to_x0(output, x_t, t))
+
+    def clip(self, x0: torch.Tensor) -> torch.Tensor:
+        """An x0 estimate as the sampler uses it: clamped to +-clip_range when clip_denoised, else unchanged."""
         return x0.clamp(-self.clip_range, self.clip_range) if self.clip_denoised else x0
 
 
@@ -655,7 +658,7 @@ def denoise(coef: StepCoefficients, x: torch.Tensor, output: torch.Tensor, sched
     else:
         x0 = torch.addcmul(coef.x0_from_x * x, coef.x0_from_output, output) if isinstance(
             coef.x0_from_output, torch.Tensor) else coef.x0_from_x * x + coef.x0_from_output * output
-    return x0.clamp(-schedule.clip_range, schedule.clip_range) if schedule.clip_denoised else x0
+    return schedule.clip(x0)
 
 
 def step_mean(coef: StepCoefficients, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

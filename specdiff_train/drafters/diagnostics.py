@@ -114,9 +114,7 @@ def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], 
             x0_target = schedule.denoised(out, x, t)
             weight = x0_delta_sq_weight(plan, k).double()
             for name, rule in rules.items():
-                x0 = rule(anchor, x, k, offset)
-                if schedule.clip_denoised:  # as the drafters clip their proposals
-                    x0 = x0.clamp(-schedule.clip_range, schedule.clip_range)
+                x0 = schedule.clip(rule(anchor, x, k, offset))  # as the drafters clip their proposals
                 delta_sq = weight * (x0_target - x0).double().pow(2).flatten(1).sum(1)
                 tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean().cpu()
     return tables

@@ -193,9 +193,7 @@ def target_rollout(target, plan: SamplingPlan, x: torch.Tensor, k: torch.Tensor,
     for offset in range(num_steps):
         mean, std = plan.transition(x, k.clamp(max=last), output)
         if draft_x0 is not None and offset > 0:
-            x0 = draft_x0(x, k.clamp(max=last), offset)
-            if plan.schedule.clip_denoised:  # as the drafter's proposals are clipped
-                x0 = x0.clamp(-plan.schedule.clip_range, plan.schedule.clip_range)
+            x0 = plan.schedule.clip(draft_x0(x, k.clamp(max=last), offset))  # as the drafter's proposals are clipped
             own = plan.transition_from_x0(x, k.clamp(max=last), x0)[0]
             mean = torch.where(drafted.reshape(-1, *([1] * (x.dim() - 1))), own.to(mean.dtype), mean)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

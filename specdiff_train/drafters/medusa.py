@@ -345,9 +345,8 @@ class MedusaDrafter(LearnedDrafter):
 
     def _propose(self, anchor, x, k, t, coef):
         features, anchor_state, anchor_x0, anchor_step, anchor_t = anchor
-        x0 = medusa_x0(self.module, self.schedule, features, anchor_state, anchor_x0, x, t, k - anchor_step, anchor_t)
-        if self.schedule.clip_denoised:
-            x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
+        x0 = self.schedule.clip(
+            medusa_x0(self.module, self.schedule, features, anchor_state, anchor_x0, x, t, k - anchor_step, anchor_t))
         if coef is None:
             return self.plan.transition_from_x0(x, k, x0)[0]
         return step_mean(coef, x, x0)

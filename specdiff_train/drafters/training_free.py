@@ -52,7 +52,7 @@ class FrozenOutputDrafter(Drafter):
         x0 = torch.addcmul(columns[0] * x, columns[1], value)
         if frozen_x0 is not None:  # the x0 columns are 0 where the step has no signal (no_signal is 1 there)
             x0 = torch.addcmul(x0, columns[4], frozen_x0.to(x0.dtype))
-        return x0.clamp(-self.schedule.clip_range, self.schedule.clip_range) if self.schedule.clip_denoised else x0
+        return self.schedule.clip(x0)
 
     def join(self, slots: torch.Tensor) -> None:
         self.has_frozen[slots] = False
@@ -91,9 +91,7 @@ class FrozenOutputDrafter(Drafter):
         if self.freeze == "eps" and self.eps_table is not None:
             x0 = self._eps_x0(x, value, self._eps_columns(k, x), None if self.frozen_x0 is None else self.frozen_x0[slots])
         elif self.freeze == "eps":
-            x0 = self.schedule.to_x0(value, x, self.plan.t(k), prediction="eps")
-            if self.schedule.clip_denoised:
-                x0 = x0.clamp(-self.schedule.clip_range, self.schedule.clip_range)
+            x0 = self.schedule.clip(self.schedule.to_x0(value, x, self.plan.t(k), prediction="eps"))
         else:
             x0 = value
         return self.plan.transition_from_x0(x, k, x0)[0]
