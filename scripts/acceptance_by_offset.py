@@ -57,9 +57,9 @@ def make_rule(spec: str, target_dir: Path, target, plan, guidance_scale: float):
     return heads_rule(module, plan) if name == "medusa" else draft_network_rule(module, plan)
 
 
-def by_fifth(plan, table: torch.Tensor) -> list[float]:
-    """Mean acceptance per fifth of diffusion time (nearest the data first) over the table's offsets."""
-    buckets = time_bucket(plan, torch.arange(table.shape[0]))
+def by_fifth(buckets: torch.Tensor, table: torch.Tensor) -> list[float]:
+    """Mean acceptance per fifth of diffusion time (nearest the data first) over the table's offsets; `buckets`:
+    each row's fifth (`time_bucket`)."""
     return [table[buckets == b].nanmean().item() for b in range(NUM_BUCKETS)]
 
 
@@ -99,20 +99,19 @@ def main(argv=None):
           f"trajectories (seed {args.seed}), offsets 1-{args.max_offset}; CPU ({platform.machine()}), "
           f"{torch.get_num_threads()} thread(s), {time.perf_counter() - start:.0f} s\n")
     print("Calls: token-wise model, independent acceptance per step; offsets past the table take its last column.\n")
+    buckets = time_bucket(plan, torch.arange(plan.num_stochastic_steps))  # each table row's fifth
     header = " | ".join(f"calls w{w}" for w in args.windows)
     print(f"| drafter | acceptance per fifth (nearest the data first) | {header} |")
     print("|---|---|" + "---|" * len(args.windows))
     for name, table in tables.items():
         calls = " | ".join(f"{expected_calls(table, w):.1f}" for w in args.windows)
-        print(f"| {name} | {fmt(by_fifth(plan, table))} | {calls} |")
+        print(f"| {name} | {fmt(by_fifth(buckets, table))} | {calls} |")
     if args.by_offset:
-        buckets = time_bucket(plan, torch.arange(plan.num_stochastic_steps))
         for name, table in tables.items():
             print(f"\n{name}: acceptance per fifth (rows, nearest the data first) and offset (columns 1-{args.max_offset})")
             for b in range(NUM_BUCKETS):
                 print(f"  {b}: {fmt(table[buckets == b].nanmean(0).tolist())}")
     if args.what_if:
-        buckets = time_bucket(plan, torch.arange(plan.num_stochastic_steps))
         print(f"\n| drafter | what if | {header} |")
         print("|---|---|" + "---|" * len(args.windows))
         for name, table in tables.items():

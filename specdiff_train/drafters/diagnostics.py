@@ -101,7 +101,8 @@ def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], 
     device = next(target.parameters()).device
     net = lambda x, t: guided_output(target, x, t, labels, guidance_scale)  # noqa: E731
     trajectories = target_trajectories(net, plan, num_chains, tuple(target.sample_shape), gen, device=device)
-    tables = {name: torch.full((S, max_offset), float("nan"), dtype=torch.float64) for name in rules}
+    # filled on the target's device (no host read per entry), returned on the CPU
+    tables = {name: torch.full((S, max_offset), float("nan"), dtype=torch.float64, device=device) for name in rules}
     for m in range(S - 1):
         x_m = trajectories[m]
         k_m = torch.full((num_chains,), m, dtype=torch.int64, device=device)
@@ -116,8 +117,8 @@ def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], 
             for name, rule in rules.items():
                 x0 = schedule.clip(rule(anchor, x, k, offset))  # as the drafters clip their proposals
                 delta_sq = weight * (x0_target - x0).double().pow(2).flatten(1).sum(1)
-                tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean().cpu()
-    return tables
+                tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean()
+    return {name: table.cpu() for name, table in tables.items()}
 
 
 def expected_calls(acceptance: torch.Tensor, window: int, final_step: bool = True) -> float:
@@ -131,15 +132,15 @@ def expected_calls(acceptance: torch.Tensor, window: int, final_step: bool = Tru
     one more call unless the last round's drafts all reached it (then the verification evaluated its state)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window: expected an int >= 1, got {window!r}")
-    table = torch.nan_to_num(acceptance.double(), nan=0.0).clamp(0, 1)
-    S, last = table.shape[0], table.shape[1] - 1
+    table = torch.nan_to_num(acceptance.double(), nan=0.0).clamp(0, 1).tolist()  # read element by element below
+    S, last = len(table), len(table[0]) - 1
     remaining = [0.0] * (S + 1)  # remaining[s]: expected calls from the state at step s
     remaining[S] = 1.0 if final_step else 0.0  # reached by the verifier's own step: the final step's call
     for s in range(S - 1, 0, -1):
         length = min(window, S - s)
         calls, reach = 1.0, 1.0  # this round's call; probability that the first i drafts were accepted
         for i in range(length):
-            accept = float(table[s + i, min(i, last)])
+            accept = table[s + i][min(i, last)]
             calls += reach * (1 - accept) * remaining[s + i + 1]
             reach *= accept
         remaining[s] = calls + reach * (0.0 if s + length == S else remaining[s + length + 1])
