@@ -1,5 +1,6 @@
 """Learned drafters (distilled draft networks, Medusa-like heads): the delta-matching loss weights,
 exactness of speculative sampling with them, training through the CLI, loading, draft cost, errors."""
+import math
 import warnings
 
 import pytest
@@ -12,9 +13,11 @@ from specdiff_train.drafters.distillation import (
     delta_sq_weight,
     draft_delta_sq,
     mismatch_loss,
+    pool_pairs,
     target_rollout,
     x0_delta_sq_weight,
 )
+from specdiff_train.config_io import build_module, module_config
 from specdiff_train.models import TargetDiffusion, load_target
 from specdiff_train.nets import MLPDenoiser
 from specdiff_train.speculative import (
@@ -168,6 +171,64 @@ def test_rollout_on_the_drafters_own_path():
     torch.testing.assert_close(own[2][1], model(own[0][1], plan.t(own[1][1])))  # outputs at the drafted states
 
 
+# --- long offsets: anchor/state pairs on the trajectory pool -------------------------------------------
+def test_pool_pairs_stay_on_drafted_steps_with_log_uniform_offsets():
+    gen = torch.Generator().manual_seed(0)
+    chain, anchor, offset = pool_pairs(99, 7, 20_000, 64, gen)
+    assert offset.min() == 1 and offset.max() == 64 and anchor.min() == 0 and (anchor + offset).max() == 98
+    assert chain.min() == 0 and chain.max() == 6
+    assert abs((offset <= 8).double().mean() - math.log(9) / math.log(65)) < 0.02  # log-uniform in [1, 64]
+    assert abs((offset > 32).double().mean() - (1 - math.log(33) / math.log(65))) < 0.02
+    _, anchor, offset = pool_pairs(5, 2, 1000, 64, gen)  # offsets beyond the chain are not drawn
+    assert offset.max() == 4 and (anchor + offset).max() == 4
+    with pytest.raises(ValueError, match="max_offset"):
+        pool_pairs(1, 2, 10, 8, gen)
+
+
+def test_long_offset_embedding_starts_at_zero_and_tells_long_offsets_apart():
+    plain = random_head(dim=2, feature_dim=4, hidden=16, depth=1, time_embed_dim=8, max_offset=2)
+    long = MLPHead(dim=2, feature_dim=4, hidden=16, depth=1, time_embed_dim=8, max_offset=2, long_offsets=True)
+    missing = long.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("cond.long.") for key in missing)
+    features, inputs, t = torch.randn(3, 4), torch.randn(3, 8), torch.tensor([10, 500, 900])
+    for offset in (1, 5, 40):
+        j = torch.full((3,), offset)
+        torch.testing.assert_close(long(features, inputs, t, j), plain(features, inputs, t, j))  # zero at the start
+    torch.nn.init.normal_(long.cond.long.mlp[-1].weight, std=0.5)
+    far, farther = torch.full((3,), 5), torch.full((3,), 40)
+    torch.testing.assert_close(plain(features, inputs, t, far), plain(features, inputs, t, farther))  # one embedding
+    assert not torch.allclose(long(features, inputs, t, far), long(features, inputs, t, farther))
+    config = module_config(long)
+    assert config["init_args"]["long_offsets"] is True and "cond.long.mlp.0.weight" in build_module(config).state_dict()
+
+
+def test_heads_train_on_long_offset_pairs_of_the_pool(tiny_targets):
+    def module(pool_offsets, head=None, pairs=3):
+        head = head or MLPHead(feature_dim=32, hidden=8, depth=1, max_offset=2, long_offsets=True)
+        return HeadDistillation(head, str(tiny_targets["toy2d"]), num_steps=50, objective="tv", trajectory_chains=8,
+                                pool_offsets=pool_offsets, pool_pairs_per_row=pairs)
+
+    x0 = torch.randn(6, 2)
+    trained = random_head(dim=2, feature_dim=32, hidden=8, depth=1, max_offset=2, long_offsets=True)
+    with_pairs, without = module(40, trained), module(0)
+    assert with_pairs.hparams["pool_offsets"] == 40 and with_pairs.hparams["head"]["init_args"]["long_offsets"]
+    loss, delta_sq, k, _ = with_pairs.losses(x0, torch.Generator().manual_seed(1))
+    _, plain_sq, _, _ = without.losses(x0, torch.Generator().manual_seed(1))
+    assert len(delta_sq) == len(plain_sq) + 18 and k.max() < with_pairs.plan.num_stochastic_steps
+    loss.backward()
+    assert trained.cond.long.mlp[-1].weight.grad.abs().sum() > 0  # the long-offset embedding is trained
+    fresh = module(40).eval()  # validation: the pairs are logged apart; a fresh head drafts as the Free Drafter
+    _, delta_sq, _, extra = fresh.losses(x0, torch.Generator().manual_seed(1))
+    assert len(delta_sq) == len(plain_sq)
+    torch.testing.assert_close(extra["long_acceptance"], extra["long_free_acceptance"])
+    with pytest.raises(ValueError, match="long_offsets true"):
+        module(40, MLPHead(feature_dim=32, hidden=8, depth=1, max_offset=2))
+    with pytest.raises(ValueError, match="model.init_args.pool_offsets"):
+        module(-1)
+    with pytest.raises(ValueError, match="model.init_args.pool_pairs_per_row"):
+        module(40, pairs=0)
+
+
 # --- exactness with learned drafters -----------------------------------------------------------------
 def draft_network_drafter(schedule):
     torch.manual_seed(0)
@@ -180,9 +241,17 @@ def medusa_drafter(schedule):
                                                max_offset=4), schedule, (2,))
 
 
+def long_offset_medusa_drafter(schedule):
+    # max_offset 2 < window 8: offsets 3-8 are told apart by the long-offset embedding only
+    head = random_head(dim=2, feature_dim=4, hidden=16, depth=1, time_embed_dim=8, max_offset=2, long_offsets=True)
+    torch.nn.init.normal_(head.cond.long.mlp[-1].weight, std=0.5)
+    return MedusaDrafter.from_head(head, schedule, (2,))
+
+
 @pytest.mark.parametrize("window", [1, 3, 8])
 @pytest.mark.parametrize("verifier", ["block", "tokenwise"])
-@pytest.mark.parametrize("make", [draft_network_drafter, medusa_drafter], ids=["draftnet", "medusa"])
+@pytest.mark.parametrize("make", [draft_network_drafter, medusa_drafter, long_offset_medusa_drafter],
+                         ids=["draftnet", "medusa", "medusa-long-offsets"])
 def test_speculative_sampling_with_a_learned_drafter_is_exact(make, verifier, window):
     schedule = DDPMSchedule(1000)
     model = GaussianDataDenoiser(schedule, MEAN, VAR)

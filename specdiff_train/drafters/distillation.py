@@ -2,7 +2,8 @@
 
 - The maths of distillation: the delta^2 weights of a step (`x0_delta_sq_weight`, `delta_sq_weight`),
   a draft network's per-row delta^2 (`draft_delta_sq`), the loss from delta^2 (`mismatch_loss`), and the
-  target's own chains to train on (`target_trajectories`, `target_rollout`).
+  target's own chains to train on (`target_trajectories`, `target_rollout`, and `pool_pairs`: anchor/state
+  pairs far apart on those trajectories, the heads' long offsets).
 - Training: `frozen_target` and the LightningModule base `FrozenTargetDistillation`: it loads the target
   (EMA weights, eval mode, frozen, kept out of the state dict and the optimizer), draws the states to
   train on (forward-noised data, optionally the target's sampling trajectories), and logs the mismatch
@@ -175,6 +176,25 @@ def target_trajectories(target, plan: SamplingPlan, num_chains: int, shape, gene
         mean, std = plan.transition(x, steps, target(x, plan.t(steps)))
         x = mean + std[0].to(x.dtype) * torch.randn(x.shape, generator=generator, dtype=dtype).to(x.device)
     return torch.stack(states)
+
+
+def pool_pairs(num_stochastic_steps: int, num_chains: int, num_rows: int, max_offset: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chain, anchor step m, offset j), (num_rows,) int64 each, of anchor/state pairs on a pool of target
+    trajectories (`target_trajectories`): the anchor is the pool's state at step m, the drafted state the same
+    chain's state at step m + j <= num_stochastic_steps - 1 (a step the sampler drafts). Offsets are log-uniform
+    in [1, min(max_offset, num_stochastic_steps - 1)] (a long window's drafts are rejected early more often than
+    not, so short offsets matter as much as long ones), anchors uniform over the steps that leave room for j."""
+    largest = min(int(max_offset), num_stochastic_steps - 1)
+    if largest < 1:
+        raise ValueError(f"pool_pairs: need max_offset >= 1 and at least 2 stochastic steps, got {max_offset} "
+                         f"and {num_stochastic_steps}")
+    u = torch.rand(num_rows, generator=generator, dtype=torch.float64)
+    offset = torch.exp(u * math.log(largest + 1)).floor().long().clamp(1, largest)
+    room = (num_stochastic_steps - offset).double()  # anchors m in [0, S - 1 - j]
+    anchor = (torch.rand(num_rows, generator=generator, dtype=torch.float64) * room).floor().long()
+    chain = torch.randint(0, num_chains, (num_rows,), generator=generator)
+    return chain, anchor, offset
 
 
 @torch.no_grad()

@@ -36,7 +36,9 @@ from .distillation import (
     LearnedDrafter,
     check_drafter_module,
     mismatch_loss,
+    pool_pairs,
     target_rollout,
+    time_bucket,
     x0_delta_sq_weight,
 )
 
@@ -49,18 +51,25 @@ NUM_INPUTS = 4
 
 class _Conditioning(nn.Module):
     """Timestep embedding of x_j plus a learned embedding of the offset (offsets above `max_offset`
-    share the last one)."""
+    share the last one); with `long_offsets`, also a sinusoidal embedding of the offset itself, which tells
+    every offset apart (the windows of hundreds of steps of a 1000-step sampler). Its last layer starts at
+    zero, so it adds nothing until trained."""
 
-    def __init__(self, time_embed_dim: int, max_offset: int):
+    def __init__(self, time_embed_dim: int, max_offset: int, long_offsets: bool = False):
         super().__init__()
         if max_offset < 1:
             raise ValueError(f"head: max_offset must be >= 1, got {max_offset}")
         self.time = TimestepEmbedding(time_embed_dim, hidden=time_embed_dim)
         self.offset = nn.Embedding(max_offset + 1, time_embed_dim)
         self.max_offset = max_offset
+        self.long = TimestepEmbedding(time_embed_dim, hidden=time_embed_dim) if long_offsets else None
+        if self.long is not None:
+            nn.init.zeros_(self.long.mlp[-1].weight)
+            nn.init.zeros_(self.long.mlp[-1].bias)
 
     def forward(self, t: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return self.time(t) + self.offset(offset.clamp(1, self.max_offset))
+        emb = self.time(t) + self.offset(offset.clamp(1, self.max_offset))
+        return emb if self.long is None else emb + self.long(offset)
 
 
 class _Head(nn.Module):
@@ -86,15 +95,17 @@ class MLPHead(_Head):
         depth: residual blocks.
         time_embed_dim: size of the timestep / offset embedding.
         max_offset: largest offset with its own embedding (the sampler's window).
+        long_offsets: also embed the offset sinusoidally, so that offsets above `max_offset` are told apart
+            (heads trained with `HeadDistillation(pool_offsets=...)` for long windows).
     """
 
     def __init__(self, dim: int = 2, feature_dim: int = 128, hidden: int = 64, depth: int = 2,
-                 time_embed_dim: int = 32, max_offset: int = 8):
+                 time_embed_dim: int = 32, max_offset: int = 8, long_offsets: bool = False):
         super().__init__()
         self.dim, self.feature_dim, self.hidden, self.depth = dim, feature_dim, hidden, depth
-        self.time_embed_dim, self.max_offset = time_embed_dim, max_offset
+        self.time_embed_dim, self.max_offset, self.long_offsets = time_embed_dim, max_offset, bool(long_offsets)
         self.sample_shape = (dim,)
-        self.cond = _Conditioning(time_embed_dim, max_offset)
+        self.cond = _Conditioning(time_embed_dim, max_offset, long_offsets)
         self.feat = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden))
         self.inp = nn.Linear(NUM_INPUTS * dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, time_embed_dim) for _ in range(depth))
@@ -116,15 +127,18 @@ class ConvHead(_Head):
         depth: ResBlocks.
         time_embed_dim: size of the timestep / offset embedding.
         max_offset: largest offset with its own embedding (the sampler's window).
+        long_offsets: also embed the offset sinusoidally, so that offsets above `max_offset` are told apart
+            (heads trained with `HeadDistillation(pool_offsets=...)` for long windows).
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, feature_dim: int = 32, hidden: int = 32,
-                 depth: int = 2, time_embed_dim: int = 32, max_offset: int = 8):
+                 depth: int = 2, time_embed_dim: int = 32, max_offset: int = 8, long_offsets: bool = False):
         super().__init__()
         self.in_channels, self.image_size, self.feature_dim = in_channels, image_size, feature_dim
         self.hidden, self.depth, self.time_embed_dim, self.max_offset = hidden, depth, time_embed_dim, max_offset
+        self.long_offsets = bool(long_offsets)
         self.sample_shape = (in_channels, image_size, image_size)
-        self.cond = _Conditioning(time_embed_dim, max_offset)
+        self.cond = _Conditioning(time_embed_dim, max_offset, long_offsets)
         self.feat = nn.Sequential(group_norm(feature_dim), nn.Conv2d(feature_dim, hidden, 1))
         self.inp = nn.Conv2d(NUM_INPUTS * in_channels, hidden, 3, padding=1)
         self.blocks = nn.ModuleList(ResBlock(hidden, hidden, time_embed_dim, 0.0) for _ in range(depth))
@@ -175,6 +189,14 @@ class HeadDistillation(FrozenTargetDistillation):
         draft_rollout_fraction: share of each training batch whose rollout follows the heads' own drafts after
             its first step (the states a speculative round drafts from; `target_rollout(draft_x0=...)`) instead
             of the target's chain; validation always rolls the target's chain.
+        pool_offsets: largest offset of the long-offset pairs (0: none). Each batch then also has, per row, an
+            anchor and a state `j` steps later on the same target trajectory of the pool (`pool_pairs`: j
+            log-uniform in [1, pool_offsets]); the rollout reaches `head.max_offset` steps only, while the sampler's
+            windows at 1000 steps draft hundreds. Needs `head.long_offsets` when above `head.max_offset`.
+            Validation logs these pairs' acceptance apart (`val/long_acceptance`, `val/long_free_acceptance`, and
+            `_t0.0` for the fifth nearest the data); the per-fifth record stays that of the rollout.
+        pool_pairs_per_row: long-offset pairs per batch row (each costs two target rows, the anchor and the state;
+            the rollout costs `max_offset + 1`).
     """
 
     module_key = "head"
@@ -193,12 +215,23 @@ class HeadDistillation(FrozenTargetDistillation):
         guidance_scale: float = 1.0,
         chain: Chain | dict | None = None,
         draft_rollout_fraction: float = 0.0,
+        pool_offsets: int = 0,
+        pool_pairs_per_row: int = 1,
     ):
         super().__init__(target_ckpt, num_steps, objective, trajectory_fraction, trajectory_chains,
                          trajectory_refresh, optimizer, sample_shape, guidance_scale, chain)
         if not 0.0 <= draft_rollout_fraction <= 1.0:
             raise ValueError(f"model.init_args.draft_rollout_fraction: expected a value in [0, 1], got {draft_rollout_fraction}")
         self.draft_rollout_fraction = float(draft_rollout_fraction)
+        if pool_offsets < 0:
+            raise ValueError(f"model.init_args.pool_offsets: expected an int >= 0 (0: no long-offset pairs), got {pool_offsets}")
+        if pool_offsets > head.max_offset and not getattr(head, "long_offsets", False):
+            raise ValueError(
+                f"model.init_args.pool_offsets: {pool_offsets} is above the head's max_offset {head.max_offset}, and "
+                "the head gives every offset above that one embedding; set --model.init_args.head.init_args.long_offsets true")
+        if pool_pairs_per_row < 1:
+            raise ValueError(f"model.init_args.pool_pairs_per_row: expected an int >= 1, got {pool_pairs_per_row}")
+        self.pool_offsets, self.pool_pairs_per_row = int(pool_offsets), int(pool_pairs_per_row)
         check_drafter_module(head, self.target, "head", "Size the head for the target's data.")
         feature_dim = getattr(self.target.net, "feature_dim", None)
         if getattr(head, "feature_dim", None) != feature_dim:
@@ -210,7 +243,8 @@ class HeadDistillation(FrozenTargetDistillation):
         if self.plan.num_stochastic_steps < 2:
             raise ValueError(f"model.init_args.num_steps: heads need at least 2 stochastic steps, got {num_steps}")
         self.head = head
-        self.record_hparams(max_offset=int(head.max_offset), draft_rollout_fraction=self.draft_rollout_fraction)
+        self.record_hparams(max_offset=int(head.max_offset), draft_rollout_fraction=self.draft_rollout_fraction,
+                            pool_offsets=self.pool_offsets, pool_pairs_per_row=self.pool_pairs_per_row)
 
     def losses(self, x0, gen, labels=None):
         plan, S, K = self.plan, self.plan.num_stochastic_steps, int(self.head.max_offset)
@@ -245,7 +279,46 @@ class HeadDistillation(FrozenTargetDistillation):
             for j in range(1, K + 1):
                 if (offsets == j).any():
                     extra[f"acceptance_k{j}"] = acc[offsets == j].mean().float()
+        if self.pool_offsets:
+            long_sq, long_k, free_sq = self.long_offset_losses(x0, gen)
+            if self.training:
+                delta_sq, k = torch.cat([delta_sq, long_sq]), torch.cat([k, long_k])
+            else:
+                extra.update(long_offset_logs(self.plan, long_k, long_sq, free_sq))
         return mismatch_loss(delta_sq, self.objective), delta_sq.detach(), k, extra
+
+    def long_offset_losses(self, like: torch.Tensor, gen: torch.Generator):
+        """Per-row weighted delta^2 of the heads (and of the Free Drafter (x0)) on `pool_pairs_per_row * len(like)`
+        anchor/state pairs of the trajectory pool (`pool_pairs`), with the drafted steps."""
+        pool, plan = self.trajectory_pool(like), self.plan
+        rows = self.pool_pairs_per_row * len(like)
+        chain, m, offset = (v.to(like.device) for v in pool_pairs(pool.shape[0], pool.shape[1], rows,
+                                                                   self.pool_offsets, gen))
+        k = m + offset
+        labels = None if self._pool_labels is None else self._pool_labels[chain]
+        x_m, x = pool[m, chain].to(like.dtype), pool[k, chain].to(like.dtype)
+        with torch.no_grad():
+            out_m, features = self.target_output(x_m, plan.t(m), labels, return_features=True)
+            anchor_x0 = self.schedule.denoised(out_m, x_m, plan.t(m))
+            x0_target = self.schedule.denoised(self.target_output(x, plan.t(k), labels), x, plan.t(k))
+        x0_head = medusa_x0(self.head, self.schedule, features, x_m, anchor_x0, x, plan.t(k), offset, plan.t(m))
+        weight = x0_delta_sq_weight(plan, k).to(x.dtype)
+        delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
+        free_sq = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)
+        return delta_sq, k, free_sq
+
+
+def long_offset_logs(plan, k: torch.Tensor, delta_sq: torch.Tensor, free_sq: torch.Tensor) -> dict:
+    """Validation logs of the long-offset pairs: the heads' and the Free Drafter's (x0) mean acceptance, overall
+    and in the fifth nearest the data (where the pairs have rows)."""
+    logs = {}
+    nearest = time_bucket(plan, k) == 0
+    for name, sq in (("long_acceptance", delta_sq), ("long_free_acceptance", free_sq)):
+        acc = one_step_acceptance(sq.detach().double().sqrt())
+        logs[name] = acc.mean().float()
+        if nearest.any():
+            logs[f"{name}_t0.0"] = acc[nearest].mean().float()
+    return logs
 
 
 # --- sampling -----------------------------------------------------------------------------------
