@@ -7,6 +7,7 @@ is built, so models learn the sample shape from the data.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .callbacks import RunCheckpoint
-from .config_io import with_current_class_paths
+from .config_io import resolve_class, with_current_class_paths
 from .errors import TRACEBACK_ENV, explain_parse_error, show_tracebacks, user_message
 from .evaluation.command import SpecDiffTrainer
 
@@ -86,8 +87,9 @@ class SpecDiffCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        if "_class_path" in hparams:  # a drafter module (`record_hparams`): its constructor's arguments only
+            path = hparams.pop("_class_path")
+            hparams = {"class_path": path, "init_args": constructor_args(path, hparams)}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
@@ -129,6 +131,17 @@ class SpecDiffCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         model = config.get("model")
         return model.clone().as_dict() if model is not None else None
+
+
+def constructor_args(path: str, hparams: dict) -> dict:
+    """The hyperparameters that are arguments of the class at `path`: a drafter's checkpoint also records what
+    describes its run (the target's fingerprint, schedule, sample shape, ...), which its constructor does not
+    take; those it does not record (the optimizer) keep their configured values."""
+    cls = resolve_class(path, trusted_only=True)
+    if cls is None:
+        return hparams
+    names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return {k: v for k, v in hparams.items() if k in names}
 
 
 DRAFTER_KINDS = {  # hyperparameter key of the trained module -> (what it is, the drafter class that uses it)

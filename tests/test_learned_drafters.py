@@ -360,6 +360,25 @@ def test_tiny_fit_of_each_drafter_config_gives_a_usable_drafter(name, tiny_targe
     assert hparams["target_ckpt"] == str(tiny_targets[data]) and hparams["num_steps"] == 100
 
 
+def test_an_interrupted_drafter_run_resumes_with_its_step_optimizer_and_settings(tiny_targets, tmp_path):
+    """`fit --ckpt_path last.ckpt` of a drafter: the checkpoint also records what only describes the run (the
+    target's fingerprint, schedule, ...), which the module's constructor does not take."""
+    args = ["--config", "configs/drafter/toy2d_medusa.yaml", "--model.init_args.target_ckpt", tiny_targets["toy2d"],
+            "--model.init_args.head.init_args.feature_dim", "32", "--model.init_args.trajectory_chains", "8",
+            "--model.init_args.head.init_args.long_offsets", "true", "--model.init_args.pool_offsets", "40",
+            "--model.init_args.optimizer.init_args.lr", "0.0005", "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]
+    run_train("fit", *args, "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", "2")
+    first = find_one(tmp_path, "last.ckpt")
+    run_train("fit", *args, "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", "4", "--ckpt_path", first)
+    resumed = torch.load(first, weights_only=False)
+    assert resumed["global_step"] == 4
+    assert {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {4}  # Adam continued
+    assert resumed["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(5e-4)  # the configured optimizer
+    hparams = resumed["hyper_parameters"]
+    assert hparams["pool_offsets"] == 40 and hparams["head"]["init_args"]["long_offsets"] is True
+
+
 def test_drafter_checkpoint_holds_only_the_drafter(tiny_targets, tmp_path):
     module = HeadDistillation(MLPHead(feature_dim=32, hidden=8, depth=1), str(tiny_targets["toy2d"]))
     assert all(k.startswith("head.") for k in module.state_dict())
