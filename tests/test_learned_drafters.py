@@ -565,10 +565,11 @@ def test_sampling_at_another_step_count_than_trained_warns():
         speculative_sample(target, target.schedule, target.sample_shape, num_steps=100, drafter=drafter(), **kw)
 
 
-def test_the_shipped_1000_step_heads_belong_to_the_digits_target():
+@pytest.mark.parametrize("name", ["medusa_1000.ckpt", "medusa_1000_long.ckpt"])
+def test_the_shipped_1000_step_heads_belong_to_the_digits_target(name):
     from specdiff_train.drafters.checkpoints import drafter_target_warning, recorded_acceptance
 
-    path = ROOT / "checkpoints" / "digits" / "medusa_1000.ckpt"
+    path = ROOT / "checkpoints" / "digits" / name
     drafter = MedusaDrafter(str(path))
     assert drafter.trained_num_steps == 1000 and recorded_acceptance(path)["num_steps"] == 1000
     assert drafter_target_warning(path, load_target(ROOT / "checkpoints" / "digits" / "target.ckpt")) is None
