@@ -10,7 +10,9 @@ an untrained head drafts exactly like the Free Drafter freezing x0; training can
   and its correction used, shared by training and sampling.
 - Training: `HeadDistillation` (configs/drafter/*_medusa.yaml) rolls the target's own chain (the sampler
   it is trained for: any family) `max_offset` steps forward from an anchor and fits the heads' x0 at each
-  later state to the target's, with the delta^2 weight of each step (`x0_delta_sq_weight`).
+  later state to the target's, with the delta^2 weight of each step (`x0_delta_sq_weight`); with
+  `pool_offsets`, also on anchor/state pairs up to hundreds of steps apart on the target's own trajectories
+  (the long windows of a 1000-step sampler; the heads then need `long_offsets`).
 - Sampling: `MedusaDrafter` (its checkpoint is read by `checkpoints.load_drafter(path, "head")`).
 
 Both heads: `forward(features, inputs, t, offset)` with `inputs` the stacked per-state tensors
