@@ -99,8 +99,9 @@ def check_drafter(path: Path) -> None:
     assert tuple(model.sample_shape) == tuple(data.sample_shape)
     assert not any(p.requires_grad for p in model.target.parameters())
     assert all(id(p) not in {id(q) for q in model.target.parameters()} for p in model.parameters())
-    # One training loss on a few data points (draft networks and heads alike), without the trajectory pool.
-    model.trajectory_fraction = 0.0
+    # One training loss on a few data points (draft networks and heads alike): no pool states among them, and the
+    # long-offset pairs (heads with pool_offsets) from a pool of two chains.
+    model.trajectory_fraction, model.trajectory_chains = 0.0, 2
     loss, delta_sq, steps, _ = model.losses(torch.zeros(4, *model.sample_shape), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and loss.requires_grad
     assert delta_sq.shape == steps.shape and len(steps) >= 4
