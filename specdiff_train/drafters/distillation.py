@@ -1,6 +1,7 @@
 """What the two learned drafter kinds (`draftnet.py`, `medusa.py`) share (ALGORITHMS.md section 5).
 
-- The maths of distillation: the delta^2 weights of a step (`x0_delta_sq_weight`, `delta_sq_weight`),
+- The maths of distillation: the delta^2 weights of a step (`x0_delta_sq_weight`, `delta_sq_weight`) and the
+  delta^2 of two x0 estimates (`x0_delta_sq`);
   a draft network's per-row delta^2 (`draft_delta_sq`), the loss from delta^2 (`mismatch_loss`), and the
   target's own chains to train on (`target_trajectories`, `target_rollout`, and `pool_pairs`: anchor/state
   pairs far apart on those trajectories, the heads' long offsets).
@@ -62,6 +63,13 @@ def x0_delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
     return (plan.coef_x0[kc] ** 2 / plan.std[kc] ** 2).to(k.device)
 
 
+def x0_delta_sq(plan: SamplingPlan, k: torch.Tensor, x0_p: torch.Tensor, x0_q: torch.Tensor) -> torch.Tensor:
+    """Per row, delta^2 of step k between two x0 estimates at the same states: `x0_delta_sq_weight` times
+    |x0_P - x0_Q|^2, in the estimates' dtype."""
+    sq = (x0_p - x0_q).pow(2).flatten(1).sum(1)
+    return x0_delta_sq_weight(plan, k).to(sq.dtype) * sq
+
+
 def delta_sq_weight(plan: SamplingPlan, k: torch.Tensor) -> torch.Tensor:
     """w_k with delta^2 = w_k |eps_P - eps_Q|^2 for step k of `plan` (a DDPM schedule, eps prediction, no
     clipping; any DDPM chain): x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), so the x0 weight times (1 - abar) / abar.
@@ -93,9 +101,7 @@ def draft_delta_sq(plan: SamplingPlan, k: torch.Tensor, x: torch.Tensor, target_
         sq = (target_output - draft_output).pow(2).flatten(1).sum(1)
         return delta_sq_weight(plan, k).to(sq.dtype) * sq
     t = plan.t(k)
-    gap = schedule.denoised(target_output, x, t) - schedule.to_x0(draft_output, x, t)
-    sq = gap.pow(2).flatten(1).sum(1)
-    return x0_delta_sq_weight(plan, k).to(sq.dtype) * sq
+    return x0_delta_sq(plan, k, schedule.denoised(target_output, x, t), schedule.to_x0(draft_output, x, t))
 
 
 def check_objective(objective: str) -> str:

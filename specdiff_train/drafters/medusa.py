@@ -41,7 +41,7 @@ from .distillation import (
     pool_pairs,
     target_rollout,
     time_bucket,
-    x0_delta_sq_weight,
+    x0_delta_sq,
 )
 
 
@@ -272,11 +272,10 @@ class HeadDistillation(FrozenTargetDistillation):
         t = plan.t(k)
         x0_head = medusa_x0(self.head, self.schedule, rep(features), anchor_state, anchor_x0, x, t, offsets, anchor_t)
         x0_target = self.schedule.denoised(out, x, t)  # as the sampler uses it (clipped when the schedule clips)
-        weight = x0_delta_sq_weight(plan, k).to(x.dtype)
-        delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
+        delta_sq = x0_delta_sq(plan, k, x0_target, x0_head)
         extra = {}
         if not self.training:
-            extra["free_delta_sq"] = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)  # per row
+            extra["free_delta_sq"] = x0_delta_sq(plan, k, x0_target, anchor_x0)  # per row
             acc = one_step_acceptance(delta_sq.detach().sqrt())
             for j in range(1, K + 1):
                 if (offsets == j).any():
@@ -304,10 +303,7 @@ class HeadDistillation(FrozenTargetDistillation):
             anchor_x0 = self.schedule.denoised(out_m, x_m, plan.t(m))
             x0_target = self.schedule.denoised(self.target_output(x, plan.t(k), labels), x, plan.t(k))
         x0_head = medusa_x0(self.head, self.schedule, features, x_m, anchor_x0, x, plan.t(k), offset, plan.t(m))
-        weight = x0_delta_sq_weight(plan, k).to(x.dtype)
-        delta_sq = weight * (x0_target - x0_head).pow(2).flatten(1).sum(1)
-        free_sq = weight * (x0_target - anchor_x0).pow(2).flatten(1).sum(1)
-        return delta_sq, k, free_sq
+        return x0_delta_sq(plan, k, x0_target, x0_head), k, x0_delta_sq(plan, k, x0_target, anchor_x0)
 
 
 def long_offset_logs(plan, k: torch.Tensor, delta_sq: torch.Tensor, free_sq: torch.Tensor) -> dict:
