@@ -7,9 +7,13 @@ The CLI adds it as `checkpoint` (options `--checkpoint.*`, every run writes `las
   (`save_on_exception`), as it does for any exception.
 - When training ends at `max_steps` between two validations, `last.ckpt` is written at that final
   step (Lightning's `ModelCheckpoint` keeps the last validation's).
+- A run resumed from its own `last.ckpt` keeps writing that file, also when the run's folder was moved or
+  copied since (the checkpoint records the old folder, and Lightning's `ModelCheckpoint` then took the
+  file for another run's and wrote `last-v1.ckpt` beside it).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -38,6 +42,13 @@ class RunCheckpoint(ModelCheckpoint):
         self._stop_requested = False
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # After the callback's state is restored: resuming from this folder's last.ckpt, that file is ours.
+        last = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        if trainer.ckpt_path and self.dirpath and os.path.abspath(trainer.ckpt_path) == os.path.abspath(last):
+            self.last_model_path = last
 
     def _on_sigint(self, signum, frame) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop now

@@ -143,6 +143,28 @@ def test_run_checkpoint_saves_the_final_step_between_validations(tmp_path):
     assert load_ckpt(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 7
 
 
+def test_resuming_a_moved_run_keeps_writing_its_last_ckpt(tmp_path):
+    """A run folder copied elsewhere and resumed from its last.ckpt: the checkpoint records the old folder, so
+    Lightning's ModelCheckpoint took the file it resumed from for someone else's and wrote last-v1.ckpt beside
+    it, leaving last.ckpt at the old step; RunCheckpoint keeps writing the last.ckpt it resumed from."""
+    import shutil
+
+    from specdiff_train.callbacks import RunCheckpoint
+
+    def fit(root, steps, ckpt_path=None):
+        trainer = Trainer(default_root_dir=root, max_steps=steps, val_check_interval=5, check_val_every_n_epoch=None,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                          callbacks=[RunCheckpoint(dirpath=root / "ckpt")])
+        trainer.fit(TargetDiffusion(TinyDenoiser(hidden=8), val_num_samples=0), TinyDataModule(), ckpt_path=ckpt_path)
+
+    fit(tmp_path / "first", 5)
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        fit(tmp_path / "moved", 8, ckpt_path=tmp_path / "moved" / "ckpt" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "moved" / "ckpt").glob("last*.ckpt")) == ["last.ckpt"]
+    assert load_ckpt(tmp_path / "moved" / "ckpt" / "last.ckpt")["global_step"] == 8
+
+
 def test_fixed_lr_horizon_that_differs_from_the_run_warns():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3000)
