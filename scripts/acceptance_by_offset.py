@@ -3,8 +3,11 @@ anchor, on the target's own chains, and the target calls per sample a fixed wind
 acceptance (`specdiff_train.drafters.diagnostics`; docs/drafters.md, "Where the calls go").
 
 Drafters: `free-x0`, the learned kinds beside the target (`medusa`, `draftnet`, or `medusa=PATH`), and the
-reference `stale-time` (a full target call at the drafted state with the anchor's time). `--what-if` adds, per
-drafter, the modelled calls if its acceptance were 1 in the fifth nearest the data, or in the other four.
+references `stale-time` (a full target call at the drafted state with the anchor's time) and
+`other-target=PATH` (another target checkpoint of the same schedule, at the drafted state and time: a drafter as
+large as the target, trained apart from it; a conditional one drafts with its null label). `--what-if` adds, per
+drafter, the modelled calls if its acceptance were 1 in the fifth nearest the data, in the other four, or at every
+step but the last two; and, for the last steps, how closely a draft's x0 must match the target's to be accepted.
 
     python scripts/acceptance_by_offset.py --target checkpoints/digits --drafters free-x0 medusa stale-time --what-if
     python scripts/acceptance_by_offset.py --target checkpoints/digits --num-steps 1000 \\
@@ -29,14 +32,16 @@ from specdiff_train.drafters.diagnostics import (  # noqa: E402
     expected_calls,
     free_x0_rule,
     heads_rule,
+    other_target_rule,
     rollout_acceptance,
     stale_time_rule,
+    x0_tolerance,
 )
 from specdiff_train.drafters.distillation import NUM_BUCKETS, frozen_target, time_bucket  # noqa: E402
 from specdiff_train.drafters.shipped import LEARNED_KINDS  # noqa: E402
 from specdiff_train.guidance import num_classes_of  # noqa: E402
 
-RULES = ("free-x0", "stale-time", *LEARNED_KINDS)
+RULES = ("free-x0", "stale-time", "other-target", *LEARNED_KINDS)
 
 
 def make_rule(spec: str, target_dir: Path, target, plan, guidance_scale: float):
@@ -48,6 +53,13 @@ def make_rule(spec: str, target_dir: Path, target, plan, guidance_scale: float):
         return free_x0_rule
     if name == "stale-time":
         return stale_time_rule(target, plan, guidance_scale)
+    if name == "other-target":
+        if not path or not Path(path).exists():
+            raise SystemExit(f"--drafters: other-target needs a target checkpoint, other-target=PATH; got {spec!r}")
+        try:
+            return other_target_rule(frozen_target(path), plan)
+        except ValueError as err:
+            raise SystemExit(f"--drafters: {spec}: {err}") from None
     path = Path(path) if path else target_dir / f"{name}.ckpt"
     if not path.is_file():
         raise SystemExit(f"--drafters: no {name} checkpoint at {path}; train one (configs/drafter/) or pass {name}=PATH")
@@ -80,6 +92,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--by-offset", action="store_true", help="print each drafter's fifth x offset table")
     parser.add_argument("--what-if", action="store_true", help="modelled calls with acceptance 1 in some fifths")
+    parser.add_argument("--last-steps", type=int, default=8, help="--what-if: steps nearest the data in the tolerance table")
     parser.add_argument("--save", help="write the tables ({drafter: (steps, offsets) tensor}) to this file (torch.save)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -114,13 +127,27 @@ def main(argv=None):
     if args.what_if:
         print(f"\n| drafter | what if | {header} |")
         print("|---|---|" + "---|" * len(args.windows))
+        steps = torch.arange(plan.num_stochastic_steps)
         for name, table in tables.items():
             for what, perfect in (("acceptance 1 in the fifth nearest the data", buckets == 0),
-                                  ("acceptance 1 in the other four fifths", buckets != 0)):
+                                  ("acceptance 1 in the other four fifths", buckets != 0),
+                                  ("acceptance 1 at every step but the last two", steps < len(steps) - 2)):
                 ideal = table.clone()
                 ideal[perfect] = 1.0
                 calls = " | ".join(f"{expected_calls(ideal, w):.1f}" for w in args.windows)
                 print(f"| {name} | {what} | {calls} |")
+        last = steps[-args.last_steps:]
+        dim = math.prod(target.sample_shape)
+        names = " | ".join(tables)
+        print(f"\nThe last {len(last)} stochastic steps: the draft x0's RMS error per coordinate (of {dim}) at which "
+              "a step's acceptance is 0.9 or 0.5, and each drafter's acceptance (mean over offsets)\n")
+        print(f"| step | t | std of the step | x0 error for 0.9 | for 0.5 | {names} |")
+        print("|---|---|---|---|---|" + "---|" * len(tables))
+        tol_9, tol_5 = x0_tolerance(plan, last, 0.9, dim), x0_tolerance(plan, last, 0.5, dim)
+        for i, k in enumerate(last.tolist()):
+            accepted = " | ".join(f"{table[k].nanmean().item():.3f}" for table in tables.values())
+            print(f"| {k} | {int(plan.t(last[i:i + 1]))} | {plan.std[k].item():.4f} | {tol_9[i].item():.4f} | "
+                  f"{tol_5[i].item():.4f} | {accepted} |")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from specdiff_train.drafters.diagnostics import (
     expected_calls,
     free_x0_rule,
     heads_rule,
+    other_target_rule,
     rollout_acceptance,
     stale_time_rule,
+    x0_tolerance,
 )
 from specdiff_train.models import load_target
 from specdiff_train.speculative import FreeDrafter, speculative_sample
@@ -72,6 +74,29 @@ def test_expected_calls_at_the_extremes():
     assert expected_calls(better, 8) < expected_calls(torch.full((S, 8), 0.9), 8)
 
 
+def test_x0_tolerance_is_the_error_at_which_a_step_is_accepted_at_the_given_rate():
+    """An x0 off by the tolerance in every coordinate gives the step exactly the asked acceptance; a smaller
+    error more, and nearest the data (larger weight) the tolerance shrinks."""
+    from specdiff_train.diffusion import one_step_acceptance
+    from specdiff_train.drafters.distillation import x0_delta_sq
+
+    plan = DDPMSchedule(1000).plan(100)
+    k = torch.tensor([10, 60, 97, 98])
+    dim = 64
+    for acceptance in (0.5, 0.9):
+        tol = x0_tolerance(plan, k, acceptance, dim)
+        assert (tol[1:] < tol[:-1]).all()
+        x0_q = torch.zeros(len(k), dim, dtype=torch.float64)
+        got = one_step_acceptance(x0_delta_sq(plan, k, tol[:, None].expand(-1, dim), x0_q).sqrt())
+        assert torch.allclose(got, torch.full_like(got, acceptance), atol=1e-9)
+        smaller = one_step_acceptance(x0_delta_sq(plan, k, 0.5 * tol[:, None].expand(-1, dim), x0_q).sqrt())
+        assert (smaller > acceptance).all()
+    for bad, match in (({"acceptance": 1.0}, "acceptance"), ({"acceptance": 0.0}, "acceptance"), ({"dim": 0}, "dim")):
+        kwargs = {"acceptance": 0.5, "dim": dim, **bad}
+        with pytest.raises(ValueError, match=match):
+            x0_tolerance(plan, k, **kwargs)
+
+
 @pytest.mark.parametrize("window", [0, -1, 2.5, True])
 def test_expected_calls_refuse_a_bad_window(window):
     with pytest.raises(ValueError, match="window: expected an int >= 1"):
@@ -90,7 +115,7 @@ def test_rollout_acceptance_by_construction():
     exact = lambda anchor, x, k, offset: schedule.denoised(target(x, plan.t(k)), x, plan.t(k))  # noqa: E731
     head = MLPHead(dim=2, feature_dim=target.net.feature_dim, hidden=16, depth=1, max_offset=3)  # zero output layer
     rules = {"exact": exact, "free": free_x0_rule, "untrained heads": heads_rule(head, plan),
-             "stale time": stale_time_rule(target, plan)}
+             "stale time": stale_time_rule(target, plan), "the target as other target": other_target_rule(target, plan)}
     tables = rollout_acceptance(target, plan, rules, num_chains=6, max_offset=3,
                                 generator=torch.Generator().manual_seed(0))
     S = plan.num_stochastic_steps
@@ -99,12 +124,31 @@ def test_rollout_acceptance_by_construction():
     steps, offsets = torch.arange(S).unsqueeze(1), torch.arange(1, 4).unsqueeze(0)
     assert torch.equal(reached, steps >= offsets)  # step k is drafted from anchors k - offset >= 0 only
     assert torch.allclose(tables["exact"][reached], torch.ones(()).double())
+    assert torch.allclose(tables["the target as other target"], tables["exact"], equal_nan=True)
     assert torch.allclose(tables["untrained heads"][reached], tables["free"][reached])
     free, stale = tables["free"][reached], tables["stale time"][reached]
     assert ((free > 0) & (free < 1)).all() and ((stale > 0) & (stale <= 1)).all()
     assert stale.mean() > free.mean()  # the state, known exactly, explains most of the step
     with pytest.raises(ValueError, match="max_offset"):
         rollout_acceptance(target, plan, rules, max_offset=0)
+    digits = load_target(ROOT / "checkpoints" / "digits" / "target.ckpt")
+    with pytest.raises(ValueError, match="other target: its schedule .* differs"):
+        other_target_rule(load_target(ROOT / "checkpoints" / "digits_edm" / "target.ckpt"), digits.schedule.plan(20))
+
+
+def test_a_conditional_other_target_drafts_with_its_null_label():
+    """The conditional digits target drafts the unconditional one with its null label: its own output there."""
+    from specdiff_train.guidance import NULL_LABEL
+
+    digits = load_target(ROOT / "checkpoints" / "digits" / "target.ckpt")
+    cond = load_target(ROOT / "checkpoints" / "digits_cond" / "target.ckpt")
+    plan = digits.schedule.plan(20)
+    x, k = torch.randn(3, *digits.sample_shape), torch.tensor([2, 9, 15])
+    anchor = type("Anchor", (), {"labels": None})()
+    t = plan.t(k)
+    expected = plan.schedule.denoised(cond(x, t, labels=torch.full((3,), NULL_LABEL)), x, t)
+    assert torch.equal(other_target_rule(cond, plan)(anchor, x, k, 1), expected)
+    assert not torch.allclose(expected, plan.schedule.denoised(cond(x, t, labels=torch.zeros(3, dtype=torch.long)), x, t))
 
 
 def test_acceptance_by_offset_script_prints_the_tables(capsys, tmp_path):
@@ -113,14 +157,24 @@ def test_acceptance_by_offset_script_prints_the_tables(capsys, tmp_path):
     from acceptance_by_offset import main
 
     main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--num-steps", "20", "--chains", "4", "--max-offset", "3",
-          "--windows", "3", "--drafters", "free-x0", "medusa", "stale-time", "--what-if", "--by-offset", "--save", str(tmp_path / "t.pt")])
+          "--windows", "3", "--drafters", "free-x0", "medusa", "stale-time",
+          f"other-target={ROOT / 'checkpoints' / 'toy2d' / 'target.ckpt'}", "--what-if", "--by-offset", "--save", str(tmp_path / "t.pt")])
     saved = torch.load(tmp_path / "t.pt")
-    assert set(saved) == {"free-x0", "medusa", "stale-time"} and saved["medusa"].shape == (19, 3)
+    other = f"other-target={ROOT / 'checkpoints' / 'toy2d' / 'target.ckpt'}"
+    assert set(saved) == {"free-x0", "medusa", "stale-time", other} and saved["medusa"].shape == (19, 3)
+    assert torch.allclose(saved[other].nan_to_num(1.0), torch.ones(()).double())  # the target itself: always accepted
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     assert {"free-x0", "medusa", "stale-time"} <= set(rows)
     calls = lambda line: float(line.rstrip(" |").split(" | ")[-1])  # noqa: E731
-    whatif = [line for line in out.splitlines() if "acceptance 1 in" in line]
-    assert len(whatif) == 6 and all(calls(line) <= calls(rows[line.split(" | ")[0][2:]]) for line in whatif)
+    whatif = [line for line in out.splitlines() if "| acceptance 1 " in line]
+    assert len(whatif) == 12 and all(calls(line) <= calls(rows[line.split(" | ")[0][2:]]) for line in whatif)
+    tolerance = [line for line in out.splitlines() if line.startswith("| 1") and line.count(" | ") == 8]
+    assert [int(line.split(" | ")[0][2:]) for line in tolerance] == list(range(11, 19))  # the last 8 of 19 steps
     with pytest.raises(SystemExit, match="unknown drafter"):
         main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--drafters", "nope"])
+    with pytest.raises(SystemExit, match="other-target needs a target checkpoint"):
+        main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--drafters", "other-target"])
+    with pytest.raises(SystemExit, match="schedule .* differs"):
+        main(["--target", str(ROOT / "checkpoints" / "digits"), "--drafters",
+              f"other-target={ROOT / 'checkpoints' / 'digits_edm' / 'target.ckpt'}"])

@@ -4,10 +4,14 @@ own chains, and the calls a fixed window would take at that acceptance (docs/dra
 - `Anchor` (what a drafter knows when its window starts) and draft rules `rule(anchor, x, k, offset) -> x0`:
   `free_x0_rule` (the Free Drafter freezing x0), `heads_rule` (Medusa heads), `draft_network_rule`, and the
   reference `stale_time_rule` (a full target call at the drafted state, with the anchor's time: what a drafter
-  that knew the state perfectly but not the time would draft; a reference, not a bound).
+  that knew the state perfectly but not the time would draft; a reference, not a bound), and the reference
+  `other_target_rule` (another target network of the same schedule at the drafted state and time: what a
+  drafter as large as the target, trained apart from it, is accepted at).
 - `rollout_acceptance`: per rule, a (stochastic steps, max_offset) table of mean one-step acceptance 2 Phi(-delta / 2)
   of step k drafted `offset` steps after its anchor, the anchors on the target's sampling trajectories and the
   drafted states on the target's own chain from there (as the drafters' validation measures it).
+- `x0_tolerance`: the RMS error per coordinate of a drafted x0 at which a step's acceptance falls to a given value:
+  what a drafter must match of the target's x0 there (nearest the data, a small fraction of the data's own grain).
 - `expected_calls`: sequential target calls per sample of a fixed-window round at a given table, in a model
   where each drafted step is accepted independently (token-wise verification; block verification took 4-15%
   fewer calls on digits). tests/test_diagnostics.py holds it to the sampler; docs/drafters.md compares it with
@@ -21,7 +25,7 @@ from typing import Callable
 import torch
 
 from ..diffusion import SamplingPlan, one_step_acceptance
-from ..guidance import guided_output
+from ..guidance import NULL_LABEL, call_network, guided_output, num_classes_of
 from .distillation import target_rollout, target_trajectories, x0_delta_sq_weight
 from .draftnet import draft_output
 from .medusa import medusa_x0
@@ -84,6 +88,26 @@ def stale_time_rule(target, plan: SamplingPlan, guidance_scale: float = 1.0) -> 
 
 
 @torch.no_grad()
+def other_target_rule(other, plan: SamplingPlan) -> DraftRule:
+    """Reference: another target network's x0 at the drafted state and time (a full call of that network per
+    drafted step). A conditional one drafts an unconditional target with its null label, a conditional target
+    with the anchor's labels (unguided). It must share the plan's schedule (the same x0 of the same output)."""
+    schedule = plan.schedule
+    if other.schedule != schedule:
+        raise ValueError(f"other target: its schedule {other.schedule} differs from the target's {schedule}; "
+                         "compare targets trained with the same schedule")
+    conditional = bool(num_classes_of(other))
+
+    def rule(anchor, x, k, offset):
+        t = plan.t(k)
+        labels = anchor.labels
+        if conditional and labels is None:
+            labels = torch.full((len(x),), NULL_LABEL, dtype=torch.long, device=x.device)
+        return schedule.denoised(call_network(other, x, t, labels if conditional else None), x, t)
+
+    return rule
+
+
 def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num_chains: int = 48,
                        max_offset: int = 8, generator: torch.Generator | None = None,
                        labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -119,6 +143,18 @@ def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], 
                 delta_sq = weight * (x0_target - x0).double().pow(2).flatten(1).sum(1)
                 tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean()
     return {name: table.cpu() for name, table in tables.items()}
+
+
+def x0_tolerance(plan: SamplingPlan, k: torch.Tensor, acceptance: float, dim: int) -> torch.Tensor:
+    """Per step k, the RMS error per coordinate (of `dim`) of a drafted x0, spread evenly over the coordinates, at
+    which the step's one-step acceptance 2 Phi(-delta / 2) equals `acceptance`: delta = -2 Phi^-1(acceptance / 2),
+    and delta^2 = w_k dim rms^2 (`x0_delta_sq_weight`; no clipping)."""
+    if not 0 < acceptance < 1:
+        raise ValueError(f"acceptance: expected a value in (0, 1), got {acceptance!r}")
+    if dim < 1:
+        raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
+    delta = -2 * torch.special.ndtri(torch.tensor(acceptance / 2, dtype=torch.float64))
+    return delta / (x0_delta_sq_weight(plan, k).double() * dim).sqrt()
 
 
 def expected_calls(acceptance: torch.Tensor, window: int, final_step: bool = True) -> float:
