@@ -71,11 +71,13 @@ def drafter_factories(target_dir: Path, names: list[str]) -> dict:
 
 def trained_steps(target_dir: Path, names: list[str]) -> dict[str, list[int]]:
     """The step count each learned drafter was distilled for (its checkpoint's num_steps): it runs only there."""
+    from specdiff_train.config_io import read_checkpoint
+
     out = {}
     for name in names:
         path = target_dir / f"{name}.ckpt"
         if name in LEARNED and path.exists():
-            hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+            hparams = read_checkpoint(path).get("hyper_parameters") or {}
             if "num_steps" in hparams:
                 out[name] = [int(hparams["num_steps"])]
     return out

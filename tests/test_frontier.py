@@ -374,6 +374,12 @@ def test_script_writes_json_plot_and_page(tmp_path, capsys):
     assert again == records and (tmp_path / "f.png").exists() and "redrawn from" in page.read_text()
 
 
+def test_learned_drafters_run_at_the_step_count_their_checkpoint_records():
+    script = _script()
+    assert script.trained_steps(ROOT / "checkpoints" / "digits", ["free-x0", "medusa", "draftnet"]) == {
+        "medusa": [100], "draftnet": [100]}  # free-x0 runs at every step count
+
+
 def test_toy2d_reference_data_is_never_trained_on():
     """toy2d's data reference: fresh draws of the distribution, none of them a point the target trained on (its
     validation split holds 2500 points, fewer than the frontier's 4000)."""
