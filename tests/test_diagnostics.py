@@ -126,6 +126,7 @@ def test_rollout_acceptance_by_construction():
     assert torch.allclose(tables["exact"][reached], torch.ones(()).double())
     assert torch.allclose(tables["the target as other target"], tables["exact"], equal_nan=True)
     assert torch.allclose(tables["untrained heads"][reached], tables["free"][reached])
+    assert not any(table.requires_grad for table in tables.values())  # trainable heads draft without autograd
     free, stale = tables["free"][reached], tables["stale time"][reached]
     assert ((free > 0) & (free < 1)).all() and ((stale > 0) & (stale <= 1)).all()
     assert stale.mean() > free.mean()  # the state, known exactly, explains most of the step

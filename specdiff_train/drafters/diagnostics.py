@@ -87,7 +87,6 @@ def stale_time_rule(target, plan: SamplingPlan, guidance_scale: float = 1.0) -> 
     return rule
 
 
-@torch.no_grad()
 def other_target_rule(other, plan: SamplingPlan) -> DraftRule:
     """Reference: another target network's x0 at the drafted state and time (a full call of that network per
     drafted step). A conditional one drafts an unconditional target with its null label, a conditional target
@@ -108,6 +107,7 @@ def other_target_rule(other, plan: SamplingPlan) -> DraftRule:
     return rule
 
 
+@torch.no_grad()
 def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num_chains: int = 48,
                        max_offset: int = 8, generator: torch.Generator | None = None,
                        labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> dict[str, torch.Tensor]:
