@@ -8,10 +8,14 @@ references `stale-time` (a full target call at the drafted state with the anchor
 large as the target, trained apart from it; a conditional one drafts with its null label). `--what-if` adds, per
 drafter, the modelled calls if its acceptance were 1 in the fifth nearest the data, in the other four, or at every
 step but the last two; and, for the last steps, how closely a draft's x0 must match the target's to be accepted.
+`--pairs N` measures instead N random anchor/state pairs of the target's trajectories with log-uniform offsets
+up to the whole chain (what long windows draft), by offset range.
 
     python scripts/acceptance_by_offset.py --target checkpoints/digits --drafters free-x0 medusa stale-time --what-if
     python scripts/acceptance_by_offset.py --target checkpoints/digits --num-steps 1000 \\
         --drafters free-x0 medusa=checkpoints/digits/medusa_1000.ckpt --max-offset 64 --windows 16 32 64
+    python scripts/acceptance_by_offset.py --target checkpoints/digits --num-steps 1000 --chains 64 --pairs 4096 \\
+        --drafters free-x0 medusa=checkpoints/digits/medusa_1000.ckpt medusa=checkpoints/digits/medusa_1000_long.ckpt
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from specdiff_train.drafters.diagnostics import (  # noqa: E402
     free_x0_rule,
     heads_rule,
     other_target_rule,
+    pair_acceptance,
     rollout_acceptance,
     stale_time_rule,
     x0_tolerance,
@@ -79,13 +84,36 @@ def fmt(values, digits=3) -> str:
     return " ".join("-" if math.isnan(v) else f"{v:.{digits}f}" for v in values)
 
 
+def offset_ranges(largest: int) -> list[tuple[int, int]]:
+    """Offset ranges 1-8, 9-32, 33-128, ... (x4), the last ending at `largest`."""
+    ranges, low, high = [], 1, 8
+    while low <= largest:
+        ranges.append((low, min(high, largest)))
+        low, high = high + 1, 4 * high
+    return ranges
+
+
+def pairs_table(plan, steps: torch.Tensor, offsets: torch.Tensor, accepted: dict[str, torch.Tensor]) -> list[str]:
+    """Markdown rows: per offset range, the pairs and each drafter's mean acceptance in the fifth nearest the data
+    and over all fifths."""
+    names = " / ".join(accepted)
+    lines = [f"| offset j | pairs | fifth nearest the data: {names} | all fifths: {names} |", "|---|---|---|---|"]
+    nearest = time_bucket(plan, steps) == 0
+    for low, high in offset_ranges(int(offsets.max())):
+        rows = (offsets >= low) & (offsets <= high)
+        near = " / ".join(f"{a[rows & nearest].mean().item():.3f}" for a in accepted.values())
+        every = " / ".join(f"{a[rows].mean().item():.3f}" for a in accepted.values())
+        lines.append(f"| {low}-{high} | {int(rows.sum())} ({int((rows & nearest).sum())}) | {near} | {every} |")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="checkpoints/digits", help="folder with target.ckpt (and drafter checkpoints)")
     parser.add_argument("--num-steps", type=int, default=100)
     parser.add_argument("--drafters", nargs="+", default=["free-x0", "medusa", "stale-time"])
     parser.add_argument("--chains", type=int, default=48, help="target trajectories whose every step is an anchor")
-    parser.add_argument("--max-offset", type=int, default=8)
+    parser.add_argument("--max-offset", type=int, default=None, help="default: 8 (--pairs: the whole chain)")
     parser.add_argument("--windows", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -93,6 +121,8 @@ def main(argv=None):
     parser.add_argument("--by-offset", action="store_true", help="print each drafter's fifth x offset table")
     parser.add_argument("--what-if", action="store_true", help="modelled calls with acceptance 1 in some fifths")
     parser.add_argument("--last-steps", type=int, default=8, help="--what-if: steps nearest the data in the tolerance table")
+    parser.add_argument("--pairs", type=int, default=0, help="instead: this many anchor/state pairs with offsets "
+                        "up to --max-offset (default here: the whole chain), by offset range")
     parser.add_argument("--save", help="write the tables ({drafter: (steps, offsets) tensor}) to this file (torch.save)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,6 +133,22 @@ def main(argv=None):
     classes = num_classes_of(target)
     labels = torch.arange(args.chains) % classes if classes else None  # conditional: chains cycle through the classes
     start = time.perf_counter()
+    if args.pairs:
+        if classes:
+            raise SystemExit("--pairs: unconditional targets only (drop --pairs for a conditional target)")
+        steps, offsets, accepted = pair_acceptance(target, plan, rules, num_chains=args.chains, num_pairs=args.pairs,
+                                                   max_offset=args.max_offset,
+                                                   generator=torch.Generator().manual_seed(args.seed))
+        if args.save:
+            torch.save({"steps": steps, "offsets": offsets, "acceptance": accepted}, args.save)
+        print(f"{target_dir}, {args.num_steps} steps ({plan.num_stochastic_steps} stochastic), {args.pairs} "
+              f"anchor/state pairs of {args.chains} target trajectories (seed {args.seed}), offsets 1-"
+              f"{int(offsets.max())} log-uniform; CPU ({platform.machine()}), {torch.get_num_threads()} thread(s), "
+              f"{time.perf_counter() - start:.0f} s\n")
+        print("One-step acceptance, mean per offset range; pairs: all (those in the fifth nearest the data).\n")
+        print("\n".join(pairs_table(plan, steps, offsets, accepted)))
+        return
+    args.max_offset = 8 if args.max_offset is None else args.max_offset
     tables = rollout_acceptance(target, plan, rules, num_chains=args.chains, max_offset=args.max_offset,
                                 generator=torch.Generator().manual_seed(args.seed), labels=labels,
                                 guidance_scale=args.guidance_scale)

@@ -17,10 +17,12 @@ from helpers import ROOT
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.drafters import MLPHead
 from specdiff_train.drafters.diagnostics import (
+    Anchor,
     expected_calls,
     free_x0_rule,
     heads_rule,
     other_target_rule,
+    pair_acceptance,
     rollout_acceptance,
     stale_time_rule,
     x0_tolerance,
@@ -137,6 +139,43 @@ def test_rollout_acceptance_by_construction():
         other_target_rule(load_target(ROOT / "checkpoints" / "digits_edm" / "target.ckpt"), digits.schedule.plan(20))
 
 
+def test_pair_acceptance_by_construction():
+    """Long-offset pairs: the target's own x0 is accepted, untrained heads draft as the Free Drafter, and the Free
+    Drafter's frozen x0 is accepted less the further the drafted state lies from its anchor."""
+    target = _toy()
+    plan = target.schedule.plan(20)
+    schedule, S = plan.schedule, plan.num_stochastic_steps
+    exact = lambda anchor, x, k, offset: schedule.denoised(target(x, plan.t(k)), x, plan.t(k))  # noqa: E731
+    head = MLPHead(dim=2, feature_dim=target.net.feature_dim, hidden=16, depth=1, max_offset=3)
+    rules = {"exact": exact, "free": free_x0_rule, "untrained heads": heads_rule(head, plan)}
+    steps, offsets, accepted = pair_acceptance(target, plan, rules, num_chains=5, num_pairs=300, batch_size=64,
+                                               generator=torch.Generator().manual_seed(1))
+    assert steps.shape == offsets.shape == (300,) and not accepted["free"].requires_grad
+    assert (offsets >= 1).all() and (steps - offsets >= 0).all() and (steps <= S - 1).all()
+    assert offsets.max() > S // 2  # log-uniform up to the whole chain
+    assert torch.allclose(accepted["exact"], torch.ones(()).double())
+    assert torch.allclose(accepted["untrained heads"], accepted["free"])
+    free = accepted["free"]
+    assert ((free >= 0) & (free < 1)).all() and free[offsets <= 2].mean() > 0.8 > 0.5 > free[offsets >= 10].mean()
+    with pytest.raises(ValueError, match="num_pairs"):
+        pair_acceptance(target, plan, rules, num_pairs=0)
+
+
+def test_heads_rule_takes_one_offset_per_row():
+    target = _toy()
+    plan = target.schedule.plan(20)
+    head = MLPHead(dim=2, feature_dim=target.net.feature_dim, hidden=16, depth=1, max_offset=3)
+    torch.nn.init.normal_(head.out.weight)  # trained-like: the output depends on the offset
+    x, k = torch.randn(4, 2), torch.tensor([3, 5, 8, 12])
+    t = plan.t(k - 2)
+    out, features = target(x, t, return_features=True)
+    anchor = Anchor(x, k - 2, t, plan.schedule.denoised(out, x, t), features)
+    rule = heads_rule(head, plan)
+    assert torch.equal(rule(anchor, x, k, torch.full_like(k, 2)), rule(anchor, x, k, 2))
+    per_row = rule(anchor, x, k, torch.tensor([1, 2, 3, 2]))
+    assert torch.equal(per_row[1], rule(anchor, x, k, 2)[1]) and not torch.equal(per_row[0], rule(anchor, x, k, 2)[0])
+
+
 def test_a_conditional_other_target_drafts_with_its_null_label():
     """The conditional digits target drafts the unconditional one with its null label: its own output there."""
     from specdiff_train.guidance import NULL_LABEL
@@ -172,6 +211,11 @@ def test_acceptance_by_offset_script_prints_the_tables(capsys, tmp_path):
     assert len(whatif) == 12 and all(calls(line) <= calls(rows[line.split(" | ")[0][2:]]) for line in whatif)
     tolerance = [line for line in out.splitlines() if line.startswith("| 1") and line.count(" | ") == 8]
     assert [int(line.split(" | ")[0][2:]) for line in tolerance] == list(range(11, 19))  # the last 8 of 19 steps
+    main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--num-steps", "20", "--chains", "4", "--pairs", "200",
+          "--drafters", "free-x0", "medusa", f"other-target={ROOT / 'checkpoints' / 'toy2d' / 'target.ckpt'}"])
+    pairs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "-" in line[2:4]]
+    assert [line.split(" | ")[0][2:] for line in pairs] == ["1-8", "9-18"]  # 19 stochastic steps: offsets up to 18
+    assert all(line.rstrip(" |").split(" | ")[3].endswith("/ 1.000") for line in pairs)  # the target itself: always accepted
     with pytest.raises(SystemExit, match="unknown drafter"):
         main(["--target", str(ROOT / "checkpoints" / "toy2d"), "--drafters", "nope"])
     with pytest.raises(SystemExit, match="other-target needs a target checkpoint"):

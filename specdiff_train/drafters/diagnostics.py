@@ -10,6 +10,8 @@ own chains, and the calls a fixed window would take at that acceptance (docs/dra
 - `rollout_acceptance`: per rule, a (stochastic steps, max_offset) table of mean one-step acceptance 2 Phi(-delta / 2)
   of step k drafted `offset` steps after its anchor, the anchors on the target's sampling trajectories and the
   drafted states on the target's own chain from there (as the drafters' validation measures it).
+- `pair_acceptance`: the same one-step acceptance on random anchor/state pairs of the target's trajectories with
+  log-uniform offsets up to the whole chain (`distillation.pool_pairs`): what long windows draft.
 - `x0_tolerance`: the RMS error per coordinate of a drafted x0 at which a step's acceptance falls to a given value:
   what a drafter must match of the target's x0 there (nearest the data, a small fraction of the data's own grain).
 - `expected_calls`: sequential target calls per sample of a fixed-window round at a given table, in a model
@@ -26,7 +28,7 @@ import torch
 
 from ..diffusion import SamplingPlan, one_step_acceptance
 from ..guidance import NULL_LABEL, call_network, guided_output, num_classes_of
-from .distillation import target_rollout, target_trajectories, x0_delta_sq_weight
+from .distillation import pool_pairs, target_rollout, target_trajectories, x0_delta_sq, x0_delta_sq_weight
 from .draftnet import draft_output
 from .medusa import medusa_x0
 
@@ -44,6 +46,7 @@ class Anchor:
 
 
 #: rule(anchor, x, k, offset) -> the draft's x0 at states x, step indices k (B,), `offset` steps after the anchor
+#: (an int, or a (B,) int64 tensor: one offset per row)
 DraftRule = Callable[[Anchor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -58,8 +61,8 @@ def heads_rule(head: torch.nn.Module, plan: SamplingPlan) -> DraftRule:
 
     def rule(anchor, x, k, offset):
         anchor_t = anchor.t if schedule.scales_network_states else None
-        return medusa_x0(head, schedule, anchor.features, anchor.state, anchor.x0, x, plan.t(k),
-                         torch.full_like(k, offset), anchor_t)
+        offsets = offset if torch.is_tensor(offset) else torch.full_like(k, offset)
+        return medusa_x0(head, schedule, anchor.features, anchor.state, anchor.x0, x, plan.t(k), offsets, anchor_t)
 
     return rule
 
@@ -143,6 +146,39 @@ def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], 
                 delta_sq = weight * (x0_target - x0).double().pow(2).flatten(1).sum(1)
                 tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean()
     return {name: table.cpu() for name, table in tables.items()}
+
+
+@torch.no_grad()
+def pair_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num_chains: int = 64,
+                    num_pairs: int = 4096, max_offset: int | None = None, generator: torch.Generator | None = None,
+                    batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One-step acceptance 2 Phi(-delta / 2) on `num_pairs` anchor/state pairs of `num_chains` target trajectories
+    (`distillation.pool_pairs`: offsets log-uniform in [1, max_offset], default the whole chain; anchors uniform
+    over the steps that leave room): the anchor is a trajectory's state at step m (one target call there, as a
+    window's anchor), the drafted state the same trajectory's state at step m + j. Unconditional targets.
+
+    Returns (drafted step k, offset j, {rule: acceptance}), each (num_pairs,) on the CPU (acceptance float64)."""
+    if num_chains < 1 or num_pairs < 1:
+        raise ValueError(f"num_chains, num_pairs: expected ints >= 1, got {num_chains}, {num_pairs}")
+    schedule, S = plan.schedule, plan.num_stochastic_steps
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = next(target.parameters()).device
+    trajectories = target_trajectories(target, plan, num_chains, tuple(target.sample_shape), gen, device=device)
+    chain, anchor_step, offset = pool_pairs(S, num_chains, num_pairs, S - 1 if max_offset is None else max_offset, gen)
+    chain, anchor_step, offset = chain.to(device), anchor_step.to(device), offset.to(device)
+    accepted = {name: torch.empty(num_pairs, dtype=torch.float64, device=device) for name in rules}
+    for rows in torch.arange(num_pairs, device=device).split(batch_size):
+        c, m, j = chain[rows], anchor_step[rows], offset[rows]
+        x_m, t_m = trajectories[m, c], plan.t(m)
+        out_m, features = target(x_m, t_m, return_features=True)
+        anchor = Anchor(x_m, m, t_m, schedule.denoised(out_m, x_m, t_m), features)
+        x, k = trajectories[m + j, c], m + j
+        t = plan.t(k)
+        x0_target = schedule.denoised(target(x, t), x, t).double()
+        for name, rule in rules.items():
+            x0 = schedule.clip(rule(anchor, x, k, j)).double()  # as the drafters clip their proposals
+            accepted[name][rows] = one_step_acceptance(x0_delta_sq(plan, k, x0_target, x0).sqrt())
+    return (anchor_step + offset).cpu(), offset.cpu(), {name: a.cpu() for name, a in accepted.items()}
 
 
 def x0_tolerance(plan: SamplingPlan, k: torch.Tensor, acceptance: float, dim: int) -> torch.Tensor:
