@@ -134,11 +134,12 @@ def main(argv=None):
     labels = torch.arange(args.chains) % classes if classes else None  # conditional: chains cycle through the classes
     start = time.perf_counter()
     if args.pairs:
-        if classes:
-            raise SystemExit("--pairs: unconditional targets only (drop --pairs for a conditional target)")
-        steps, offsets, accepted = pair_acceptance(target, plan, rules, num_chains=args.chains, num_pairs=args.pairs,
-                                                   max_offset=args.max_offset,
-                                                   generator=torch.Generator().manual_seed(args.seed))
+        try:
+            steps, offsets, accepted = pair_acceptance(target, plan, rules, num_chains=args.chains,
+                                                       num_pairs=args.pairs, max_offset=args.max_offset,
+                                                       generator=torch.Generator().manual_seed(args.seed))
+        except ValueError as err:
+            raise SystemExit(f"--pairs: {err}") from None
         if args.save:
             torch.save({"steps": steps, "offsets": offsets, "acceptance": accepted}, args.save)
         print(f"{target_dir}, {args.num_steps} steps ({plan.num_stochastic_steps} stochastic), {args.pairs} "

@@ -16,6 +16,7 @@ import torch
 from helpers import ROOT
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.drafters import MLPHead
+from specdiff_train.drafters.distillation import target_trajectories
 from specdiff_train.drafters.diagnostics import (
     Anchor,
     expected_calls,
@@ -159,6 +160,18 @@ def test_pair_acceptance_by_construction():
     assert ((free >= 0) & (free < 1)).all() and free[offsets <= 2].mean() > 0.8 > 0.5 > free[offsets >= 10].mean()
     with pytest.raises(ValueError, match="num_pairs"):
         pair_acceptance(target, plan, rules, num_pairs=0)
+    # each pair is one trajectory's state at the anchor step and at the drafted step, j steps later
+    seen = []
+    record = lambda anchor, x, k, offset: seen.append((anchor.state, x, k, offset)) or anchor.x0  # noqa: E731
+    pair_acceptance(target, plan, {"record": record}, num_chains=5, num_pairs=40, generator=torch.Generator().manual_seed(2))
+    trajectories = target_trajectories(target, plan, 5, tuple(target.sample_shape), torch.Generator().manual_seed(2))
+    (anchor_states, states, steps, offs), = [map(torch.cat, zip(*seen))]
+    for a, x, k, j in zip(anchor_states, states, steps.tolist(), offs.tolist()):
+        chain = (trajectories[k - j] == a).all(1).nonzero().flatten()
+        assert len(chain) == 1 and torch.equal(trajectories[k, chain[0]], x)
+    cond = load_target(ROOT / "checkpoints" / "digits_cond" / "target.ckpt")
+    with pytest.raises(ValueError, match="unconditional targets only"):
+        pair_acceptance(cond, cond.schedule.plan(20), {"free": free_x0_rule}, num_pairs=4)
 
 
 def test_heads_rule_takes_one_offset_per_row():

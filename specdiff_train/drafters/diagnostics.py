@@ -47,7 +47,7 @@ class Anchor:
 
 #: rule(anchor, x, k, offset) -> the draft's x0 at states x, step indices k (B,), `offset` steps after the anchor
 #: (an int, or a (B,) int64 tensor: one offset per row)
-DraftRule = Callable[[Anchor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+DraftRule = Callable[[Anchor, torch.Tensor, torch.Tensor, int | torch.Tensor], torch.Tensor]
 
 
 def free_x0_rule(anchor: Anchor, x, k, offset) -> torch.Tensor:
@@ -160,6 +160,9 @@ def pair_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num
     Returns (drafted step k, offset j, {rule: acceptance}), each (num_pairs,) on the CPU (acceptance float64)."""
     if num_chains < 1 or num_pairs < 1:
         raise ValueError(f"num_chains, num_pairs: expected ints >= 1, got {num_chains}, {num_pairs}")
+    if num_classes_of(target):
+        raise ValueError("pair_acceptance: unconditional targets only; measure a conditional target with "
+                         "rollout_acceptance (labels=...)")
     schedule, S = plan.schedule, plan.num_stochastic_steps
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = next(target.parameters()).device
