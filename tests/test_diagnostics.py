@@ -165,7 +165,7 @@ def test_pair_acceptance_by_construction():
     record = lambda anchor, x, k, offset: seen.append((anchor.state, x, k, offset)) or anchor.x0  # noqa: E731
     pair_acceptance(target, plan, {"record": record}, num_chains=5, num_pairs=40, generator=torch.Generator().manual_seed(2))
     trajectories = target_trajectories(target, plan, 5, tuple(target.sample_shape), torch.Generator().manual_seed(2))
-    (anchor_states, states, steps, offs), = [map(torch.cat, zip(*seen))]
+    anchor_states, states, steps, offs = map(torch.cat, zip(*seen))
     for a, x, k, j in zip(anchor_states, states, steps.tolist(), offs.tolist()):
         chain = (trajectories[k - j] == a).all(1).nonzero().flatten()
         assert len(chain) == 1 and torch.equal(trajectories[k, chain[0]], x)
