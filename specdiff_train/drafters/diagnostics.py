@@ -110,6 +110,13 @@ def other_target_rule(other, plan: SamplingPlan) -> DraftRule:
     return rule
 
 
+def draft_acceptance(plan: SamplingPlan, k: torch.Tensor, x0_target: torch.Tensor, x0_draft: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 one-step acceptance 2 Phi(-delta / 2) of step k drafted with x0 `x0_draft` (clipped where the
+    sampler clips, as the drafters clip their proposals) against the target's `x0_target`."""
+    x0_draft = plan.schedule.clip(x0_draft)
+    return one_step_acceptance(x0_delta_sq(plan, k, x0_target.double(), x0_draft.double()).sqrt())
+
+
 @torch.no_grad()
 def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num_chains: int = 48,
                        max_offset: int = 8, generator: torch.Generator | None = None,
@@ -140,11 +147,9 @@ def rollout_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], 
         for offset, (x, k, out) in enumerate(zip(states, steps, outputs), start=1):
             t = plan.t(k)
             x0_target = schedule.denoised(out, x, t)
-            weight = x0_delta_sq_weight(plan, k).double()
             for name, rule in rules.items():
-                x0 = schedule.clip(rule(anchor, x, k, offset))  # as the drafters clip their proposals
-                delta_sq = weight * (x0_target - x0).double().pow(2).flatten(1).sum(1)
-                tables[name][m + offset, offset - 1] = one_step_acceptance(delta_sq.sqrt()).mean()
+                accepted = draft_acceptance(plan, k, x0_target, rule(anchor, x, k, offset))
+                tables[name][m + offset, offset - 1] = accepted.mean()
     return {name: table.cpu() for name, table in tables.items()}
 
 
@@ -177,10 +182,9 @@ def pair_acceptance(target, plan: SamplingPlan, rules: dict[str, DraftRule], num
         anchor = Anchor(x_m, m, t_m, schedule.denoised(out_m, x_m, t_m), features)
         x, k = trajectories[m + j, c], m + j
         t = plan.t(k)
-        x0_target = schedule.denoised(target(x, t), x, t).double()
+        x0_target = schedule.denoised(target(x, t), x, t)
         for name, rule in rules.items():
-            x0 = schedule.clip(rule(anchor, x, k, j)).double()  # as the drafters clip their proposals
-            accepted[name][rows] = one_step_acceptance(x0_delta_sq(plan, k, x0_target, x0).sqrt())
+            accepted[name][rows] = draft_acceptance(plan, k, x0_target, rule(anchor, x, k, j))
     return (anchor_step + offset).cpu(), offset.cpu(), {name: a.cpu() for name, a in accepted.items()}
 
 
