@@ -16,7 +16,7 @@ import torch
 from helpers import ROOT
 from specdiff_train.diffusion import DDPMSchedule
 from specdiff_train.drafters import MLPHead
-from specdiff_train.drafters.distillation import target_trajectories
+from specdiff_train.drafters.distillation import target_trajectories, x0_delta_sq_weight
 from specdiff_train.drafters.diagnostics import (
     Anchor,
     expected_calls,
@@ -172,6 +172,28 @@ def test_pair_acceptance_by_construction():
     cond = load_target(ROOT / "checkpoints" / "digits_cond" / "target.ckpt")
     with pytest.raises(ValueError, match="unconditional targets only"):
         pair_acceptance(cond, cond.schedule.plan(20), {"free": free_x0_rule}, num_pairs=4)
+
+
+def test_a_draft_a_known_delta_off_is_accepted_at_its_closed_form_rate():
+    """A draft whose x0 is the target's pushed so that delta = c exactly (along the first axis, by the step's weight
+    w_k = coef_x0^2 / std^2) is accepted at 2 Phi(-c / 2) at every step and offset, by both measurements: a missing or
+    wrong weight, or a wrong delta, moves it off."""
+    target = _toy()
+    plan = target.schedule.plan(20)
+    schedule, c = plan.schedule, 1.3
+    assert not schedule.clip_denoised  # the push is not clipped away
+
+    def pushed(anchor, x, k, offset):
+        x0 = schedule.denoised(target(x, plan.t(k)), x, plan.t(k)).clone()
+        x0[:, 0] += c / x0_delta_sq_weight(plan, k).sqrt().to(x0.dtype)
+        return x0
+
+    expected = 2 * torch.special.ndtr(torch.tensor(-c / 2, dtype=torch.float64))
+    tables = rollout_acceptance(target, plan, {"pushed": pushed}, num_chains=4, max_offset=3)
+    reached = ~torch.isnan(tables["pushed"])
+    assert torch.allclose(tables["pushed"][reached], expected, atol=1e-5)
+    _, _, accepted = pair_acceptance(target, plan, {"pushed": pushed}, num_chains=4, num_pairs=64)
+    assert torch.allclose(accepted["pushed"], expected, atol=1e-5)
 
 
 def test_heads_rule_takes_one_offset_per_row():
